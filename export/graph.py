@@ -1,0 +1,84 @@
+"""The integer graph: the hand-off between the calibrated PyTorch subnet and the TFLite writer.
+
+Every tensor the int8 TFLite model holds is named here with its quantization parameters,
+and every op carries its integer constants. Real value of an int8 tensor t:
+``real = scale * (q - zero_point)``. Conv/FC weights are int8, symmetric, per-tensor
+(zero point 0, range [-127, 127]); biases are int32 with scale ``s_in * s_w`` and zero point 0.
+
+The graph is plain data (numpy arrays + floats), so the export toolchain never imports the
+supernet code, and tests can build graphs by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-tensor int8 quantization of one activation tensor."""
+
+    scale: float
+    zero_point: int  # in [-128, 127]; 0 (symmetric) or -128 (full range for non-negative tensors)
+
+
+@dataclass
+class Conv:
+    """Conv2d (+ folded BN) with optional fused ReLU. NCHW semantics, 'same' padding k//2."""
+
+    name: str
+    input: str
+    output: str
+    weight: np.ndarray  # int8 (O, I/groups, k, k)
+    bias: np.ndarray  # int32 (O,), scale = s_in * weight_scale
+    weight_scale: float
+    stride: int
+    groups: int
+    relu: bool
+
+
+@dataclass
+class Add:
+    """Elementwise residual add of two int8 tensors (no activation)."""
+
+    name: str
+    inputs: tuple[str, str]
+    output: str
+
+
+@dataclass
+class GlobalAvgPool:
+    """Mean over H, W; output keeps the input's qparams (TFLite requires it), shape (N, C)."""
+
+    name: str
+    input: str
+    output: str
+
+
+@dataclass
+class Linear:
+    """Fully connected layer on (N, C) with optional fused ReLU."""
+
+    name: str
+    input: str
+    output: str
+    weight: np.ndarray  # int8 (O, I)
+    bias: np.ndarray  # int32 (O,), scale = s_in * weight_scale
+    weight_scale: float
+    relu: bool
+
+
+Op = Conv | Add | GlobalAvgPool | Linear
+
+
+@dataclass
+class IntegerGraph:
+    """A topologically ordered int8 network with one input and one output."""
+
+    input: str
+    input_shape: tuple[int, int, int, int]  # (1, C, H, W)
+    output: str
+    ops: list[Op]
+    qparams: dict[str, QParams]  # every tensor name (input, each op output) -> its qparams
+    meta: dict = field(default_factory=dict)  # free-form: arch, normalisation, versions

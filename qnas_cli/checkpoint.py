@@ -1,0 +1,103 @@
+"""Artifacts on disk: atomic writes, sha256 sidecars, safe loading.
+
+Every weights file ``X.pt`` has ``X.json`` beside it holding its sha256, so a truncated,
+corrupt or swapped file is detected before use. Loading never unpickles code
+(``torch.load(weights_only=True)``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False) + "\n"), binary=False)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import qnas_cli
+
+    return {"qnas": qnas_cli.__version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save_weights(path: Path, payload: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Save ``payload`` (tensors and plain values) to ``path`` and ``meta`` + sha256 to ``path.json``."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    write_bytes(path, data)
+    meta = {**meta, "weights": {"file": Path(path).name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
+            "versions": versions()}
+    write_json(sidecar(path), meta)
+    return meta
+
+
+def sidecar(path: Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load ``path`` after checking it against its sidecar (and ``expected_sha256`` if given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    meta_path = sidecar(path)
+    if not meta_path.is_file():
+        raise UserError(f"{path} has no sidecar {meta_path.name}: cannot verify it (was it written by qnas?)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        recorded = meta["weights"]["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{meta_path} is corrupt or not a qnas sidecar") from None
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise UserError(f"{path} is corrupt or was modified: sha256 {actual[:12]}… does not match its sidecar ({recorded[:12]}…)")
+    if expected_sha256 and actual != expected_sha256:
+        raise UserError(f"{path} is not the file this subnet was made from (sha256 {actual[:12]}… != {expected_sha256[:12]}…)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise UserError(f"{path} cannot be loaded safely: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return payload, meta

@@ -1,0 +1,59 @@
+"""``qnas space``: inspect search spaces and write subnets."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..checkpoint import write_json
+from ..errors import UserError
+from ..space import PRESETS, load_space, sample
+from .common import console, print_json
+
+app = typer.Typer(help="Inspect search spaces and write subnet files.", no_args_is_help=True)
+
+SpaceOpt = Annotated[str, typer.Option("--space", "-s", help=f"Preset ({', '.join(PRESETS)}) or a .json/.toml space file.")]
+
+
+@app.command("show")
+def show(space: SpaceOpt = "small",
+         json_out: Annotated[bool, typer.Option("--json", help="Print the space as JSON.")] = False) -> None:
+    """Print a search space: resolutions, and per stage widths, depths, kernels, expand ratios."""
+    sp = load_space(space)
+    if json_out:
+        print_json({**sp.to_dict(), "fingerprint": sp.fingerprint})
+        return
+    t = Table(title=f"space {sp.name} ({sp.fingerprint})")
+    for col in ("stage", "widths", "depths", "kernels", "expands", "stride"):
+        t.add_column(col)
+    t.add_row("stem", str(sp.stem_channels), "1", "3", "-", str(sp.stem_stride))
+    for i, st in enumerate(sp.stages):
+        t.add_row(str(i), *(", ".join(map(str, v)) for v in (st.widths, st.depths, st.kernels, st.expands)), str(st.stride))
+    t.add_row("head", str(sp.head_channels) + (f" -> fc {sp.feature_channels}" if sp.feature_channels else ""), "1", "1", "-", "1")
+    console.print(t)
+    console.print(f"resolutions: {', '.join(map(str, sp.resolutions))} px")
+
+
+@app.command("sample")
+def sample_cmd(
+    space: SpaceOpt = "small",
+    largest: Annotated[bool, typer.Option("--largest", help="The largest subnet.")] = False,
+    smallest: Annotated[bool, typer.Option("--smallest", help="The smallest subnet.")] = False,
+    random_: Annotated[bool, typer.Option("--random", help="A uniformly random subnet (the default).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for --random.")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Write subnet.json here (default: print it).")] = None,
+) -> None:
+    """Write a subnet of the space as subnet.json (the hand-off file between commands)."""
+    if largest + smallest + random_ > 1:
+        raise UserError("choose one of --largest, --smallest, --random")
+    how = "largest" if largest else "smallest" if smallest else "random"
+    sp = load_space(space)
+    arch = sample(sp, how, random.Random(seed))
+    if out is None:
+        print_json(arch.to_dict(sp))
+    else:
+        write_json(out, arch.to_dict(sp))
+        console.print(f"wrote {out} ({arch.key})", highlight=False)

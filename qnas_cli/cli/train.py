@@ -1,0 +1,90 @@
+"""``qnas train``: train a supernet (fully int8 by default, float with --quant none)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..quant import QuantConfig
+from ..train import Interrupted, TrainConfig, train as run_train
+from .common import console, err_console, interactive, print_json
+
+D = TrainConfig()  # defaults shown in --help come from the library's config
+
+
+def train(
+    space: Annotated[str, typer.Option("--space", "-s", help="Search space: tiny, small, mbv3, or a .json/.toml file.")] = D.space,
+    data: Annotated[str, typer.Option(help="fashion-mnist | fashion-mnist:DIR | cifar10:DIR | imagefolder:DIR")] = D.data,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: supernet.pt/.json, metrics.jsonl, ckpt/.")] = Path(D.out),
+    quant: Annotated[str, typer.Option(help="int8: the fully quantized supernet; none: float.")] = "int8",
+    act_scheme: Annotated[str, typer.Option(help="symmetric (zero point 0, the paper's) | full-range (zero point -128 after ReLU).")] = "symmetric",
+    bn_fold: Annotated[str, typer.Option(help="batch: fold batch statistics (paper §4.1) | moving: fold moving statistics (baseline).")] = "batch",
+    weight_scale: Annotated[str, typer.Option(help="predictor: s = mean(theta/sigma) (paper §4.2) | shared: one LSQ scale per layer.")] = "predictor",
+    init: Annotated[Path, typer.Option(help="Start an int8 run from this float supernet.pt (trained with --quant none).")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = D.epochs,
+    steps: Annotated[int, typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step per process.")] = D.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, momentum 0.9, warm-up then cosine).")] = D.lr,
+    num_random: Annotated[int, typer.Option(help="Random subnets per step besides the largest and smallest (sandwich rule).")] = D.num_random,
+    seed: Annotated[int, typer.Option(help="Seed: model init, data order, augmentation, sampled subnets.")] = D.seed,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = D.device,
+    ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N steps (atomic; the last 2 are kept).")] = D.ckpt_every,
+    eval_images: Annotated[int, typer.Option(help="Test images for the final evaluation (default: all).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
+) -> None:
+    """Train a weight-sharing supernet with the sandwich rule and in-place distillation.
+
+    Under torchrun every process trains its shard: torchrun --nproc_per_node 2 -m qnas_cli.cli train ...
+    Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
+    """
+    cfg = TrainConfig(space=space, data=data, out=str(out),
+                      quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale),
+                      epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, num_random=num_random, seed=seed,
+                      device=device, init=str(init) if init else None, ckpt_every=ckpt_every, eval_images=eval_images)
+    log = err_console.print if json_out else console.print
+    try:
+        if interactive() and not json_out:
+            summary = _with_progress(cfg, resume, log)
+        else:
+            summary = run_train(cfg, resume, on_step=_plain_logger(log), log=log)
+    except Interrupted as e:
+        err_console.print(str(e))
+        raise typer.Exit(130) from None
+    if not summary:  # a non-zero rank under torchrun
+        return
+    if json_out:
+        print_json(summary)
+        return
+    t = Table(title=f"supernet {out / 'supernet.pt'}")
+    for col in ("subnet", "architecture", "test top-1"):
+        t.add_column(col)
+    for how, r in summary["metrics"].items():
+        t.add_row(how, r["arch"], f"{100 * r['test_top1']:.2f}%")
+    console.print(t)
+
+
+def _with_progress(cfg: TrainConfig, resume: bool, log) -> dict:
+    cols = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*cols, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=None, info="")
+
+        def on_step(step: int, total: int, m: dict) -> None:
+            info = f"loss {m['loss']:.3f} acc {100 * m['acc_largest']:.1f}% lr {m['lr']:.4f}"
+            if "img_per_s" in m:
+                on_step.speed = m["img_per_s"]
+            bar.update(task, completed=step, total=total, info=info + f" {getattr(on_step, 'speed', 0):.0f} img/s")
+
+        return run_train(cfg, resume, on_step=on_step, log=bar.console.print)
+
+
+def _plain_logger(log):
+    def on_step(step: int, total: int, m: dict) -> None:
+        if "img_per_s" in m:
+            log(f"step {step}/{total} loss {m['loss']:.4f} acc_largest {m['acc_largest']:.3f} "
+                f"lr {m['lr']:.5f} {m['img_per_s']:.0f} img/s", highlight=False)
+    return on_step

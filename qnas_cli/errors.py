@@ -1,0 +1,14 @@
+"""Errors a user can fix. The CLI turns them into one line on stderr and exit code 2."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Bad input: a wrong option, file or value. The message says what to do instead."""
+
+
+def choice_error(field: str, value: object, legal: Iterable[object]) -> UserError:
+    """The one-line message for a value outside its legal set."""
+    legal_text = ", ".join(str(v) for v in legal)
+    return UserError(f"{field}: {value!r} is not allowed (legal values: {legal_text})")

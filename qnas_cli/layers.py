@@ -1,0 +1,229 @@
+"""Elastic, quantized building blocks.
+
+Each layer owns one max-size weight and slices it for the active subnet (once-for-all style:
+channel prefixes, centre-cropped kernels). The active size is passed to ``forward`` explicitly.
+``extract`` copies the slices into a layer whose max size *is* the active size, so the static
+layer runs the very same code on the very same tensors (bit-exact equality with the supernet).
+
+In int8 mode every Conv-BN simulates the folded int8 conv TFLite runs (QuantNAS §4.1):
+the BN is folded into the conv weights and bias, the folded weights are fake-quantized with a
+per-tensor scale, and the bias is quantized to int32 at ``s_in * s_w``.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, lsq_grad_scale, mse_optimal_scale
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+
+class QuantInit:
+    """Marker mixin: modules whose quantization scales are initialised from data (see ``init_scales``)."""
+
+    observe: bool = False  # set only inside ``init_scales``
+
+
+@contextlib.contextmanager
+def init_scales(model: nn.Module) -> Iterator[None]:
+    """Within this block, the next forward initialises every scale from the data it sees.
+
+    Run it once, on a fixed calibration batch, with the largest subnet (so every channel of the
+    scale predictor sees its sigma). Layers initialise in order, each seeing the already
+    quantized output of the previous one.
+    """
+    mods = [m for m in model.modules() if isinstance(m, QuantInit)]
+    for m in mods:
+        m.observe = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m in mods:
+            m.observe = False
+
+
+class ActQuant(nn.Module, QuantInit):
+    """Per-tensor int8 activation quantizer with an LSQ-learned scale, shared by all subnets."""
+
+    def __init__(self, cfg: QuantConfig, non_negative: bool) -> None:
+        super().__init__()
+        self.enabled = cfg.enabled
+        self.zero_point = A_QMIN if (non_negative and cfg.act_scheme == "full-range") else 0
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self.observe:
+            self.scale.fill_(mse_optimal_scale(x, self.zero_point, A_QMIN, A_QMAX))
+        return fake_quant(x, self.scale, self.zero_point, A_QMIN, A_QMAX, lsq_grad_scale(x[0].numel(), A_QMAX))
+
+    def extract(self) -> ActQuant:
+        return _copy_module(self)
+
+
+def _copy_module(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def _bias_quant(b: Tensor, s_in: Tensor, s_w: Tensor) -> Tensor:
+    """int32 bias at scale s_in * s_w (TFLite's bias spec); straight-through for ``b`` only."""
+    return fake_quant(b, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX, 0.0)
+
+
+class QConvBN(nn.Module, QuantInit):
+    """Elastic Conv2d + BatchNorm (+ ReLU), simulated as the folded int8 conv in int8 mode.
+
+    ``forward(x, s_in, out_channels, kernel)``: x is (N, C_in, H, W) with C_in <= max input;
+    ``s_in`` is the scale x was quantized with (None in float mode). Depthwise layers take
+    ``out_channels = C_in``.
+    """
+
+    def __init__(self, in_max: int, out_max: int, kernel_max: int, stride: int, cfg: QuantConfig,
+                 depthwise: bool = False, relu: bool = True) -> None:
+        super().__init__()
+        self.cfg, self.stride, self.depthwise, self.relu = cfg, stride, depthwise, relu
+        self.weight = nn.Parameter(torch.empty(out_max, 1 if depthwise else in_max, kernel_max, kernel_max))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        self.bn_weight = nn.Parameter(torch.ones(out_max))
+        self.bn_bias = nn.Parameter(torch.zeros(out_max))
+        self.register_buffer("running_mean", torch.zeros(out_max))
+        self.register_buffer("running_var", torch.ones(out_max))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.bn_momentum: float | None = BN_MOMENTUM  # None: cumulative average (BN calibration)
+        if cfg.enabled:
+            # theta: the scale predictor (paper Eq. 7), one entry per output channel; or one LSQ scale.
+            if cfg.weight_scale == "predictor":
+                self.theta = nn.Parameter(torch.ones(out_max))
+            else:
+                self.w_scale = nn.Parameter(torch.tensor(1.0))
+        self.out_q = ActQuant(cfg, non_negative=relu)
+
+    @property
+    def out_max(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel_max(self) -> int:
+        return self.weight.shape[-1]
+
+    def sliced_weight(self, in_channels: int, out_channels: int, kernel: int) -> Tensor:
+        crop = (self.kernel_max - kernel) // 2
+        w = self.weight[:out_channels, : 1 if self.depthwise else in_channels]
+        return w[:, :, crop : crop + kernel, crop : crop + kernel] if crop else w
+
+    def _conv(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        groups = x.shape[1] if self.depthwise else 1
+        return F.conv2d(x, w, b, self.stride, w.shape[-1] // 2, 1, groups)
+
+    def _bn_factor(self) -> float:
+        self.num_batches_tracked += 1
+        return self.bn_momentum if self.bn_momentum is not None else 1.0 / float(self.num_batches_tracked)
+
+    def predicted_scale(self, sigma: Tensor) -> Tensor:
+        """Weight scale of the active subnet: s = mean_i(theta_i / sigma_i) (paper Eq. 7)."""
+        if self.cfg.weight_scale == "shared":
+            return self.w_scale
+        return (self.theta[: sigma.shape[0]] / sigma).mean()
+
+    def fold_params(self, mean: Tensor, var: Tensor, out_channels: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(gamma/sigma, beta - gamma*mu/sigma, sigma) of the active channels."""
+        sigma = torch.sqrt(var + BN_EPS)
+        gamma, beta = self.bn_weight[:out_channels], self.bn_bias[:out_channels]
+        factor = gamma / sigma
+        return factor, beta - mean * factor, sigma
+
+    def folded(self, in_channels: int, out_channels: int, kernel: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Eval-mode folded float weight, bias and the predicted weight scale (calibrated sigma)."""
+        mean, var = self.running_mean[:out_channels], self.running_var[:out_channels]
+        factor, bias, sigma = self.fold_params(mean, var, out_channels)
+        w = self.sliced_weight(in_channels, out_channels, kernel) * factor.view(-1, 1, 1, 1)
+        return w, bias, self.predicted_scale(sigma)
+
+    def forward(self, x: Tensor, s_in: Tensor | None, out_channels: int, kernel: int) -> Tensor:
+        if self.depthwise:
+            out_channels = x.shape[1]
+        w = self.sliced_weight(x.shape[1], out_channels, kernel)
+        rm, rv = self.running_mean[:out_channels], self.running_var[:out_channels]
+        if not self.cfg.enabled:
+            factor = self._bn_factor() if self.training else 0.0
+            y = F.batch_norm(self._conv(x, w), rm, rv, self.bn_weight[:out_channels], self.bn_bias[:out_channels],
+                             self.training, factor, BN_EPS)
+            return F.relu(y) if self.relu else y
+
+        if self.training:
+            # Statistics of the float conv of this batch (paper §4.1); running stats still track them.
+            y_float = self._conv(x, w) if self.cfg.bn_fold == "batch" else self._conv(x, w).detach()
+            var, mean = torch.var_mean(y_float, dim=(0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                n = y_float.numel() / y_float.shape[1]
+                f = self._bn_factor()
+                rm.mul_(1 - f).add_(mean.detach(), alpha=f)
+                rv.mul_(1 - f).add_(var.detach() * n / max(n - 1, 1), alpha=f)
+            if self.cfg.bn_fold == "moving":
+                mean, var = rm.clone(), rv.clone()
+        else:
+            mean, var = rm, rv
+        factor, bias, sigma = self.fold_params(mean, var, out_channels)
+        w_fold = w * factor.view(-1, 1, 1, 1)
+        if self.observe:  # MSE-optimal s_init; theta_i = s_init * sigma_i so the first prediction is s_init
+            s_init = mse_optimal_scale(w_fold, 0, -W_QMAX, W_QMAX)
+            if self.cfg.weight_scale == "predictor":
+                self.theta[:out_channels] = s_init * sigma
+            else:
+                self.w_scale.fill_(s_init)
+        s_w = self.predicted_scale(sigma.detach())
+        w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
+        y = self._conv(x, w_q, _bias_quant(bias, s_in, s_w))
+        return self.out_q(F.relu(y) if self.relu else y)
+
+    def extract(self, in_channels: int, out_channels: int, kernel: int) -> QConvBN:
+        """A static copy holding exactly the active slice."""
+        if self.depthwise:
+            out_channels = in_channels
+        m = QConvBN(in_channels, out_channels, kernel, self.stride, self.cfg, self.depthwise, self.relu)
+        with torch.no_grad():
+            m.weight.copy_(self.sliced_weight(in_channels, out_channels, kernel))
+            for name in ("bn_weight", "bn_bias", "running_mean", "running_var", "theta"):
+                if hasattr(self, name):
+                    getattr(m, name).copy_(getattr(self, name)[:out_channels])
+            m.num_batches_tracked.copy_(self.num_batches_tracked)
+            if hasattr(self, "w_scale"):
+                m.w_scale.copy_(self.w_scale)
+            m.out_q.scale.copy_(self.out_q.scale)
+        m.bn_momentum = self.bn_momentum
+        return m
+
+
+class QLinear(nn.Module, QuantInit):
+    """Fully connected layer (+ ReLU) with an LSQ weight scale and int32 bias. Not elastic."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, relu: bool) -> None:
+        super().__init__()
+        self.cfg, self.relu = cfg, relu
+        self.fc = nn.Linear(in_features, out_features)
+        if cfg.enabled:
+            self.w_scale = nn.Parameter(torch.tensor(1.0))
+        self.out_q = ActQuant(cfg, non_negative=relu)
+
+    def forward(self, x: Tensor, s_in: Tensor | None) -> Tensor:
+        if not self.cfg.enabled:
+            y = self.fc(x)
+            return F.relu(y) if self.relu else y
+        if self.observe:
+            self.w_scale.fill_(mse_optimal_scale(self.fc.weight, 0, -W_QMAX, W_QMAX))
+        w_q = fake_quant(self.fc.weight, self.w_scale, 0, -W_QMAX, W_QMAX, lsq_grad_scale(self.fc.weight.numel(), W_QMAX))
+        y = F.linear(x, w_q, _bias_quant(self.fc.bias, s_in, self.w_scale))
+        return self.out_q(F.relu(y) if self.relu else y)
+
+    def extract(self) -> QLinear:
+        return _copy_module(self)

@@ -1,0 +1,122 @@
+"""The integer contract and its fake-quantization math, in one place.
+
+Real value of an int8 tensor: ``real = scale * (q - zero_point)``.
+
+- Weights (conv, FC): int8, symmetric, per-tensor, zero point 0, q in [-127, 127].
+- Biases: int32, scale = s_in * s_w, zero point 0.
+- Activations: int8 per-tensor, q in [-128, 127]. Zero point 0 ("symmetric", the paper's
+  scheme) or -128 for non-negative tensors ("full-range": all 256 levels after a ReLU).
+- Rounding: round half to even (``torch.round``) in PyTorch. TFLite rounds ties away from zero
+  and requantizes with fixed-point multipliers, hence the one-LSB parity budget at export.
+
+Scales are learned with LSQ (Esser et al. 2019): a straight-through estimator for rounding and
+the LSQ gradient scale ``1/sqrt(numel * q_max)`` on the step size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import choice_error
+
+W_QMAX = 127  # weights: [-127, 127] (TFLite's int8 weight spec)
+A_QMIN, A_QMAX = -128, 127  # activations
+BIAS_QMAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the supernet is quantized. ``mode='none'`` is the float supernet."""
+
+    mode: str = "int8"  # int8 | none
+    act_scheme: str = "symmetric"  # symmetric (zero point 0, the paper's) | full-range (zp -128 after ReLU)
+    bn_fold: str = "batch"  # batch: fold batch statistics in training (paper §4.1) | moving: the baseline
+    weight_scale: str = "predictor"  # predictor: s = mean(theta / sigma) (paper §4.2) | shared: plain LSQ
+
+    def __post_init__(self) -> None:
+        for name, legal in (
+            ("mode", ("int8", "none")),
+            ("act_scheme", ("symmetric", "full-range")),
+            ("bn_fold", ("batch", "moving")),
+            ("weight_scale", ("predictor", "shared")),
+        ):
+            if getattr(self, name) not in legal:
+                raise choice_error(f"--{name.replace('_', '-')}", getattr(self, name), legal)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "int8"
+
+
+class _FakeQuant(torch.autograd.Function):
+    """LSQ fake quantization as one autograd node (fewer temporaries than composing ops).
+
+    Forward is exactly ``(clamp(round(x / s) + zp, qmin, qmax) - zp) * s``, the same expression
+    ``quantize`` uses, so the integers an exporter derives are the ones the network trained with.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, zero_point: int, qmin: int, qmax: int, g: float) -> Tensor:
+        xs = x / s
+        q = torch.clamp(torch.round(xs) + zero_point, qmin, qmax)
+        ctx.save_for_backward(xs, s)
+        ctx.bounds = (zero_point, qmin, qmax, g)
+        return (q - zero_point) * s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xs, s = ctx.saved_tensors
+        zero_point, qmin, qmax, g = ctx.bounds
+        below, above = xs < qmin - zero_point, xs > qmax - zero_point
+        inside = ~(below | above)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            ds = torch.where(inside, torch.round(xs) - xs, torch.where(below, float(qmin - zero_point), float(qmax - zero_point)))
+            grad_s = (grad * ds).sum().mul(g).reshape(s.shape)
+        return grad_x, grad_s, None, None, None, None
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: int, qmin: int, qmax: int, g: float = 1.0) -> Tensor:
+    """Quantize to the integer grid and back: ``scale * (clamp(round(x/scale) + zp) - zp)``.
+
+    Gradients follow LSQ: straight-through inside the range, zero outside for ``x``; the step
+    size gets ``round(x/s) - x/s`` inside and the clip bound outside, times ``g``.
+    """
+    return _FakeQuant.apply(x, scale, zero_point, qmin, qmax, g)
+
+
+def quantize(x: Tensor, scale: Tensor | float, zero_point: int, qmin: int, qmax: int) -> Tensor:
+    """The integer values (as an integer tensor) that ``fake_quant`` represents."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int64)
+
+
+def lsq_grad_scale(numel: int, qmax: int) -> float:
+    return 1.0 / math.sqrt(max(numel, 1) * qmax)
+
+
+@torch.no_grad()
+def mse_optimal_scale(x: Tensor, zero_point: int, qmin: int, qmax: int, grid: int = 100) -> float:
+    """The per-tensor step size minimising ``||fake_quant(x) - x||^2`` over a grid of clip ranges.
+
+    Used to initialise weight scales (DESIGN §3) and activation scales from calibration data.
+    """
+    x = x.detach().float().flatten()
+    if zero_point == qmin:  # full range: non-negative values on [0, (qmax - qmin) * s]
+        top, levels = x.clamp(min=0).max().item(), qmax - qmin
+    else:
+        top, levels = x.abs().max().item(), qmax
+    if top <= 0:
+        return 1e-8 if top == 0 else top
+    if x.numel() > 1_000_000:  # subsample: the optimum is a property of the distribution
+        x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    best_s, best_err = top / levels, math.inf
+    for i in range(grid, grid // 10, -1):
+        s = top * i / grid / levels
+        err = (torch.clamp(torch.round(x / s) + zero_point, qmin, qmax) - zero_point).mul_(s).sub_(x).pow_(2).sum().item()
+        if err < best_err:
+            best_s, best_err = s, err
+    return best_s

@@ -1,0 +1,434 @@
+"""Supernet training: the sandwich rule with in-place distillation (AttentiveNAS §C).
+
+Each step trains the largest subnet on the labels, then the smallest and ``num_random`` random
+subnets on ``(1-β)·CE + β·T²·KL`` against the largest's logits, accumulating gradients, then takes
+one SGD step. In int8 mode every subnet is the fully quantized network (see ``layers``).
+
+Determinism is by construction: the data order, the augmentation and the sampled subnets of a
+step are pure functions of (seed, step, rank) and the learning rate is a function of the step,
+so a resumed run replays exactly what an uninterrupted one would have done.
+
+Multi-process (``torchrun``): gradients are averaged with one all-reduce per step (any backend,
+gloo on CPU included); the same subnets are trained on every rank, each on its own data shard.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .calibrate import calibrated_subnet, evaluate
+from .checkpoint import load_weights, save_weights, write_json, atomic_write
+from .data import Dataset, augment, calibration_indices, epoch_batches, load_dataset, to_input
+from .errors import UserError
+from .layers import QConvBN, QLinear, init_scales
+from .quant import QuantConfig
+from .space import Arch, SearchSpace, load_space, sample
+from .supernet import Supernet, load_supernet
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainConfig:
+    space: str = "small"
+    data: str = "fashion-mnist"
+    out: str = "runs/default"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    epochs: int = 3
+    steps: int | None = None  # overrides epochs when given
+    batch_size: int = 128  # per process
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5  # not applied to BN parameters, biases or scales
+    label_smoothing: float = 0.1
+    num_random: int = 2  # random subnets per step besides the largest and the smallest
+    kd_ratio: float = 0.9  # β
+    kd_temperature: float = 1.0  # T
+    warmup_steps: int = 100
+    clip_grad: float = 5.0
+    seed: int = 0
+    device: str = "auto"
+    init: str | None = None  # float supernet to start an int8 run from
+    ckpt_every: int = 100  # steps
+    eval_images: int | None = None  # limit the final test evaluation (None: whole test split)
+    calib_images: int = 2000
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.quant, dict):
+            self.quant = QuantConfig(**self.quant)
+        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "calib_images"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.steps is not None and self.steps <= 0:
+            raise UserError(f"--steps must be a positive integer, got {self.steps}")
+        if self.num_random < 0 or self.warmup_steps < 0:
+            raise UserError("--num-random and --warmup-steps must be >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.kd_ratio <= 1:
+            raise UserError(f"--kd-ratio must lie in [0, 1], got {self.kd_ratio}")
+        if self.init and not self.quant.enabled:
+            raise UserError("--init loads a float supernet into an int8 run; it needs --quant int8")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # Fields that must match for --resume to continue the same run.
+    RESUME_KEYS = ("space", "data", "quant", "epochs", "steps", "batch_size", "lr", "momentum", "weight_decay",
+                   "label_smoothing", "num_random", "kd_ratio", "kd_temperature", "warmup_steps", "clip_grad", "seed", "init")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def resolve_device(device: str, d: Dist) -> str:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and d.world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', d.rank)) % max(torch.cuda.device_count(), 1)}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device: {device!r} is not one of auto, cpu, cuda, cuda:N")
+    return device
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/FC weights only: not on BN, biases, LSQ scales or the scale predictor."""
+    decay = [m.weight for m in model.modules() if isinstance(m, QConvBN)]
+    decay += [m.fc.weight for m in model.modules() if isinstance(m, QLinear)]
+    ids = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def sandwich(space: SearchSpace, seed: int, step: int, num_random: int) -> list[Arch]:
+    rng = random.Random(seed * 1_000_003 + step)
+    return [sample(space, "largest"), sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(num_random)]
+
+
+def distill_loss(logits: Tensor, teacher: Tensor, labels: Tensor, cfg: TrainConfig) -> Tensor:
+    t = cfg.kd_temperature
+    kd = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    ce = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    return (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * kd
+
+
+def _allreduce_grads(model: nn.Module, d: Dist) -> None:
+    """Average gradients over ranks in one call (parameters a rank did not use count as zero)."""
+    if d.world == 1:
+        return
+    params = list(model.parameters())
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= d.world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        if p.grad is None:
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+        else:
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to finish its step, checkpoint, and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    """Training stopped on request after saving a checkpoint."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}; continue with --resume")
+        self.step, self.path = step, path
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def _ckpt_dir(out: Path) -> Path:
+    return out / "ckpt"
+
+
+def _save_checkpoint(out: Path, model: Supernet, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> Path:
+    path = _ckpt_dir(out) / f"step_{step:08d}.pt"
+    payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    save_weights(path, payload, {"kind": "qnas.checkpoint", "step": step, "config": cfg.to_dict(),
+                                 "space": model.space.to_dict()})
+    old = sorted(_ckpt_dir(out).glob("step_*.pt"))[:-KEEP_CHECKPOINTS]
+    for p in old:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".json").unlink(missing_ok=True)
+    return path
+
+
+def _latest_checkpoint(out: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint that verifies; a corrupt newer one is named and skipped."""
+    for path in sorted(_ckpt_dir(out).glob("step_*.pt"), reverse=True):
+        try:
+            return load_weights(path)
+        except UserError as e:
+            log(f"warning: skipping checkpoint: {e}")
+    return None
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    mine = cfg.to_dict()
+    for key in TrainConfig.RESUME_KEYS:
+        if saved.get(key) != mine.get(key):
+            raise UserError(f"--resume: option {key!r} differs from the interrupted run "
+                            f"({saved.get(key)!r} there, {mine.get(key)!r} now); use the same options or a new --out")
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+StepCallback = Callable[[int, int, dict[str, float]], None]
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a supernet per ``cfg``; returns the summary also written to ``OUT/supernet.json``."""
+    space = load_space(cfg.space)
+    out = Path(cfg.out)
+    d = setup_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device, d)
+    data = load_dataset(cfg.data, load_size=max(space.resolutions))
+
+    torch.manual_seed(cfg.seed)
+    model = Supernet(space, data.in_channels, data.num_classes, cfg.quant).to(device)
+    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+    steps_per_epoch = len(data.train) // (cfg.batch_size * d.world)
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} x {d.world} processes exceeds the {len(data.train)} training images")
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+
+    start = 0
+    if resume:
+        found = _latest_checkpoint(out, log)
+        if found is None:
+            raise UserError(f"--resume: no checkpoint in {_ckpt_dir(out)}; start without --resume")
+        payload, meta = found
+        _check_resumable(meta.get("config", {}), cfg)
+        model.load_state_dict(payload["model"])
+        opt.load_state_dict(payload["optimizer"])
+        start = int(payload["step"])
+        log(f"resuming from step {start} ({meta['weights']['file']})")
+    else:
+        if cfg.init:
+            _load_float_init(model, Path(cfg.init), space)
+        if cfg.quant.enabled:
+            _init_quant_scales(model, data, space, device)
+    _broadcast(model, d)
+    if d.main and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "metrics.jsonl", lambda f: None)
+    elif d.main:
+        _truncate_metrics(out / "metrics.jsonl", start)
+
+    model.train()
+    cached_epoch, batches = -1, []
+    t_last, seen = time.perf_counter(), 0
+    with _StopFlag() as stop:
+        for step in range(start, total):
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch != cached_epoch:
+                batches, cached_epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world), epoch
+            metrics = _train_step(model, opt, data, space, batches[k], step, total, cfg, d, device)
+            seen += cfg.batch_size * d.world
+            requested = _sync_flag(stop.requested, d)
+            if d.main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+                now = time.perf_counter()
+                metrics["img_per_s"] = seen / max(now - t_last, 1e-9)
+                t_last, seen = now, 0
+                _append_metrics(out / "metrics.jsonl", {"step": step + 1, "epoch": epoch, **metrics})
+            if on_step and d.main:
+                on_step(step + 1, total, metrics)
+            if d.main and ((step + 1) % cfg.ckpt_every == 0 or requested) and step + 1 < total:
+                _save_checkpoint(out, model, opt, step + 1, cfg)
+            if requested:
+                if d.world > 1:
+                    dist.barrier()
+                raise Interrupted(step + 1, _ckpt_dir(out))
+
+    summary: dict[str, Any] = {}
+    if d.main:
+        summary = _finish(model, opt, data, space, cfg, out, total, device, log)
+    if d.world > 1:
+        dist.barrier()
+    return summary
+
+
+def _sync_flag(flag: bool, d: Dist) -> bool:
+    """Any rank's stop request stops every rank at the same step."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def _train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space: SearchSpace, idx: Tensor,
+                step: int, total: int, cfg: TrainConfig, d: Dist, device: str) -> dict[str, float]:
+    lr = lr_at(step, total, cfg)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    x_u8, y = data.train.get(idx)
+    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1009 + d.rank)
+    x_u8 = augment(x_u8, data.pad, data.flip, gen)
+    y = y.to(device)
+    opt.zero_grad(set_to_none=True)
+    teacher = None
+    losses = []
+    for i, arch in enumerate(sandwich(space, cfg.seed, step, cfg.num_random)):
+        logits = model(to_input(x_u8, data, arch.resolution).to(device), arch)
+        if i == 0:
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            teacher = logits.detach()
+            acc = (logits.argmax(1) == y).float().mean().item()
+        else:
+            loss = distill_loss(logits, teacher, y, cfg)
+        loss.backward()
+        losses.append(loss.item())
+    _allreduce_grads(model, d)
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    opt.step()
+    return {"lr": lr, "loss": sum(losses) / len(losses), "loss_largest": losses[0], "acc_largest": acc,
+            "loss_smallest": losses[1]}
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past the checkpoint we resume from (they will be logged again)."""
+    import json
+
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill: drop it
+    atomic_write(path, lambda f: f.write("".join(r + "\n" for r in keep)), binary=False)
+
+
+def _broadcast(model: nn.Module, d: Dist) -> None:
+    if d.world > 1:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def _load_float_init(model: Supernet, path: Path, space: SearchSpace) -> None:
+    """Start from a float supernet (the paper reloads gamma etc. from one): same space, float mode."""
+    float_net, meta = load_supernet(path)
+    if float_net.space.fingerprint != space.fingerprint:
+        raise UserError(f"--init {path}: that supernet is of space {float_net.space.name!r}, not {space.name!r}")
+    if float_net.cfg.enabled:
+        raise UserError(f"--init {path}: expected a float supernet (trained with --quant none)")
+    missing, unexpected = model.load_state_dict(float_net.state_dict(), strict=False)
+    if unexpected:
+        raise UserError(f"--init {path}: unexpected tensors {unexpected[:3]}")
+
+
+@torch.no_grad()
+def _init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device: str, images: int = 256) -> None:
+    """Scales from data: activation steps and the scale predictor's s_init (largest subnet, seeded batch)."""
+    arch = sample(space, "largest")
+    x, _ = data.train.get(calibration_indices(data.train, images, seed=1))
+    momentum = {m: m.bn_momentum for m in model.modules() if isinstance(m, QConvBN)}
+    state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    model.train()
+    with init_scales(model):
+        model(to_input(x, data, arch.resolution).to(device), arch)
+    model.load_state_dict({**model.state_dict(), **state})  # the init pass must not move BN statistics
+    for m, mom in momentum.items():
+        m.bn_momentum = mom
+
+
+def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, total: int,
+            device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """Final weights + sidecar, and the test accuracy of the largest and smallest calibrated subnets."""
+    results = {}
+    for how in ("largest", "smallest"):
+        arch = sample(space, how)
+        sub = calibrated_subnet(model, arch, data, cfg.calib_images, device)
+        results[how] = {"arch": arch.key, "test_top1": evaluate(sub, data.test, data, arch.resolution, device, cfg.eval_images)}
+        log(f"{how} subnet {arch.key}: test top-1 {results[how]['test_top1']:.4f}")
+    meta = save_weights(out / "supernet.pt", supernet_payload(model), {
+        "kind": "qnas.supernet", "space": space.to_dict(), "config": cfg.to_dict(), "data": data.describe(),
+        "steps": total, "metrics": results, "quant": asdict(cfg.quant),
+    })
+    _save_checkpoint(out, model, opt, total, cfg)
+    return meta
+
+
+def supernet_payload(model: Supernet) -> dict[str, Any]:
+    return {"model": model.state_dict(), "space": model.space.to_dict(), "in_channels": model.in_channels,
+            "num_classes": model.num_classes, "quant": asdict(model.cfg)}

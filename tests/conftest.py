@@ -1,0 +1,47 @@
+"""Shared fixtures: the real Fashion-MNIST files, tiny supernets, a CLI runner."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qnas_cli.data import FASHION_MNIST_DIR, load_dataset
+from qnas_cli.layers import init_scales
+from qnas_cli.quant import QuantConfig
+from qnas_cli.space import PRESETS, sample
+from qnas_cli.supernet import Supernet
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.fail(f"Fashion-MNIST is required for the tests: {FASHION_MNIST_DIR} (make setup installs it)")
+    return load_dataset("fashion-mnist")
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def make_supernet(mode: str = "int8", in_channels: int = 1, seed: int = 0, **quant) -> Supernet:
+    """A tiny supernet with data-initialised scales and non-trivial BN statistics."""
+    torch.manual_seed(seed)
+    space = PRESETS["tiny"]
+    net = Supernet(space, in_channels, 10, QuantConfig(mode=mode, **quant))
+    x = torch.randn(16, in_channels, 20, 20)
+    net.train()
+    if mode == "int8":
+        with init_scales(net):
+            net(x, sample(space, "largest"))
+    rng = random.Random(seed)
+    with torch.no_grad():  # move running statistics away from their reset values
+        for _ in range(3):
+            a = sample(space, "random", rng)
+            net(torch.randn(8, in_channels, a.resolution, a.resolution), a)
+        for p in net.parameters():  # and BN affine parameters away from 1 / 0
+            if p.dim() == 1 and p.shape[0] > 1:
+                p.add_(0.05 * torch.randn_like(p))
+    return net
