@@ -90,7 +90,7 @@ def to_onnx(graph: IntegerGraph):
         opset_imports=[helper.make_opsetid("", OPSET)],
         producer_name="qnas",
     )
-    model.ir_version = 8  # what onnxruntime 1.23 / onnx2tf 1.29 read without complaint
+    model.ir_version = 8  # onnx 1.19 would write IR 12; onnxruntime 1.23 (inside onnx2tf) reads <= 11
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -4,6 +4,14 @@ It implements the integer contract literally: dequantize, compute the real-value
 requantize with round-half-to-even and clamp to int8. Convolutions and matmuls accumulate
 the integer products exactly in int64 (the same sum TFLite's int32 accumulator holds), so
 the only floating-point step is the final rescale, done in float64.
+
+One deliberate exception: GlobalAvgPool. Its output shares the input's qparams, so it is
+q_out = round(mean over H, W of q_in), zero point included, and that mean lands exactly on .5
+for about 1 in H*W values when H*W is even. XNNPACK (the default, production delegate) rounds
+those ties half away from zero *in the raw int8 domain*: with zero point -128 a tie at
+raw -125.5 goes to -126. We do the same, in integers, so no float error can move a tie.
+(The built-in MEAN kernel rounds ties towards +inf instead, and its fixed-point 1/(H*W) is
+coarse enough to misround near-ties too: it is off by one there, see export/verify.py.)
 """
 from __future__ import annotations
 
@@ -16,6 +24,15 @@ def quantize(real: np.ndarray, qp: QParams) -> np.ndarray:
     """real -> int8 with round-half-to-even (np.rint) and saturation."""
     q = np.rint(np.asarray(real, np.float64) / qp.scale) + qp.zero_point
     return np.clip(q, -128, 127).astype(np.int8)
+
+
+def global_avg_pool(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """Integer global average pool (N, C, H, W) -> (N, C) with output qparams = input qparams:
+    the raw int8 mean, exact ties rounded away from zero (as XNNPACK; module docstring)."""
+    n = q.shape[2] * q.shape[3]
+    total = q.astype(np.int64).sum(axis=(2, 3))
+    mean = np.sign(total) * ((2 * np.abs(total) + n) // (2 * n))
+    return np.clip(mean, -128, 127).astype(np.int8)
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
@@ -63,6 +80,15 @@ def real_output(op: Op, tensors: dict[str, np.ndarray], qparams: dict[str, QPara
     raise TypeError(f"unknown op {type(op).__name__} ({getattr(op, 'name', '?')})")
 
 
+def run_op(op: Op, tensors: dict[str, np.ndarray], qparams: dict[str, QParams]) -> np.ndarray:
+    """One op of the contract: its int8 output from the int8 tensors it reads."""
+    if isinstance(op, GlobalAvgPool):
+        if qparams[op.output] != qparams[op.input]:
+            raise ValueError(f"{op.name}: GlobalAvgPool output must share its input's qparams")
+        return global_avg_pool(tensors[op.input], qparams[op.input])
+    return quantize(real_output(op, tensors, qparams), qparams[op.output])
+
+
 def run_reference_tensors(graph: IntegerGraph, x: np.ndarray) -> dict[str, np.ndarray]:
     """Run `graph` on int8 NCHW input `x` (N, C, H, W); every tensor by name, int8."""
     if x.dtype != np.int8 or x.ndim != 4 or tuple(x.shape[1:]) != tuple(graph.input_shape[1:]):
@@ -72,7 +98,7 @@ def run_reference_tensors(graph: IntegerGraph, x: np.ndarray) -> dict[str, np.nd
         )
     tensors: dict[str, np.ndarray] = {graph.input: x}
     for op in graph.ops:
-        tensors[op.output] = quantize(real_output(op, tensors, graph.qparams), graph.qparams[op.output])
+        tensors[op.output] = run_op(op, tensors, graph.qparams)
     return tensors
 
 

@@ -12,13 +12,14 @@ per-tensor scale, and the bias is quantized to int32 at ``s_in * s_w``.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, lsq_grad_scale, mse_optimal_scale
+from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, lsq_grad_scale, mse_optimal_scale, quantize
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
@@ -70,8 +71,6 @@ class ActQuant(nn.Module, QuantInit):
 
 
 def _copy_module(m: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(m)
 
 
@@ -142,12 +141,28 @@ class QConvBN(nn.Module, QuantInit):
         factor = gamma / sigma
         return factor, beta - mean * factor, sigma
 
-    def folded(self, in_channels: int, out_channels: int, kernel: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Eval-mode folded float weight, bias and the predicted weight scale (calibrated sigma)."""
-        mean, var = self.running_mean[:out_channels], self.running_var[:out_channels]
+    def integer_params(self, s_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Eval mode, static layer: int8 weights, int32 bias and the weight scale it runs with.
+
+        The very expressions of ``forward`` (same tensors, same order), so the fake-quant
+        network and the integer graph hold the same integers.
+        """
+        out, k = self.out_max, self.kernel_max
+        w = self.sliced_weight(self.weight.shape[1], out, k)
+        w_fold, bias, s_w = self._fold(w, self.running_mean, self.running_var, out)
+        return (quantize(w_fold, s_w, 0, -W_QMAX, W_QMAX), quantize(bias, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX), s_w)
+
+    def _fold(self, w: Tensor, mean: Tensor, var: Tensor, out_channels: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Folded weight and bias, and the predicted weight scale for this sigma."""
         factor, bias, sigma = self.fold_params(mean, var, out_channels)
-        w = self.sliced_weight(in_channels, out_channels, kernel) * factor.view(-1, 1, 1, 1)
-        return w, bias, self.predicted_scale(sigma)
+        w_fold = w * factor.view(-1, 1, 1, 1)
+        if self.observe:  # MSE-optimal s_init; theta_i = s_init * sigma_i so the first prediction is s_init
+            s_init = mse_optimal_scale(w_fold, 0, -W_QMAX, W_QMAX)
+            if self.cfg.weight_scale == "predictor":
+                self.theta[:out_channels] = s_init * sigma
+            else:
+                self.w_scale.fill_(s_init)
+        return w_fold, bias, self.predicted_scale(sigma.detach())
 
     def forward(self, x: Tensor, s_in: Tensor | None, out_channels: int, kernel: int) -> Tensor:
         if self.depthwise:
@@ -173,15 +188,7 @@ class QConvBN(nn.Module, QuantInit):
                 mean, var = rm.clone(), rv.clone()
         else:
             mean, var = rm, rv
-        factor, bias, sigma = self.fold_params(mean, var, out_channels)
-        w_fold = w * factor.view(-1, 1, 1, 1)
-        if self.observe:  # MSE-optimal s_init; theta_i = s_init * sigma_i so the first prediction is s_init
-            s_init = mse_optimal_scale(w_fold, 0, -W_QMAX, W_QMAX)
-            if self.cfg.weight_scale == "predictor":
-                self.theta[:out_channels] = s_init * sigma
-            else:
-                self.w_scale.fill_(s_init)
-        s_w = self.predicted_scale(sigma.detach())
+        w_fold, bias, s_w = self._fold(w, mean, var, out_channels)
         w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
         y = self._conv(x, w_q, _bias_quant(bias, s_in, s_w))
         return self.out_q(F.relu(y) if self.relu else y)
@@ -224,6 +231,12 @@ class QLinear(nn.Module, QuantInit):
         w_q = fake_quant(self.fc.weight, self.w_scale, 0, -W_QMAX, W_QMAX, lsq_grad_scale(self.fc.weight.numel(), W_QMAX))
         y = F.linear(x, w_q, _bias_quant(self.fc.bias, s_in, self.w_scale))
         return self.out_q(F.relu(y) if self.relu else y)
+
+    def integer_params(self, s_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """int8 weights, int32 bias and the weight scale, exactly as ``forward`` uses them."""
+        s_w = self.w_scale
+        return (quantize(self.fc.weight, s_w, 0, -W_QMAX, W_QMAX),
+                quantize(self.fc.bias, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX), s_w)
 
     def extract(self) -> QLinear:
         return _copy_module(self)

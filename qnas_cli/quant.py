@@ -120,3 +120,20 @@ def mse_optimal_scale(x: Tensor, zero_point: int, qmin: int, qmax: int, grid: in
         if err < best_err:
             best_s, best_err = s, err
     return best_s
+
+
+def global_avg_pool(x: Tensor, scale: Tensor, zero_point: int) -> Tensor:
+    """Mean over H, W of an int8 tensor, output on the input's grid (TFLite ties their parameters).
+
+    In integers, as XNNPACK does it: the raw int8 values (zero point included) are summed and the
+    mean is rounded half away from zero. Exact ties are common here (1 in H*W), so round-half-even
+    would disagree with the deployed model. Backward: the plain mean's gradient (straight-through).
+    x: (N, C, H, W) on the grid of ``scale``/``zero_point`` -> (N, C).
+    """
+    mean = x.mean(dim=(2, 3))
+    with torch.no_grad():
+        n = x.shape[2] * x.shape[3]
+        total = (torch.round(x / scale) + zero_point).sum(dim=(2, 3))  # exact: integers well below 2**24
+        q = torch.sign(total) * torch.floor((2 * total.abs() + n) / (2 * n))
+        value = (torch.clamp(q, A_QMIN, A_QMAX) - zero_point) * scale
+    return mean + (value - mean).detach()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import ActQuant, QConvBN, QLinear
-from .quant import A_QMAX, A_QMIN, QuantConfig, fake_quant
+from .quant import QuantConfig, global_avg_pool
 from .space import Arch, Block, SearchSpace, Stage, make_divisible, sample
 
 
@@ -83,11 +83,9 @@ class _Net(nn.Module):
                 x = block(x, out_q.scale, stage.width, choice)
                 out_q = block.out_q
         x = self.head(x, out_q.scale, self.head.out_max, 1)
-        x = x.mean(dim=(2, 3))  # (N, C): TFLite's pooling keeps its input's scale and zero point
-        if self.head.out_q.enabled:
-            q = self.head.out_q
-            x = fake_quant(x, q.scale, q.zero_point, A_QMIN, A_QMAX, 0.0)
-        s = self.head.out_q.scale
+        q = self.head.out_q  # TFLite's pooling keeps its input's scale and zero point
+        x = global_avg_pool(x, q.scale, q.zero_point) if q.enabled else x.mean(dim=(2, 3))  # (N, C)
+        s = q.scale
         if self.feature is not None:
             x = self.feature(x, s)
             s = self.feature.out_q.scale

@@ -33,6 +33,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = D.device,
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N steps (atomic; the last 2 are kept).")] = D.ckpt_every,
     eval_images: Annotated[int, typer.Option(help="Test images for the final evaluation (default: all).")] = None,
+    calib_images: Annotated[int, typer.Option(help="Training images for BN calibration before the final evaluation.")] = D.calib_images,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
@@ -44,7 +45,8 @@ def train(
     cfg = TrainConfig(space=space, data=data, out=str(out),
                       quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale),
                       epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, num_random=num_random, seed=seed,
-                      device=device, init=str(init) if init else None, ckpt_every=ckpt_every, eval_images=eval_images)
+                      device=device, init=str(init) if init else None, ckpt_every=ckpt_every, eval_images=eval_images,
+                      calib_images=calib_images)
     log = err_console.print if json_out else console.print
     try:
         if interactive() and not json_out:

@@ -1,0 +1,159 @@
+"""The quantization math: grids, clipping, LSQ gradients, Conv-BN folding, the scale predictor."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qnas_cli.layers import BN_EPS, QConvBN, init_scales
+from qnas_cli.quant import A_QMAX, A_QMIN, W_QMAX, QuantConfig, fake_quant, mse_optimal_scale, quantize
+
+
+def test_fake_quant_values_lie_on_the_int8_grid_and_clip():
+    x = torch.linspace(-3, 3, 1001)
+    s = torch.tensor(0.01)
+    for zp, qmin, qmax in ((0, -W_QMAX, W_QMAX), (0, A_QMIN, A_QMAX), (A_QMIN, A_QMIN, A_QMAX)):
+        y = fake_quant(x, s, zp, qmin, qmax)
+        q = quantize(x, s, zp, qmin, qmax)
+        assert torch.equal(y, (q - zp).float() * s)  # exactly the grid value of the integer
+        assert q.min().item() == qmin and q.max().item() == qmax  # clipped at the bounds
+        assert ((y / s + zp).round() - (y / s + zp)).abs().max() < 1e-4
+    # full range: non-negative values use all 256 levels, 0 is exact
+    y = fake_quant(torch.tensor([0.0, 2.55, 9.0]), s, A_QMIN, A_QMIN, A_QMAX)
+    assert y.tolist() == pytest.approx([0.0, 2.55, 2.55])
+
+
+def test_lsq_gradients_match_a_hand_computation():
+    x = torch.tensor([0.26, -0.74, 1.9, -2.0, 0.0], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    g = 0.3
+    y = fake_quant(x, s, 0, -3, 3, g)  # grid: -1.5 .. 1.5 step 0.5
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    (y * upstream).sum().backward()
+    xs = x.detach() / 0.5  # 0.52, -1.48, 3.8, -4, 0
+    inside = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0])
+    assert torch.equal(x.grad, upstream * inside)
+    ds = torch.tensor([round(0.52) - 0.52, round(-1.48) + 1.48, 3.0, -3.0, 0.0])
+    assert s.grad.item() == pytest.approx((upstream * ds).sum().item() * g, rel=1e-6)
+    assert torch.allclose(xs * 0.5, x.detach())
+
+
+def test_mse_optimal_scale_beats_max_scaling():
+    torch.manual_seed(0)
+    w = torch.randn(10000) * 0.1
+    w[0] = 2.0  # an outlier: max scaling wastes levels on it
+    s = mse_optimal_scale(w, 0, -W_QMAX, W_QMAX)
+    err = lambda sc: (fake_quant(w, torch.tensor(sc), 0, -W_QMAX, W_QMAX) - w).pow(2).sum().item()  # noqa: E731
+    assert s < 2.0 / W_QMAX and err(s) < err(2.0 / W_QMAX)
+    for f in (0.9, 1.1):
+        assert err(s) <= err(s * f)
+
+
+def _convbn(mode, depthwise=False, **kw):
+    torch.manual_seed(1)
+    m = QConvBN(8, 8 if depthwise else 12, 5, 1, QuantConfig(mode=mode, **kw), depthwise=depthwise, relu=False)
+    with torch.no_grad():
+        m.bn_weight.uniform_(0.5, 1.5)
+        m.bn_bias.uniform_(-0.5, 0.5)
+        m.running_mean.uniform_(-0.2, 0.2)
+        m.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_folded_convbn_equals_conv_then_bn_without_quantization(depthwise, training, monkeypatch):
+    """The int8 layer with its quantizers switched off is exactly Conv followed by BN."""
+    from qnas_cli import layers
+
+    monkeypatch.setattr(layers, "fake_quant", lambda x, *args: x)
+    m = _convbn("int8", depthwise)
+    ref = _convbn("none", depthwise)
+    m.train(training), ref.train(training)
+    x = torch.randn(4, 8, 9, 9)
+    out_c = 8 if depthwise else 10
+    y = m(x, torch.tensor(1e-3), out_c, 3)
+    conv = F.conv2d(x, ref.sliced_weight(8, out_c, 3), None, 1, 1, 1, 8 if depthwise else 1)
+    bn = F.batch_norm(conv, ref.running_mean[:out_c].clone(), ref.running_var[:out_c].clone(),
+                      ref.bn_weight[:out_c], ref.bn_bias[:out_c], training, 0.1, BN_EPS)
+    torch.testing.assert_close(y, bn, atol=1e-5, rtol=1e-5)
+    # running statistics update as BatchNorm's do
+    ref(x, None, out_c, 3)
+    torch.testing.assert_close(m.running_mean, ref.running_mean)
+    torch.testing.assert_close(m.running_var, ref.running_var)
+
+
+def test_folding_uses_batch_statistics_in_training_and_running_in_eval():
+    m = _convbn("int8")
+    with init_scales(m):
+        m.train()(torch.randn(8, 8, 9, 9), torch.tensor(0.02), 12, 5)
+    x = torch.randn(8, 8, 9, 9) * 3 + 1  # statistics far from the running ones
+    m.train()
+    y_train = m(x, torch.tensor(0.02), 12, 5)
+    conv = F.conv2d(x, m.sliced_weight(8, 12, 5), None, 1, 2)
+    var, mean = torch.var_mean(conv, dim=(0, 2, 3), unbiased=False)
+    # per channel, the folded output is the batch-normalised conv (up to quantization error)
+    z = (conv - mean[None, :, None, None]) / torch.sqrt(var + BN_EPS)[None, :, None, None]
+    expect = z * m.bn_weight[None, :12, None, None] + m.bn_bias[None, :12, None, None]
+    assert (y_train - expect).abs().mean() < 0.05
+    m.eval()
+    y_eval = m(x, torch.tensor(0.02), 12, 5)
+    assert (y_eval - expect).abs().mean() > 0.2  # eval folds the running statistics instead
+
+
+def test_scale_predictor_first_prediction_is_the_mse_optimal_scale():
+    m = _convbn("int8")
+    x = torch.randn(16, 8, 9, 9)
+    m.train()
+    with init_scales(m):
+        m(x, torch.tensor(0.02), 12, 5)
+    # sigma of the same batch, folded weights of the same batch
+    conv = F.conv2d(x, m.sliced_weight(8, 12, 5), None, 1, 2)
+    var, _ = torch.var_mean(conv, dim=(0, 2, 3), unbiased=False)
+    sigma = torch.sqrt(var + BN_EPS)
+    w_fold = m.sliced_weight(8, 12, 5) * (m.bn_weight[:12] / sigma).view(-1, 1, 1, 1)
+    s_init = mse_optimal_scale(w_fold, 0, -W_QMAX, W_QMAX)
+    assert m.predicted_scale(sigma).item() == pytest.approx(s_init, rel=1e-5)
+    # each active channel contributes equally: theta_i / sigma_i == s_init
+    torch.testing.assert_close(m.theta[:12] / sigma, torch.full((12,), s_init), rtol=1e-5, atol=0)
+
+
+def test_scale_predictor_follows_sigma_of_the_active_channels():
+    m = _convbn("int8")
+    with torch.no_grad():
+        m.theta.copy_(torch.arange(1, 13, dtype=torch.float))
+    sigma = torch.full((6,), 2.0)
+    assert m.predicted_scale(sigma).item() == pytest.approx(sum(range(1, 7)) / 6 / 2.0)
+    assert m.predicted_scale(sigma * 2).item() == pytest.approx(sum(range(1, 7)) / 6 / 4.0)
+
+
+def test_theta_and_activation_scales_receive_gradients():
+    m = _convbn("int8")
+    m.train()
+    with init_scales(m):
+        m(torch.randn(8, 8, 9, 9), torch.tensor(0.02), 12, 5)
+    m(torch.randn(8, 8, 9, 9), torch.tensor(0.02), 12, 5).square().sum().backward()
+    assert m.theta.grad[:12].abs().sum() > 0 and m.theta.grad[12:].abs().sum() == 0
+    assert m.out_q.scale.grad.abs() > 0 and m.weight.grad.abs().sum() > 0
+
+
+def test_shared_weight_scale_is_one_lsq_parameter():
+    m = _convbn("int8", weight_scale="shared")
+    assert not hasattr(m, "theta") and m.w_scale.shape == ()
+    m.train()
+    with init_scales(m):
+        m(torch.randn(8, 8, 9, 9), torch.tensor(0.02), 12, 5)
+    assert m.w_scale.item() > 0 and math.isfinite(m.w_scale.item())
+
+
+def test_moving_fold_uses_running_statistics_in_training():
+    m = _convbn("int8", bn_fold="moving")
+    m.train()
+    with init_scales(m):
+        m(torch.randn(8, 8, 9, 9), torch.tensor(0.02), 12, 5)
+    x = torch.randn(8, 8, 9, 9) * 3 + 1
+    y = m(x, torch.tensor(0.02), 12, 5)
+    m.eval()
+    torch.testing.assert_close(y, m(x, torch.tensor(0.02), 12, 5))  # the same fold as eval
