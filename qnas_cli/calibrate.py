@@ -82,13 +82,13 @@ def resolve_supernet(raw: dict, subnet_path: Path, supernet: Path | None) -> tup
 
 
 def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: str | None = None,
-                   images: int = CALIB_IMAGES, out: Path | None = None, device: str = "cpu",
+                   calib_images: int = CALIB_IMAGES, out: Path | None = None, device: str = "cpu",
                    eval_images: int | None = None) -> tuple[Subnet, dict[str, Any], Dataset]:
     """``qnas calibrate``: subnet.json -> calibrated static int8 subnet, saved with its accuracy."""
     from .space import read_structured
 
-    if images <= 0:
-        raise UserError(f"--calib-images must be a positive integer, got {images}")
+    if calib_images <= 0:
+        raise UserError(f"--calib-images must be a positive integer, got {calib_images}")
     raw = read_structured(Path(subnet_path), "subnet file")
     net_path, recorded_sha = resolve_supernet(raw, Path(subnet_path), supernet)
     net, net_meta = load_supernet(net_path, recorded_sha)
@@ -98,7 +98,7 @@ def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: s
     if (data.in_channels, data.num_classes) != (net.in_channels, net.num_classes):
         raise UserError(f"--data {data.spec}: {data.in_channels} channels / {data.num_classes} classes, but the supernet "
                         f"was trained for {net.in_channels} / {net.num_classes}")
-    sub = calibrated_subnet(net, arch, data, images, device)
+    sub = calibrated_subnet(net, arch, data, calib_images, device)
     acc = {"test_top1": evaluate(sub, data.test, data, arch.resolution, device, eval_images),
            "search_top1": evaluate(sub, data.search, data, arch.resolution, device, eval_images)}
     out = Path(out) if out else Path(subnet_path).with_suffix(".qnas.pt")
@@ -108,7 +108,7 @@ def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: s
     }, {
         "kind": "qnas.calibrated_subnet", "arch": arch.to_dict(net.space), "arch_key": arch.key,
         "supernet": {"path": str(net_path), "sha256": net_meta["weights"]["sha256"]},
-        "data": data.describe(), "calib_images": images, "quant": asdict(net.cfg),
+        "data": data.describe(), "calib_images": calib_images, "quant": asdict(net.cfg),
         "accuracy": {**acc, "kind": "fake-quant" if net.cfg.enabled else "float", "eval_images": eval_images},
     })
     return sub, meta, data

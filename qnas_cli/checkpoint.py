@@ -34,10 +34,20 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
+    except OSError as e:  # disk full, a folder in the way, ...: the old file (if any) is untouched
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -87,11 +97,18 @@ def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict[s
     if not meta_path.is_file():
         raise UserError(f"{path} has no sidecar {meta_path.name}: cannot verify it (was it written by qnas?)")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_bytes())
         recorded = meta["weights"]["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (ValueError, RecursionError, KeyError, TypeError):  # ValueError: bad JSON or bad UTF-8
         raise UserError(f"{meta_path} is corrupt or not a qnas sidecar") from None
-    actual = sha256_file(path)
+    except OSError as e:
+        raise UserError(f"cannot read {meta_path}: {e.strerror}") from None
+    if not isinstance(recorded, str):
+        raise UserError(f"{meta_path} is corrupt or not a qnas sidecar (weights.sha256 is not a string)")
+    try:
+        actual = sha256_file(path)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     if actual != recorded:
         raise UserError(f"{path} is corrupt or was modified: sha256 {actual[:12]}… does not match its sidecar ({recorded[:12]}…)")
     if expected_sha256 and actual != expected_sha256:

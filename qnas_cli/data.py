@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,9 +147,9 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # a corrupt or truncated .gz
         raise UserError(f"cannot read {path}: {e}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
         raise UserError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
@@ -171,6 +172,10 @@ def _read_fashion_mnist(folder: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     arrays = [_read_idx(_find(folder, s)) for s in
               ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
     tr_x, tr_y, te_x, te_y = (torch.from_numpy(a.copy()) for a in arrays)
+    if (tr_x.dim(), te_x.dim(), tr_y.dim(), te_y.dim()) != (3, 3, 1, 1) or (len(tr_x), len(te_x)) != (len(tr_y), len(te_y)) \
+            or max(tr_y.max(), te_y.max()) > 9:
+        raise UserError(f"Fashion-MNIST in {folder} is inconsistent: {tuple(tr_x.shape)} / {tuple(te_x.shape)} images "
+                        f"for {tuple(tr_y.shape)} / {tuple(te_y.shape)} labels (train / test), labels must be 0-9")
     return tr_x[:, None], tr_y.long(), te_x[:, None], te_y.long()
 
 
@@ -185,8 +190,10 @@ def _read_cifar10(folder: Path) -> tuple[TensorSource, TensorSource]:
             with open(path, "rb") as f:
                 d = _SafeUnpickler(f, encoding="bytes").load()
             return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"])
-        except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-            raise UserError(f"{path} is not a CIFAR-10 batch file: {e}") from None
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror}") from None
+        except Exception as e:  # noqa: BLE001 - a corrupt pickle fails in many ways; all mean a bad file
+            raise UserError(f"{path} is not a CIFAR-10 batch file: {type(e).__name__}: {e}") from None
     parts = [load(f"data_batch_{i}") for i in range(1, 6)]
     test = load("test_batch")
     train = TensorSource(torch.from_numpy(np.concatenate([p[0] for p in parts])),
@@ -227,8 +234,11 @@ def _read_imagefolder(root: Path, size: int) -> tuple[FileSource, FileSource, in
     va_files, va_labels, _ = scan("val", classes)
     from PIL import Image
 
-    with Image.open(tr_files[0]) as im:
-        channels = 1 if im.mode in ("L", "I", "I;16", "1") else 3
+    try:
+        with Image.open(tr_files[0]) as im:
+            channels = 1 if im.mode in ("L", "I", "I;16", "1") else 3
+    except OSError as e:  # PIL's UnidentifiedImageError included
+        raise UserError(f"cannot read image {tr_files[0]}: {e}") from None
     return (FileSource(tr_files, tr_labels, channels, size), FileSource(va_files, va_labels, channels, size),
             len(classes), channels)
 

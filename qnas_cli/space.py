@@ -312,7 +312,7 @@ def read_structured(path: Path, what: str) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
         data = tomllib.loads(raw.decode()) if path.suffix.lower() == ".toml" else json.loads(raw)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad syntax or encoding, 4300+ digit integers, absurd nesting
         raise UserError(f"{what} {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from None
     except OSError as e:
         raise UserError(f"cannot read {what} {path}: {e.strerror}") from None

@@ -13,6 +13,7 @@ gloo on CPU included); the same subnets are trained on every rank, each on its o
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -78,6 +79,10 @@ class TrainConfig:
             raise UserError("--num-random and --warmup-steps must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if self.eval_images is not None and self.eval_images <= 0:
+            raise UserError(f"--eval-images must be a positive integer, got {self.eval_images} (leave it out for the whole test split)")
+        if not 0 <= self.seed < 2**32:  # seeds are mixed with step numbers into 64-bit generator seeds
+            raise UserError(f"--seed must be an integer in [0, 2^32), got {self.seed}")
         if not 0 <= self.kd_ratio <= 1:
             raise UserError(f"--kd-ratio must lie in [0, 1], got {self.kd_ratio}")
         if self.init and not self.quant.enabled:
@@ -230,12 +235,49 @@ def _latest_checkpoint(out: Path, log: Callable[[str], None]) -> tuple[dict[str,
     return None
 
 
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    mine = cfg.to_dict()
+def _check_resumable(meta: dict[str, Any], cfg: TrainConfig, space: SearchSpace) -> None:
+    saved, mine = meta.get("config", {}), cfg.to_dict()
     for key in TrainConfig.RESUME_KEYS:
         if saved.get(key) != mine.get(key):
             raise UserError(f"--resume: option {key!r} differs from the interrupted run "
                             f"({saved.get(key)!r} there, {mine.get(key)!r} now); use the same options or a new --out")
+    if "space" in meta and SearchSpace.from_dict(meta["space"]).fingerprint != space.fingerprint:
+        raise UserError(f"--resume: the space file {cfg.space} changed since the interrupted run; "
+                        "restore it or use a new --out")
+
+
+def _start_afresh(out: Path, log: Callable[[str], None]) -> None:
+    """A new run in a used folder. An unfinished run there is refused (--resume continues it); a
+    finished run's checkpoints go, or pruning (by name) would keep them and delete ours."""
+    ckpts = sorted(_ckpt_dir(out).glob("step_*.pt"))
+    if ckpts and not _finished(out, ckpts[-1]):
+        raise UserError(f"{out} holds an unfinished run (last checkpoint {ckpts[-1].name}): continue it with --resume, "
+                        f"or choose a new --out (or delete {_ckpt_dir(out)})")
+    if ckpts:
+        log(f"note: starting afresh in {out}; removing the checkpoints of the finished run there")
+    try:
+        for p in sorted(_ckpt_dir(out).glob("step_*")):
+            p.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot clear {_ckpt_dir(out)}: {e.strerror}") from None
+
+
+def _finished(out: Path, last: Path) -> bool:
+    """Whether ``out/supernet.json`` is the end of the run whose newest checkpoint is ``last``."""
+    try:
+        final, ckpt = json.loads((out / "supernet.json").read_bytes()), json.loads(last.with_suffix(".json").read_bytes())
+        return final["config"] == ckpt["config"] and final["steps"] == ckpt["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temporary files of atomic writes that a SIGKILL cut short (never a finished file)."""
+    try:
+        for tmp in [*out.glob(".*.tmp"), *_ckpt_dir(out).glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # best effort: a folder we cannot clean is reported when we write to it
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -250,6 +292,10 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     out = Path(cfg.out)
     d = setup_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     device = resolve_device(cfg.device, d)
+    if d.main:
+        _remove_temp_files(out)
+        if not resume:
+            _start_afresh(out, log)
     data = load_dataset(cfg.data, load_size=max(space.resolutions))
 
     torch.manual_seed(cfg.seed)
@@ -264,12 +310,16 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     if resume:
         found = _latest_checkpoint(out, log)
         if found is None:
-            raise UserError(f"--resume: no checkpoint in {_ckpt_dir(out)}; start without --resume")
+            raise UserError(f"--resume: no usable checkpoint in {_ckpt_dir(out)}; start without --resume")
         payload, meta = found
-        _check_resumable(meta.get("config", {}), cfg)
-        model.load_state_dict(payload["model"])
-        opt.load_state_dict(payload["optimizer"])
-        start = int(payload["step"])
+        _check_resumable(meta, cfg, space)
+        try:
+            model.load_state_dict(payload["model"])
+            opt.load_state_dict(payload["optimizer"])
+            start = int(payload["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"--resume: {meta['weights']['file']} is not a checkpoint of this run: "
+                            f"{str(e).splitlines()[0][:200]}") from None
         log(f"resuming from step {start} ({meta['weights']['file']})")
     else:
         if cfg.init:
@@ -278,7 +328,6 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
             _init_quant_scales(model, data, space, device)
     _broadcast(model, d)
     if d.main and not resume:
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "metrics.jsonl", lambda f: None)
     elif d.main:
         _truncate_metrics(out / "metrics.jsonl", start)
@@ -301,7 +350,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                 _append_metrics(out / "metrics.jsonl", {"step": step + 1, "epoch": epoch, **metrics})
             if on_step and d.main:
                 on_step(step + 1, total, metrics)
-            if d.main and ((step + 1) % cfg.ckpt_every == 0 or requested) and step + 1 < total:
+            if d.main and (((step + 1) % cfg.ckpt_every == 0 and step + 1 < total) or requested):
                 _save_checkpoint(out, model, opt, step + 1, cfg)
             if requested:
                 if d.world > 1:
@@ -356,16 +405,12 @@ def _train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, spac
 
 
 def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    import json
-
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric rows past the checkpoint we resume from (they will be logged again)."""
-    import json
-
     if not path.exists():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
@@ -415,6 +460,7 @@ def _init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, devic
 def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, total: int,
             device: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Final weights + sidecar, and the test accuracy of the largest and smallest calibrated subnets."""
+    _save_checkpoint(out, model, opt, total, cfg)  # first: a kill during evaluation loses no training
     results = {}
     for how in ("largest", "smallest"):
         arch = sample(space, how)
@@ -425,7 +471,6 @@ def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainC
         "kind": "qnas.supernet", "space": space.to_dict(), "config": cfg.to_dict(), "data": data.describe(),
         "steps": total, "metrics": results, "quant": asdict(cfg.quant),
     })
-    _save_checkpoint(out, model, opt, total, cfg)
     return meta
 
 

@@ -13,6 +13,8 @@ import typer.core
 
 from ..errors import UserError
 from .common import err_console
+from . import calibrate as calibrate_cmd
+from . import export as export_cmd
 from . import space as space_cmd
 from . import train as train_cmd
 
@@ -56,6 +58,8 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
 
 app.add_typer(space_cmd.app, name="space")
 app.command("train")(train_cmd.train)
+app.command("calibrate")(calibrate_cmd.calibrate)
+app.command("export")(export_cmd.export)
 
 
 def main() -> None:

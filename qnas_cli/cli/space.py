@@ -1,6 +1,7 @@
 """``qnas space``: inspect search spaces and write subnets."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,7 @@ from rich.table import Table
 from ..checkpoint import write_json
 from ..errors import UserError
 from ..space import PRESETS, load_space, sample
+from ..supernet import load_supernet
 from .common import console, print_json
 
 app = typer.Typer(help="Inspect search spaces and write subnet files.", no_args_is_help=True)
@@ -44,16 +46,25 @@ def sample_cmd(
     smallest: Annotated[bool, typer.Option("--smallest", help="The smallest subnet.")] = False,
     random_: Annotated[bool, typer.Option("--random", help="A uniformly random subnet (the default).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for --random.")] = 0,
+    supernet: Annotated[Path, typer.Option(help="Take the space from this supernet.pt and record it (path + sha256) in the subnet.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Write subnet.json here (default: print it).")] = None,
 ) -> None:
     """Write a subnet of the space as subnet.json (the hand-off file between commands)."""
     if largest + smallest + random_ > 1:
         raise UserError("choose one of --largest, --smallest, --random")
     how = "largest" if largest else "smallest" if smallest else "random"
-    sp = load_space(space)
-    arch = sample(sp, how, random.Random(seed))
-    if out is None:
-        print_json(arch.to_dict(sp))
+    extra = {}
+    if supernet is not None:
+        net, meta = load_supernet(supernet)
+        sp = net.space
+        where = os.path.relpath(supernet, out.parent) if out is not None else str(supernet)
+        extra = {"supernet": {"path": where, "sha256": meta["weights"]["sha256"]}}
     else:
-        write_json(out, arch.to_dict(sp))
+        sp = load_space(space)
+    arch = sample(sp, how, random.Random(seed))
+    doc = {**arch.to_dict(sp), **extra}
+    if out is None:
+        print_json(doc)
+    else:
+        write_json(out, doc)
         console.print(f"wrote {out} ({arch.key})", highlight=False)

@@ -1,0 +1,43 @@
+"""``qnas calibrate``: BN calibration + predicted scales -> a static int8 subnet (subnet.qnas.pt)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..calibrate import CALIB_IMAGES, calibrate_file
+from .common import console, print_json
+
+SubnetArg = Annotated[Path, typer.Argument(help="subnet.json (from `qnas space sample` or `qnas search`).")]
+SupernetOpt = Annotated[Path, typer.Option(help="supernet.pt (default: the one named in the subnet file).")]
+DataOpt = Annotated[str, typer.Option(help="Dataset spec (default: the one the supernet was trained on).")]
+CalibOpt = Annotated[int, typer.Option(help="Training images for BN re-estimation (fixed, seeded set).")]
+
+
+def calibrate(
+    subnet: SubnetArg,
+    supernet: SupernetOpt = None,
+    data: DataOpt = None,
+    calib_images: CalibOpt = CALIB_IMAGES,
+    eval_images: Annotated[int, typer.Option(help="Limit the accuracy evaluation to N images per split (default: all).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output weights (default: SUBNET with .qnas.pt; JSON beside).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Extract a subnet, re-estimate its BN statistics, predict its weight scales, and save the int8 subnet.
+
+    Prints its fake-quant top-1 on the test split and on the held-out search split.
+    """
+    _, meta, _ = calibrate_file(subnet, supernet, data, calib_images, out, eval_images=eval_images)
+    if json_out:
+        print_json(meta)
+        return
+    acc = meta["accuracy"]
+    t = Table(title=f"calibrated {meta['arch_key']}")
+    t.add_column("split")
+    t.add_column(f"{acc['kind']} top-1")
+    t.add_row("test", f"{100 * acc['test_top1']:.2f}%")
+    t.add_row("search (held-out train)", f"{100 * acc['search_top1']:.2f}%")
+    console.print(t)
+    console.print(f"wrote {out or Path(subnet).with_suffix('.qnas.pt')} (+ .json)", highlight=False)

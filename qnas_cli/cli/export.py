@@ -1,0 +1,60 @@
+"""``qnas export``: a fully int8 TFLite model with our own scales, proven by parity."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..calibrate import CALIB_IMAGES
+from .calibrate import CalibOpt, DataOpt, SupernetOpt
+from .common import console, err_console, print_json
+
+
+def export(
+    subnet: Annotated[Path, typer.Argument(help="subnet.json (calibrated first when needed) or a calibrated subnet.qnas.pt.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (default: beside the subnet file).")] = None,
+    supernet: SupernetOpt = None,
+    data: DataOpt = None,
+    calib_images: CalibOpt = CALIB_IMAGES,
+    eval_images: Annotated[int, typer.Option(help="Test images for parity and accuracy (default: the whole test split).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print export_report.json to stdout.")] = False,
+) -> None:
+    """Write model_int8.tflite (int8 in/out, every op int8), model.onnx and export_report.json.
+
+    The TFLite model runs with the LiteRT interpreter (built-in kernels and XNNPACK) against the
+    fake-quant PyTorch subnet; export fails (exit 1) when parity or the op census fails.
+    """
+    from export.pipeline import export_subnet
+
+    log = err_console.print if json_out else console.print
+    report = export_subnet(subnet, out, supernet, data, calib_images, eval_images, log=lambda m: log(m, highlight=False))
+    if json_out:
+        print_json(report)
+    else:
+        _summary(report)
+    if not report["passed"]:
+        err_console.print("[bold red]export failed verification:[/] " + "; ".join(report["problems"]), highlight=False)
+        raise typer.Exit(1)
+
+
+def _summary(r: dict) -> None:
+    t = Table(title=f"model_int8.tflite  {r['arch_key']}")
+    t.add_column("check")
+    for b in ("builtin", "xnnpack"):
+        t.add_column(b)
+    p = r["parity"]
+    t.add_row("max |Δ| (LSB), end to end", *(str(p[b]["max_abs_lsb"]) for b in ("builtin", "xnnpack")))
+    t.add_row("within 1 LSB", *(f"{100 * p[b]['within_1lsb']:.2f}%" for b in ("builtin", "xnnpack")))
+    t.add_row("exact", *(f"{100 * p[b]['exact']:.2f}%" for b in ("builtin", "xnnpack")))
+    t.add_row("top-1 agreement", *(f"{100 * p[b]['top1_agreement']:.2f}%" for b in ("builtin", "xnnpack")))
+    t.add_row("worst op (LSB, own inputs)", *(str(max(o["max_abs_lsb"] for o in r["per_op"][b].values())) for b in ("builtin", "xnnpack")))
+    t.add_row("latency (ms, 1 thread)", *(f"{r['latency_ms'][b]:.3f}" for b in ("builtin", "xnnpack")))
+    console.print(t)
+    c, a = r["census"], r["accuracy"]
+    console.print(f"ops {dict(c['ops'])}; float tensors {c['float_tensors']}; in/out {c['input_dtype']}/{c['output_dtype']}; "
+                  f"QUANTIZE {c['quantize_ops']} DEQUANTIZE {c['dequantize_ops']}", highlight=False)
+    console.print(f"top-1 on {a['n_images']} test images: fake-quant {100 * a['fake_quant_top1']:.2f}%, "
+                  f"TFLite {100 * a['tflite_top1']:.2f}% (Δ {a['delta_pp']:+.2f} pp); size {r['size_bytes']} bytes", highlight=False)
+    console.print(f"verdict: {'PASS' if r['passed'] else 'FAIL'}", highlight=False)
