@@ -61,6 +61,10 @@ def to_integer_graph(sub: Subnet, meta: dict | None = None) -> IntegerGraph:
     if sub.feature is not None:
         x, s = linear("feature", sub.feature, x, s), sub.feature.out_q.scale
     out = linear("logits", sub.classifier, x, s)
+    bad = [op.name for op in ops if isinstance(op, (Conv, Linear)) and not op.weight_scale > 0]
+    bad += [name for name, qp in qparams.items() if not qp.scale > 0]
+    if bad:
+        raise ValueError(f"non-positive scales in {', '.join(bad[:5])}: this subnet has no valid int8 form")
     r = sub.arch.resolution
     return IntegerGraph("input", (1, sub.in_channels, r, r), out, ops, qparams, meta or {})
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export._io import atomic_write_bytes
+from qnas_cli.checkpoint import write_bytes
 from export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear
 
 OPSET = 13
@@ -115,4 +115,4 @@ def tensor_shapes(graph: IntegerGraph) -> dict[str, tuple[int, ...]]:
 
 def export_onnx(graph: IntegerGraph, path: Path) -> Path:
     """Write the float ONNX of `graph` to `path` and return it."""
-    return atomic_write_bytes(Path(path), to_onnx(graph).SerializeToString())
+    return write_bytes(Path(path), to_onnx(graph).SerializeToString())

@@ -6,7 +6,6 @@ test images; the report says whether the model passed, and why not.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from qnas_cli.calibrate import CALIB_IMAGES, calibrate_file, load_calibrated
 from qnas_cli.checkpoint import sha256_file, versions, write_json
 from qnas_cli.data import Dataset, calibration_indices, load_dataset, ordered_batches, to_input
 from qnas_cli.errors import UserError
+from qnas_cli.space import read_structured
 from qnas_cli.supernet import Subnet
 
 from .fold import quantize_input, quantize_output, to_integer_graph
@@ -37,8 +37,9 @@ def prepare(subnet_file: Path, supernet: Path | None, data_spec: str | None, cal
         sub = None
         if beside.is_file() and supernet is None and data_spec is None:
             cand, meta = load_calibrated(beside)
-            raw = json.loads(subnet_file.read_text()) if subnet_file.is_file() else {}
-            same_arch = {k: raw.get(k) for k in ("resolution", "stages")} == {k: meta["arch"].get(k) for k in ("resolution", "stages")}
+            raw = read_structured(subnet_file, "subnet file")
+            arch = meta.get("arch") or {}
+            same_arch = {k: raw.get(k) for k in ("resolution", "stages")} == {k: arch.get(k) for k in ("resolution", "stages")}
             if same_arch and meta.get("calib_images") == calib_images:
                 sub = cand
         if sub is None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export._io import atomic_write_bytes
+from qnas_cli.checkpoint import write_bytes
 from export.graph import IntegerGraph
 from export.onnx_export import export_onnx, onnx_name
 from export.reference import dequantize
@@ -117,7 +117,7 @@ def run_onnx2tf(onnx_path: Path, graph: IntegerGraph, images_int8: np.ndarray, w
         log = proc.stdout + "\n--- stderr ---\n" + proc.stderr
     except subprocess.TimeoutExpired as e:
         raise ExportError(f"onnx2tf did not finish in {timeout_s:.0f} s") from e
-    atomic_write_bytes(log_path, log.encode())
+    write_bytes(log_path, log.encode())
     result = work / "out" / "model_full_integer_quant.tflite"
     if proc.returncode != 0 or not result.is_file():
         tail = "\n".join(log.strip().splitlines()[-25:])
@@ -150,7 +150,7 @@ def export_tflite(graph: IntegerGraph, calib_inputs_int8: np.ndarray, out_dir: P
         seconds["onnx2tf"] = time.perf_counter() - t
     t = time.perf_counter()
     ours, _ = rewrite(converted, graph)
-    tflite_path = atomic_write_bytes(out_dir / f"{name}_int8.tflite", ours)
+    tflite_path = write_bytes(out_dir / f"{name}_int8.tflite", ours)
     seconds["rewrite"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     return TFLiteExport(tflite_path, onnx_path, log_path, seconds, _versions())

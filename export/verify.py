@@ -209,7 +209,7 @@ def verify_tflite(path: Path, graph: IntegerGraph, images_nchw: np.ndarray,
 
 
 def failures(report: dict, max_op_lsb: int = 1, e2e_backends: tuple[str, ...] = ("xnnpack",),
-             min_within_1lsb: float = 0.99, min_top1: float = 0.99) -> list[str]:
+             min_within_1lsb: float = 0.99, min_top1: float = 0.99, min_op_exact: float = 0.99) -> list[str]:
     """Human-readable reasons the report fails (empty list: it passes).
 
     Gates: every op of every backend within `max_op_lsb` of the contract on its own inputs
@@ -222,6 +222,10 @@ def failures(report: dict, max_op_lsb: int = 1, e2e_backends: tuple[str, ...] = 
         worst = max(ops.items(), key=lambda kv: kv[1]["max_abs_lsb"])
         if worst[1]["max_abs_lsb"] > max_op_lsb:
             bad.append(f"{backend}: op {worst[0]!r} is {worst[1]['max_abs_lsb']} LSB off (> {max_op_lsb})")
+        if backend in e2e_backends:  # XNNPACK rounds like the contract: whole channels off by one mean a wrong parameter
+            least = min(ops.items(), key=lambda kv: kv[1]["exact"])
+            if least[1]["exact"] < min_op_exact:
+                bad.append(f"{backend}: op {least[0]!r} exact on only {least[1]['exact']:.4f} of values (< {min_op_exact})")
     for backend in e2e_backends:
         p = report["parity"][backend]
         if p["within_1lsb"] < min_within_1lsb:

@@ -50,8 +50,9 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes) -> Path:
     atomic_write(path, lambda f: f.write(data))
+    return Path(path)
 
 
 def write_json(path: Path, obj: Any) -> None:

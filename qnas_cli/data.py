@@ -114,27 +114,27 @@ def load_dataset(spec: str, search_size: int | None = None, load_size: int = 32)
     if kind == "fashion-mnist":
         images, labels, test_images, test_labels = _read_fashion_mnist(Path(arg) if arg else FASHION_MNIST_DIR)
         return _split(spec, TensorSource(images, labels), TensorSource(test_images, test_labels), 10, 1,
-                      (0.2860,), (0.3530,), pad=2, flip=True, search_size=search_size or 5000)
+                      (0.2860,), (0.3530,), pad=2, flip=True, search_size=search_size)
     if kind == "cifar10":
         if not arg:
             raise UserError("--data cifar10 needs the folder: cifar10:DIR (the 'cifar-10-batches-py' folder)")
         train, test = _read_cifar10(Path(arg))
         return _split(spec, train, test, 10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                      pad=4, flip=True, search_size=search_size or 5000)
+                      pad=4, flip=True, search_size=search_size)
     if kind == "imagefolder":
         if not arg:
             raise UserError("--data imagefolder needs the folder: imagefolder:DIR (with DIR/train/CLASS/* and DIR/val/CLASS/*)")
         train, test, classes, channels = _read_imagefolder(Path(arg), load_size)
-        n = len(train)
         mean, std = ((0.5,), (0.25,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         return _split(spec, train, test, classes, channels, mean, std, pad=load_size // 8, flip=True,
-                      search_size=search_size or max(1, min(10000, n // 10)))
+                      search_size=search_size)
     raise UserError(f"--data: unknown dataset {kind!r} (use fashion-mnist, fashion-mnist:DIR, cifar10:DIR or imagefolder:DIR)")
 
 
 def _split(spec: str, full: ImageSource, test: ImageSource, classes: int, channels: int, mean, std,
-           pad: int, flip: bool, search_size: int) -> Dataset:
+           pad: int, flip: bool, search_size: int | None) -> Dataset:
     n = len(full)
+    search_size = search_size or max(1, min(5000, n // 10))  # 5,000 of Fashion-MNIST's or CIFAR's 60k/50k
     if not 0 < search_size < n:
         raise UserError(f"search split of {search_size} images does not fit a training set of {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))

@@ -19,16 +19,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, lsq_grad_scale, mse_optimal_scale, quantize
+from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, lsq_grad_scale, mse_optimal_scale, quantize, scale_grad
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 
 
+SCALE_FLOOR = 1e-8
+
+
 class QuantInit:
-    """Marker mixin: modules whose quantization scales are initialised from data (see ``init_scales``)."""
+    """Mixin: modules whose quantization scales are initialised from data (see ``init_scales``)."""
 
     observe: bool = False  # set only inside ``init_scales``
+
+    def scale_params(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in ("scale", "theta", "w_scale") if hasattr(self, n)]
+
+
+@torch.no_grad()
+def keep_scales_positive(model: nn.Module) -> None:
+    """Project every learned step size (and theta) back to positive values after an optimizer step.
+
+    SGD can push a small step size through zero (theta_i ~ s*sigma_i is tiny while its gradient
+    scales with 1/sigma_i); a negative scale has no integer meaning and TFLite mis-handles it.
+    """
+    for m in model.modules():
+        if isinstance(m, QuantInit):
+            for p in m.scale_params():
+                p.clamp_(min=SCALE_FLOOR)
 
 
 @contextlib.contextmanager
@@ -129,10 +148,18 @@ class QConvBN(nn.Module, QuantInit):
         return self.bn_momentum if self.bn_momentum is not None else 1.0 / float(self.num_batches_tracked)
 
     def predicted_scale(self, sigma: Tensor) -> Tensor:
-        """Weight scale of the active subnet: s = mean_i(theta_i / sigma_i) (paper Eq. 7)."""
+        """Weight scale of the active subnet: s = mean_i(theta_i / sigma_i) (paper Eq. 7).
+
+        theta's gradient is preconditioned by m / mean(1/sigma^2) so that one SGD step moves s
+        exactly as plain LSQ would move a shared scale: theta_i ~ s*sigma_i is tiny for small
+        sigma_i while its raw gradient grows as 1/sigma_i, which otherwise makes s jump.
+        """
         if self.cfg.weight_scale == "shared":
             return self.w_scale
-        return (self.theta[: sigma.shape[0]] / sigma).mean()
+        theta = self.theta[: sigma.shape[0]]
+        if theta.requires_grad and torch.is_grad_enabled():
+            theta = scale_grad(theta, (sigma.shape[0] / sigma.pow(-2).mean()).detach())  # no host sync on GPU
+        return (theta / sigma).mean()
 
     def fold_params(self, mean: Tensor, var: Tensor, out_channels: int) -> tuple[Tensor, Tensor, Tensor]:
         """(gamma/sigma, beta - gamma*mu/sigma, sigma) of the active channels."""
@@ -177,8 +204,10 @@ class QConvBN(nn.Module, QuantInit):
 
         if self.training:
             # Statistics of the float conv of this batch (paper §4.1); running stats still track them.
-            y_float = self._conv(x, w) if self.cfg.bn_fold == "batch" else self._conv(x, w).detach()
-            var, mean = torch.var_mean(y_float, dim=(0, 2, 3), unbiased=False)
+            # With moving-statistics folding the batch statistics only feed the running averages.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.bn_fold == "batch"):
+                y_float = self._conv(x, w)
+                var, mean = torch.var_mean(y_float, dim=(0, 2, 3), unbiased=False)
             with torch.no_grad():
                 n = y_float.numel() / y_float.shape[1]
                 f = self._bn_factor()

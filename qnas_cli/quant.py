@@ -44,7 +44,8 @@ class QuantConfig:
             ("weight_scale", ("predictor", "shared")),
         ):
             if getattr(self, name) not in legal:
-                raise choice_error(f"--{name.replace('_', '-')}", getattr(self, name), legal)
+                option = "--quant" if name == "mode" else f"--{name.replace('_', '-')}"
+                raise choice_error(option, getattr(self, name), legal)
 
     @property
     def enabled(self) -> bool:
@@ -78,6 +79,22 @@ class _FakeQuant(torch.autograd.Function):
             ds = torch.where(inside, torch.round(xs) - xs, torch.where(below, float(qmin - zero_point), float(qmax - zero_point)))
             grad_s = (grad * ds).sum().mul(g).reshape(s.shape)
         return grad_x, grad_s, None, None, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, c: Tensor | float) -> Tensor:
+        ctx.c = c
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.c, None
+
+
+def scale_grad(x: Tensor, c: Tensor | float) -> Tensor:
+    """Identity forward (bit-exact); multiplies the gradient by ``c``."""
+    return _ScaleGrad.apply(x, c)
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero_point: int, qmin: int, qmax: int, g: float = 1.0) -> Tensor:

@@ -20,6 +20,8 @@ from typing import Any
 from .errors import UserError, choice_error
 
 ARCH_FORMAT = "qnas.subnet/1"
+# Sanity bounds: far beyond any mobile network, low enough that a typo fails here, not in malloc.
+LIMITS = {"channels": 8192, "resolution": 1024, "depth": 16, "kernel": 15, "expand": 16}
 
 
 @dataclass(frozen=True)
@@ -107,16 +109,18 @@ def _int_tuple(v: Any, where: str) -> tuple[int, ...]:
 
 
 def _check_space(s: SearchSpace) -> None:
-    def positive(values: tuple[int, ...], where: str) -> None:
+    def positive(values: tuple[int, ...], where: str, limit: int = LIMITS["channels"]) -> None:
         if not values:
             raise UserError(f"space.{where}: the list of choices is empty")
         bad = [v for v in values if v <= 0]
         if bad:
             raise UserError(f"space.{where}: {bad[0]} is not a positive integer")
+        if max(values) > limit:
+            raise UserError(f"space.{where}: {max(values)} exceeds the limit of {limit}")
         if len(set(values)) != len(values):
             raise UserError(f"space.{where}: choices repeat ({list(values)})")
 
-    positive(s.resolutions, "resolutions")
+    positive(s.resolutions, "resolutions", LIMITS["resolution"])
     positive((s.stem_channels,), "stem_channels")
     positive((s.head_channels,), "head_channels")
     if s.feature_channels < 0:
@@ -127,9 +131,9 @@ def _check_space(s: SearchSpace) -> None:
         raise UserError("space.stages: a space needs at least one stage")
     for i, st in enumerate(s.stages):
         positive(st.widths, f"stages[{i}].widths")
-        positive(st.depths, f"stages[{i}].depths")
-        positive(st.kernels, f"stages[{i}].kernels")
-        positive(st.expands, f"stages[{i}].expands")
+        positive(st.depths, f"stages[{i}].depths", LIMITS["depth"])
+        positive(st.kernels, f"stages[{i}].kernels", LIMITS["kernel"])
+        positive(st.expands, f"stages[{i}].expands", LIMITS["expand"])
         even = [k for k in st.kernels if k % 2 == 0]
         if even:
             raise UserError(f"space.stages[{i}].kernels: {even[0]} is even; depthwise kernels must be odd (e.g. 3, 5, 7)")
@@ -192,7 +196,7 @@ class Arch:
         if "resolution" not in d or "stages" not in d:
             raise UserError("subnet: missing field 'resolution' or 'stages'")
         res = d["resolution"]
-        if res not in space.resolutions:
+        if not _is_int(res) or res not in space.resolutions:
             raise choice_error("subnet.resolution", res, space.resolutions)
         stages_in = d["stages"]
         if not isinstance(stages_in, list) or len(stages_in) != len(space.stages):
@@ -203,7 +207,7 @@ class Arch:
             where = f"subnet.stages[{i}]"
             if not isinstance(sd, dict) or not isinstance(sd.get("blocks"), list):
                 raise UserError(f"{where}: expected {{'width': ..., 'blocks': [...]}}, got {sd!r}")
-            if sd.get("width") not in spec.widths:
+            if not _is_int(sd.get("width")) or sd.get("width") not in spec.widths:
                 raise choice_error(f"{where}.width", sd.get("width"), spec.widths)
             if len(sd["blocks"]) not in spec.depths:
                 raise choice_error(f"{where}.depth (number of blocks)", len(sd["blocks"]), spec.depths)
@@ -211,16 +215,18 @@ class Arch:
             for j, bd in enumerate(sd["blocks"]):
                 if not isinstance(bd, dict):
                     raise UserError(f"{where}.blocks[{j}]: expected {{'kernel': ..., 'expand': ...}}, got {bd!r}")
-                if bd.get("kernel") not in spec.kernels or isinstance(bd.get("kernel"), bool):
+                if not _is_int(bd.get("kernel")) or bd.get("kernel") not in spec.kernels:
                     raise choice_error(f"{where}.blocks[{j}].kernel", bd.get("kernel"), spec.kernels)
-                if bd.get("expand") not in spec.expands or isinstance(bd.get("expand"), bool):
+                if not _is_int(bd.get("expand")) or bd.get("expand") not in spec.expands:
                     raise choice_error(f"{where}.blocks[{j}].expand", bd.get("expand"), spec.expands)
                 blocks.append(Block(int(bd["kernel"]), int(bd["expand"])))
             stages.append(Stage(int(sd["width"]), tuple(blocks)))
-        if isinstance(res, bool) or not isinstance(res, int):
-            raise choice_error("subnet.resolution", res, space.resolutions)
         extra = {k: v for k, v in d.items() if k not in ("format", "space", "resolution", "stages")}
         return cls(res, tuple(stages), extra)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def sample(space: SearchSpace, how: str = "random", rng: random.Random | None = None) -> Arch:

@@ -179,6 +179,8 @@ def load_supernet(path, expected_sha256: str | None = None) -> tuple[Supernet, d
         space = SearchSpace.from_dict(payload["space"])
         net = Supernet(space, int(payload["in_channels"]), int(payload["num_classes"]), QuantConfig(**payload["quant"]))
         net.load_state_dict(payload["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
+    except KeyError as e:
+        raise UserError(f"{path} is not a qnas supernet: missing field {e.args[0]!r}") from None
+    except (TypeError, RuntimeError) as e:
         raise UserError(f"{path} is not a qnas supernet: {str(e).splitlines()[0][:200]}") from None
     return net, meta

@@ -33,7 +33,7 @@ from .calibrate import calibrated_subnet, evaluate
 from .checkpoint import load_weights, save_weights, write_json, atomic_write
 from .data import Dataset, augment, calibration_indices, epoch_batches, load_dataset, to_input
 from .errors import UserError
-from .layers import QConvBN, QLinear, init_scales
+from .layers import QConvBN, QLinear, init_scales, keep_scales_positive
 from .quant import QuantConfig
 from .space import Arch, SearchSpace, load_space, sample
 from .supernet import Supernet, load_supernet
@@ -256,7 +256,7 @@ def _start_afresh(out: Path, log: Callable[[str], None]) -> None:
     if ckpts:
         log(f"note: starting afresh in {out}; removing the checkpoints of the finished run there")
     try:
-        for p in sorted(_ckpt_dir(out).glob("step_*")):
+        for p in [*ckpts, *_ckpt_dir(out).glob("step_*.json")]:  # weights first: a kill here leaves no orphan
             p.unlink(missing_ok=True)
     except OSError as e:
         raise UserError(f"cannot clear {_ckpt_dir(out)}: {e.strerror}") from None
@@ -292,6 +292,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     out = Path(cfg.out)
     d = setup_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     device = resolve_device(cfg.device, d)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; the run folder must be a folder (or not exist yet)")
     if d.main:
         _remove_temp_files(out)
         if not resume:
@@ -400,6 +402,7 @@ def _train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, spac
     if cfg.clip_grad:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     opt.step()
+    keep_scales_positive(model)
     return {"lr": lr, "loss": sum(losses) / len(losses), "loss_largest": losses[0], "acc_largest": acc,
             "loss_smallest": losses[1]}
 

@@ -157,3 +157,29 @@ def test_moving_fold_uses_running_statistics_in_training():
     y = m(x, torch.tensor(0.02), 12, 5)
     m.eval()
     torch.testing.assert_close(y, m(x, torch.tensor(0.02), 12, 5))  # the same fold as eval
+
+
+def test_scales_are_projected_back_to_positive_values():
+    from qnas_cli.layers import SCALE_FLOOR, keep_scales_positive
+
+    m = _convbn("int8")
+    with torch.no_grad():
+        m.theta[:3] = -0.5
+        m.out_q.scale.fill_(-1.0)
+    keep_scales_positive(m)
+    floor = torch.tensor(SCALE_FLOOR).item()  # float32
+    assert m.theta.min().item() == floor and m.out_q.scale.item() == floor
+    assert m.theta[3:].eq(1.0).all()  # positive entries untouched
+
+
+def test_predictor_step_moves_the_scale_like_lsq():
+    """One SGD step on theta changes s = mean(theta/sigma) by exactly -lr * dL/ds, whatever sigma."""
+    m = _convbn("int8")
+    sigma = torch.linspace(0.01, 2.0, 7)
+    (3.0 * m.predicted_scale(sigma)).backward()
+    with torch.no_grad():
+        before = m.predicted_scale(sigma).item()
+        m.theta -= 1e-3 * m.theta.grad
+        after = m.predicted_scale(sigma).item()
+    assert after - before == pytest.approx(-3e-3, rel=2e-3)  # float32 cancellation; unpreconditioned: ~100x off
+    assert m.theta.grad[7:].abs().sum() == 0

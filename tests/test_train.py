@@ -125,3 +125,19 @@ def test_cli_space_show_and_sample(runner, tmp_path):
 def test_cli_help_teaches(runner):
     r = runner.invoke(app, ["train", "--help"])
     assert r.exit_code == 0 and "--resume" in r.output and "sandwich" in r.output
+
+
+def test_cli_export_and_calibrate_bad_input(runner, tmp_path):
+    sub = tmp_path / "subnet.json"
+    r = runner.invoke(app, ["space", "sample", "--space", "tiny", "--out", str(sub)])
+    assert r.exit_code == 0
+    r = runner.invoke(app, ["export", str(sub), "--out", "/dev/null/cannot"])
+    assert r.exit_code == 2 and "cannot write there" in r.output
+    r = runner.invoke(app, ["calibrate", str(sub)])
+    assert r.exit_code == 2 and "names no supernet" in r.output
+    r = runner.invoke(app, ["calibrate", str(tmp_path / "missing.json")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    fake = tmp_path / "supernet.pt"
+    fake.write_bytes(b"not a checkpoint")
+    r = runner.invoke(app, ["calibrate", str(sub), "--supernet", str(fake)])
+    assert r.exit_code == 2 and "no sidecar" in r.output and "Traceback" not in r.output

@@ -54,7 +54,7 @@ def train(
         else:
             summary = run_train(cfg, resume, on_step=_plain_logger(log), log=log)
     except Interrupted as e:
-        err_console.print(str(e))
+        err_console.print(str(e), soft_wrap=True, highlight=False)
         raise typer.Exit(130) from None
     if not summary:  # a non-zero rank under torchrun
         return
