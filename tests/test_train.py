@@ -98,7 +98,7 @@ def test_cli_train_tiny_json(runner, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["train", "--space", "huge"], "neither a preset"),
     (["train", "--data", "mnist"], "unknown dataset 'mnist'"),
-    (["train", "--quant", "int4"], "--mode"),
+    (["train", "--quant", "int4"], "--quant: 'int4' is not allowed"),
     (["train", "--steps", "0", "--space", "tiny"], "--steps must be a positive integer"),
     (["train", "--bn-fold", "sideways"], "--bn-fold"),
     (["space", "show", "--space", "nope.toml"], "does not exist"),
