@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--eval-images", type=int, default=2000)
+    ap.add_argument("--init", type=Path, default=None, help="start both runs from this float supernet.pt (the paper's setting)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/fold_ablation"))
     args = ap.parse_args()
 
@@ -40,7 +41,8 @@ def main() -> None:
         out = args.out / fold
         cfg = TrainConfig(space=args.space, out=str(out), quant=QuantConfig(bn_fold=fold), steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, num_random=1, warmup_steps=args.steps // 10,
-                          eval_images=args.eval_images, calib_images=1000, ckpt_every=10**9, log_every=5)
+                          eval_images=args.eval_images, calib_images=1000, ckpt_every=10**9, log_every=5,
+                          init=str(args.init) if args.init else None)
         print(f"training with --bn-fold {fold} ({args.steps} steps)", flush=True)
         summary = train(cfg, log=lambda *a, **k: None)
         rows = curve(out)
@@ -52,7 +54,7 @@ def main() -> None:
     b, m = runs["batch"], runs["moving"]
     verdict = ("batch-statistics folding converges better" if b["final_loss_largest"] < m["final_loss_largest"]
                else "no advantage for batch-statistics folding at this scale")
-    result = {"config": vars(args) | {"out": str(args.out)}, "runs": runs, "verdict": verdict, "versions": versions()}
+    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": runs, "verdict": verdict, "versions": versions()}
     write_json(args.out / "fold_ablation.json", result)
     _plot(runs, args.out / "fold_ablation.png")
     print(f"{'fold':8}{'final loss (largest)':>22}{'test top-1 largest':>20}{'smallest':>10}")
@@ -73,7 +75,7 @@ def _plot(runs: dict, path: Path) -> None:
         ax.plot(r["steps"], r["loss_largest"], label=f"fold {fold} statistics")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (largest subnet)")
-    ax.set_title("Conv-BN folding in a fully quantized supernet (cf. QuantNAS Fig. 8)")
+    ax.set_title("Conv-BN folding, fully int8 supernet (cf. QuantNAS Fig. 8)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
