@@ -37,7 +37,7 @@ from export.graph import QParams  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from export.pipeline import ONNX2TF_CALIB_IMAGES, _int8_images, export_subnet, prepare  # noqa: E402
 from export.reference import dequantize, quantize  # noqa: E402
-from export.tflite import MAX_CALIB_IMAGES, ExportError, run_onnx2tf  # noqa: E402
+from export.tflite import MAX_CALIB_IMAGES, run_onnx2tf  # noqa: E402
 from export.verify import BACKENDS, op_census, parity, run_tflite  # noqa: E402
 from qnas_cli.calibrate import CALIB_IMAGES  # noqa: E402
 from qnas_cli.checkpoint import versions, write_json  # noqa: E402

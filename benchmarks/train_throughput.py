@@ -12,7 +12,6 @@ of per-round ratios are robust to the noise of a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

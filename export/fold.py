@@ -45,7 +45,7 @@ def to_integer_graph(sub: Subnet, meta: dict | None = None) -> IntegerGraph:
     x, x_q = conv("stem", sub.stem, "input", sub.input_q), sub.stem.out_q
     for i, blocks in enumerate(sub.stages):
         for j, block in enumerate(blocks):
-            p, block_in, block_in_q = f"s{i}b{j}", x, x_q
+            p, block_in = f"s{i}b{j}", x
             if block.expand is not None:
                 x, x_q = conv(f"{p}_expand", block.expand, x, x_q), block.expand.out_q
             x, x_q = conv(f"{p}_dw", block.depthwise, x, x_q), block.depthwise.out_q

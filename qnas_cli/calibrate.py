@@ -16,6 +16,7 @@ from torch import nn
 from .checkpoint import load_weights, save_weights
 from .data import Dataset, ImageSource, calibration_indices, load_dataset, ordered_batches, to_input
 from .errors import UserError
+from .layers import BN_MOMENTUM
 from .quant import QuantConfig
 from .space import Arch, SearchSpace
 from .supernet import Subnet, Supernet, load_supernet, reset_bn_stats, set_bn_momentum
@@ -38,7 +39,7 @@ def calibrate_bn(model: nn.Module, data: Dataset, resolution: int, images: int =
             x, _ = data.train.get(idx[i : i + batch_size])
             model(to_input(x, data, resolution).to(device))
     finally:
-        set_bn_momentum(model, 0.1)
+        set_bn_momentum(model, BN_MOMENTUM)
         model.train(was_training)
 
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import random
 
-import torch
 from torch import Tensor, nn
 
 from .layers import ActQuant, QConvBN, QLinear
 from .quant import QuantConfig, global_avg_pool
-from .space import Arch, Block, SearchSpace, Stage, make_divisible, sample
+from .space import Arch, Block, SearchSpace, make_divisible, sample
 
 
 def mid_channels(in_channels: int, expand: int) -> int:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .calibrate import calibrated_subnet, evaluate
-from .checkpoint import load_weights, save_weights, write_json, atomic_write
+from .checkpoint import atomic_write, load_weights, save_weights
 from .data import Dataset, augment, calibration_indices, epoch_batches, load_dataset, to_input
 from .errors import UserError
 from .layers import QConvBN, QLinear, init_scales, keep_scales_positive
@@ -450,14 +450,11 @@ def _init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, devic
     """Scales from data: activation steps and the scale predictor's s_init (largest subnet, seeded batch)."""
     arch = sample(space, "largest")
     x, _ = data.train.get(calibration_indices(data.train, images, seed=1))
-    momentum = {m: m.bn_momentum for m in model.modules() if isinstance(m, QConvBN)}
     state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     model.train()
     with init_scales(model):
         model(to_input(x, data, arch.resolution).to(device), arch)
     model.load_state_dict({**model.state_dict(), **state})  # the init pass must not move BN statistics
-    for m, mom in momentum.items():
-        m.bn_momentum = mom
 
 
 def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, total: int,

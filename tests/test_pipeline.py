@@ -6,7 +6,6 @@ import json
 import pickle
 import random
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from qnas_cli.calibrate import calibrate_file, load_calibrated
 from qnas_cli.checkpoint import write_json
 from qnas_cli.cli import app
-from qnas_cli.data import FASHION_MNIST_DIR, load_dataset
+from qnas_cli.data import load_dataset
 from qnas_cli.space import PRESETS, sample
 from qnas_cli.train import TrainConfig, train
 
