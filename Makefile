@@ -30,8 +30,8 @@ data:
 # The main job on the embedded default (Fashion-MNIST, small space), sized for a 2-core laptop:
 # float warm start -> fully int8 supernet -> calibrate + export the smallest subnet with parity proof.
 demo: setup
-	$(BIN)/qnas train --quant none --space small --steps 200 --num-random 1 --out $(DEMO)/float
-	$(BIN)/qnas train --space small --init $(DEMO)/float/supernet.pt --steps 100 --num-random 1 --out $(DEMO)/int8
+	$(BIN)/qnas train --quant none --space small --steps 200 --warmup-steps 20 --num-random 1 --out $(DEMO)/float
+	$(BIN)/qnas train --space small --init $(DEMO)/float/supernet.pt --steps 100 --warmup-steps 20 --num-random 1 --out $(DEMO)/int8
 	$(BIN)/qnas space sample --smallest --supernet $(DEMO)/int8/supernet.pt --out $(DEMO)/int8/smallest/subnet.json
 	$(BIN)/qnas export $(DEMO)/int8/smallest/subnet.json
 
