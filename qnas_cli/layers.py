@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, lsq_grad_scale, mse_optimal_scale, quantize, scale_grad
+from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, inner, lsq_grad_scale, mse_optimal_scale, quantize, scale_grad
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
@@ -70,20 +70,25 @@ def init_scales(model: nn.Module) -> Iterator[None]:
 
 
 class ActQuant(nn.Module, QuantInit):
-    """Per-tensor int8 activation quantizer with an LSQ-learned scale, shared by all subnets."""
+    """Per-tensor int8 activation quantizer with an LSQ-learned scale, shared by all subnets.
 
-    def __init__(self, cfg: QuantConfig, non_negative: bool) -> None:
+    With ``relu`` it also applies the ReLU before it, fused: clipping at the grid's zero is the
+    ReLU, with the same values and gradients, at one pass over the tensor instead of three.
+    """
+
+    def __init__(self, cfg: QuantConfig, relu: bool) -> None:
         super().__init__()
-        self.enabled = cfg.enabled
-        self.zero_point = A_QMIN if (non_negative and cfg.act_scheme == "full-range") else 0
+        self.enabled, self.relu = cfg.enabled, relu
+        self.zero_point = A_QMIN if (relu and cfg.act_scheme == "full-range") else 0
         self.scale = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
-            return x
+            return F.relu(x) if self.relu else x
         if self.observe:
-            self.scale.fill_(mse_optimal_scale(x, self.zero_point, A_QMIN, A_QMAX))
-        return fake_quant(x, self.scale, self.zero_point, A_QMIN, A_QMAX, lsq_grad_scale(x[0].numel(), A_QMAX))
+            self.scale.fill_(mse_optimal_scale(F.relu(x) if self.relu else x, self.zero_point, A_QMIN, A_QMAX))
+        qmin = max(A_QMIN, self.zero_point) if self.relu else A_QMIN  # the real value 0
+        return fake_quant(x, self.scale, self.zero_point, qmin, A_QMAX, lsq_grad_scale(x[0].numel(), A_QMAX))
 
     def extract(self) -> ActQuant:
         return _copy_module(self)
@@ -96,6 +101,42 @@ def _copy_module(m: nn.Module) -> nn.Module:
 def _bias_quant(b: Tensor, s_in: Tensor, s_w: Tensor) -> Tensor:
     """int32 bias at scale s_in * s_w (TFLite's bias spec); straight-through for ``b`` only."""
     return fake_quant(b, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX, 0.0)
+
+
+class _WeightQuantError(torch.autograd.Function):
+    """``conv(x, Q(w) - w)``: what quantizing the weights ``w`` (step ``s``) adds to ``conv(x, w)``.
+
+    Backward gives the step size its exact LSQ gradient, by adjointness
+    ``<dL/dQ(w), dQ/ds> = <dL/dy, conv(x, dQ/ds)>``, and gives ``x`` and ``w`` none: the caller
+    routes those through the unquantized conv (see ``QConvBN._batch_folded``). ``bias`` is
+    added to the output and gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, s: Tensor, layer: QConvBN, g: float, bias: Tensor | None = None) -> Tensor:
+        w_q = fake_quant(w, s, 0, -W_QMAX, W_QMAX)
+        c = layer._conv(x, w_q - w, bias)
+        ctx.save_for_backward(x, c, w / s, s, bias)
+        ctx.layer, ctx.g = layer, g
+        return c
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, c, v, s, bias = ctx.saved_tensors
+        # dQ/ds = round(v) - v = (Q(w) - w)/s inside the range; the clip bound = that + v outside.
+        grad_s = inner(grad, c)
+        if bias is not None:  # c holds the bias too (one pass fewer than adding it apart)
+            grad_s = grad_s - grad.sum((0, 2, 3)) @ bias
+        grad_s = grad_s / s
+        clipped = v.abs() > W_QMAX
+        if x.is_cuda:  # no host sync: convolve every output channel
+            grad_s = grad_s + inner(grad, ctx.layer._conv(x, torch.where(clipped, v, 0.0)))
+        else:  # few output channels have a clipped weight, usually: convolve only those
+            rows = clipped.flatten(1).any(1).nonzero().flatten()
+            if rows.numel():
+                x_rows = x[:, rows] if ctx.layer.depthwise else x
+                grad_s = grad_s + inner(grad[:, rows], ctx.layer._conv(x_rows, torch.where(clipped, v, 0.0)[rows]))
+        return None, None, (grad_s * ctx.g).reshape(s.shape), None, None, None
 
 
 class QConvBN(nn.Module, QuantInit):
@@ -124,7 +165,7 @@ class QConvBN(nn.Module, QuantInit):
                 self.theta = nn.Parameter(torch.ones(out_max))
             else:
                 self.w_scale = nn.Parameter(torch.tensor(1.0))
-        self.out_q = ActQuant(cfg, non_negative=relu)
+        self.out_q = ActQuant(cfg, relu=relu)
 
     @property
     def out_max(self) -> int:
@@ -141,6 +182,9 @@ class QConvBN(nn.Module, QuantInit):
 
     def _conv(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         groups = x.shape[1] if self.depthwise else 1
+        # NHWC: oneDNN's fast depthwise kernels (backward 2.5x faster on CPU than NCHW). A no-op
+        # after the first conv; a 1-channel input is NHWC and NCHW at once, so its output is not.
+        x = x.contiguous(memory_format=torch.channels_last)
         return F.conv2d(x, w, b, self.stride, w.shape[-1] // 2, 1, groups)
 
     def _bn_factor(self) -> float:
@@ -183,44 +227,63 @@ class QConvBN(nn.Module, QuantInit):
         """Folded weight and bias, and the predicted weight scale for this sigma."""
         factor, bias, sigma = self.fold_params(mean, var, out_channels)
         w_fold = w * factor.view(-1, 1, 1, 1)
-        if self.observe:  # MSE-optimal s_init; theta_i = s_init * sigma_i so the first prediction is s_init
-            s_init = mse_optimal_scale(w_fold, 0, -W_QMAX, W_QMAX)
-            if self.cfg.weight_scale == "predictor":
-                self.theta[:out_channels] = s_init * sigma
-            else:
-                self.w_scale.fill_(s_init)
+        if self.observe:
+            self._init_weight_scale(w_fold, sigma)
         return w_fold, bias, self.predicted_scale(sigma.detach())
+
+    def _init_weight_scale(self, w_fold: Tensor, sigma: Tensor) -> None:
+        """MSE-optimal s_init; theta_i = s_init * sigma_i, so the first prediction is s_init."""
+        s_init = mse_optimal_scale(w_fold, 0, -W_QMAX, W_QMAX)
+        if self.cfg.weight_scale == "predictor":
+            self.theta[: sigma.shape[0]] = s_init * sigma
+        else:
+            self.w_scale.fill_(s_init)
 
     def forward(self, x: Tensor, s_in: Tensor | None, out_channels: int, kernel: int) -> Tensor:
         if self.depthwise:
             out_channels = x.shape[1]
         w = self.sliced_weight(x.shape[1], out_channels, kernel)
         rm, rv = self.running_mean[:out_channels], self.running_var[:out_channels]
+        gamma, beta = self.bn_weight[:out_channels], self.bn_bias[:out_channels]
         if not self.cfg.enabled:
             factor = self._bn_factor() if self.training else 0.0
-            y = F.batch_norm(self._conv(x, w), rm, rv, self.bn_weight[:out_channels], self.bn_bias[:out_channels],
-                             self.training, factor, BN_EPS)
-            return F.relu(y) if self.relu else y
-
-        if self.training:
-            # Statistics of the float conv of this batch (paper §4.1); running stats still track them.
-            # With moving-statistics folding the batch statistics only feed the running averages.
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.bn_fold == "batch"):
-                y_float = self._conv(x, w)
-                var, mean = torch.var_mean(y_float, dim=(0, 2, 3), unbiased=False)
-            with torch.no_grad():
-                n = y_float.numel() / y_float.shape[1]
-                f = self._bn_factor()
-                rm.mul_(1 - f).add_(mean.detach(), alpha=f)
-                rv.mul_(1 - f).add_(var.detach() * n / max(n - 1, 1), alpha=f)
-            if self.cfg.bn_fold == "moving":
-                mean, var = rm.clone(), rv.clone()
+            return self.out_q(F.batch_norm(self._conv(x, w), rm, rv, gamma, beta, self.training, factor, BN_EPS))
+        if self.training and self.cfg.bn_fold == "batch":
+            y = self._batch_folded(x, s_in, w, rm, rv, gamma, beta)
         else:
-            mean, var = rm, rv
-        w_fold, bias, s_w = self._fold(w, mean, var, out_channels)
-        w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
-        y = self._conv(x, w_q, _bias_quant(bias, s_in, s_w))
-        return self.out_q(F.relu(y) if self.relu else y)
+            if self.training:  # moving-statistics folding: the batch only updates the running averages
+                with torch.no_grad():
+                    F.batch_norm(self._conv(x, w), rm, rv, None, None, True, self._bn_factor(), BN_EPS)
+            w_fold, bias, s_w = self._fold(w, rm.clone(), rv.clone(), out_channels)
+            w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
+            y = self._conv(x, w_q, _bias_quant(bias, s_in, s_w))
+        return self.out_q(y)
+
+    def _batch_folded(self, x: Tensor, s_in: Tensor, w: Tensor, rm: Tensor, rv: Tensor, gamma: Tensor,
+                      beta: Tensor) -> Tensor:
+        """The folded int8 conv with this batch's statistics (paper §4.1), at the cost of one conv backward.
+
+        Value: ``conv(x, Q(w * g)) + Q(b)``, with ``g = gamma / sigma_B`` and ``b = beta - g * mu_B``
+        the fold by the statistics of the float conv ``z = conv(x, w)`` on this batch. Computed as
+        ``BN_B(z) + conv(x, Q(w*g) - w*g) + (Q(b) - b)``: linearity makes the first two terms
+        ``conv(x, Q(w*g)) + b``. The gradient reaches w, gamma, beta, x and the batch statistics
+        through ``BN_B(z)`` (one fused BatchNorm, one conv backward) and the weight scale through
+        the quantization error term (exact LSQ). What this does not reproduce of the two-conv
+        form: x's gradient sees ``w*g`` rather than ``Q(w*g)`` (a difference of at most s/2 per
+        weight), and weights clipped by the quantizer keep their gradient.
+        """
+        y, mean, invstd = torch.native_batch_norm(self._conv(x, w), gamma, beta, rm, rv, True,
+                                                  self._bn_factor(), BN_EPS)  # also updates rm, rv
+        with torch.no_grad():
+            sigma = invstd.reciprocal()
+            factor = gamma / sigma
+            w_fold, bias = w * factor.view(-1, 1, 1, 1), beta - mean * factor
+            if self.observe:
+                self._init_weight_scale(w_fold, sigma)
+        s_w = self.predicted_scale(sigma)
+        bias_error = _bias_quant(bias, s_in, s_w) - bias  # the int32 bias's rounding; no gradient
+        error = _WeightQuantError.apply(x, w_fold, s_w, self, lsq_grad_scale(w_fold.numel(), W_QMAX), bias_error)
+        return y.add_(error)  # BN's backward needs its input, not its output
 
     def extract(self, in_channels: int, out_channels: int, kernel: int) -> QConvBN:
         """A static copy holding exactly the active slice."""
@@ -249,17 +312,16 @@ class QLinear(nn.Module, QuantInit):
         self.fc = nn.Linear(in_features, out_features)
         if cfg.enabled:
             self.w_scale = nn.Parameter(torch.tensor(1.0))
-        self.out_q = ActQuant(cfg, non_negative=relu)
+        self.out_q = ActQuant(cfg, relu=relu)
 
     def forward(self, x: Tensor, s_in: Tensor | None) -> Tensor:
         if not self.cfg.enabled:
-            y = self.fc(x)
-            return F.relu(y) if self.relu else y
+            return self.out_q(self.fc(x))
         if self.observe:
             self.w_scale.fill_(mse_optimal_scale(self.fc.weight, 0, -W_QMAX, W_QMAX))
         w_q = fake_quant(self.fc.weight, self.w_scale, 0, -W_QMAX, W_QMAX, lsq_grad_scale(self.fc.weight.numel(), W_QMAX))
         y = F.linear(x, w_q, _bias_quant(self.fc.bias, s_in, self.w_scale))
-        return self.out_q(F.relu(y) if self.relu else y)
+        return self.out_q(y)
 
     def integer_params(self, s_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """int8 weights, int32 bias and the weight scale, exactly as ``forward`` uses them."""

@@ -37,7 +37,7 @@ class MBBlock(nn.Module):
         self.expand = QConvBN(in_max, mid_max, 1, 1, cfg) if expand_max > 1 else None
         self.depthwise = QConvBN(mid_max, mid_max, kernel_max, stride, cfg, depthwise=True)
         self.project = QConvBN(mid_max, out_max, 1, 1, cfg, relu=False)
-        self.add_q = ActQuant(cfg, non_negative=False) if residual else None
+        self.add_q = ActQuant(cfg, relu=False) if residual else None
 
     def forward(self, x: Tensor, s_in: Tensor | None, width: int, block: Block) -> Tensor:
         h, s = x, s_in
@@ -95,7 +95,7 @@ class Supernet(_Net):
     def __init__(self, space: SearchSpace, in_channels: int, num_classes: int, cfg: QuantConfig) -> None:
         super().__init__()
         self.space, self.in_channels, self.num_classes, self.cfg = space, in_channels, num_classes, cfg
-        self.input_q = ActQuant(cfg, non_negative=False)
+        self.input_q = ActQuant(cfg, relu=False)
         self.stem = QConvBN(in_channels, space.stem_channels, 3, space.stem_stride, cfg)
         stages, c_in = [], space.stem_channels
         for spec in space.stages:

@@ -399,12 +399,11 @@ def _train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, spac
         loss.backward()
         losses.append(loss.item())
     _allreduce_grads(model, d)
-    if cfg.clip_grad:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf).item()
     opt.step()
     keep_scales_positive(model)
     return {"lr": lr, "loss": sum(losses) / len(losses), "loss_largest": losses[0], "acc_largest": acc,
-            "loss_smallest": losses[1]}
+            "loss_smallest": losses[1], "grad_norm": grad_norm}
 
 
 def _append_metrics(path: Path, row: dict[str, Any]) -> None:

@@ -183,3 +183,58 @@ def test_predictor_step_moves_the_scale_like_lsq():
         after = m.predicted_scale(sigma).item()
     assert after - before == pytest.approx(-3e-3, rel=2e-3)  # float32 cancellation; unpreconditioned: ~100x off
     assert m.theta.grad[7:].abs().sum() == 0
+
+
+def _two_conv_reference(m: QConvBN, x, s_in, out_c, k):
+    """The batch-statistics fold written the plain way (paper Fig. 6): float conv for the
+    statistics, fold, quantize, then the folded int8 conv. Two convs forward and backward."""
+    from qnas_cli.layers import _bias_quant
+    from qnas_cli.quant import lsq_grad_scale
+
+    w = m.sliced_weight(x.shape[1], out_c, k)
+    var, mean = torch.var_mean(m._conv(x, w), dim=(0, 2, 3), unbiased=False)
+    sigma = torch.sqrt(var + BN_EPS)
+    factor = m.bn_weight[:out_c] / sigma
+    w_fold, bias = w * factor.view(-1, 1, 1, 1), m.bn_bias[:out_c] - mean * factor
+    s_w = m.predicted_scale(sigma.detach())
+    w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
+    return m._conv(x, w_q, _bias_quant(bias, s_in, s_w)), w_fold, s_w
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("clipping", [False, True])
+def test_batch_fold_has_the_two_conv_forms_values_and_gradients(depthwise, clipping):
+    """Training computes the fold as BN_B(conv(x, w)) + conv(x, Q(w_fold) - w_fold) (one conv
+    backward). Same values as the two-conv form; the same gradients for the weight scale always,
+    and for w, gamma, beta when no weight clips; x's within the weight quantization error."""
+    m = _convbn("int8", depthwise).double().train()
+    m.out_q.enabled = False  # compare the conv output itself
+    out_c, k, s_in = (8 if depthwise else 12), 5, torch.tensor(0.02, dtype=torch.float64)
+    x = torch.randn(8, 8, 9, 9, dtype=torch.float64)
+    with init_scales(m):
+        m(x, s_in, out_c, k)
+    with torch.no_grad():  # scale to 1.01x (no clipping) or 0.6x (heavy clipping) the largest folded weight
+        _, w_fold, s_w = _two_conv_reference(m, x, s_in, out_c, k)
+        m.theta.mul_((0.6 if clipping else 1.01) * w_fold.abs().max().item() / W_QMAX / s_w.item())
+        assert ((w_fold / _two_conv_reference(m, x, s_in, out_c, k)[2]).abs() > W_QMAX).any() == clipping
+    upstream = torch.randn(8, out_c, 9, 9, dtype=torch.float64)
+
+    def grads(forward):
+        m.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = forward(xg)
+        (y * upstream).sum().backward()
+        return y.detach(), xg.grad, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    state = {k_: v.clone() for k_, v in m.state_dict().items()}
+    y, gx, g = grads(lambda xg: m(xg, s_in, out_c, k))
+    m.load_state_dict(state)
+    y_ref, gx_ref, g_ref = grads(lambda xg: _two_conv_reference(m, xg, s_in, out_c, k)[0])
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(g["theta"], g_ref["theta"], rtol=1e-7, atol=1e-12)  # exact LSQ, by adjointness
+    assert g["theta"].abs().sum() > 0
+    if not clipping:
+        for name in ("weight", "bn_weight", "bn_bias"):
+            torch.testing.assert_close(g[name], g_ref[name], rtol=1e-7, atol=1e-9)
+        # x's gradient sees w_fold instead of Q(w_fold): off by the weight quantization error only
+        assert 0 < (gx - gx_ref).norm() < 0.02 * gx_ref.norm()
