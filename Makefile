@@ -43,6 +43,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/supernet_accuracy.py
 	$(BIN)/python benchmarks/fold_ablation.py
 	$(BIN)/python benchmarks/export_parity.py
 

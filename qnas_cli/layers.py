@@ -7,7 +7,8 @@ layer runs the very same code on the very same tensors (bit-exact equality with 
 
 In int8 mode every Conv-BN simulates the folded int8 conv TFLite runs (QuantNAS §4.1):
 the BN is folded into the conv weights and bias, the folded weights are fake-quantized with a
-per-tensor scale, and the bias is quantized to int32 at ``s_in * s_w``.
+per-tensor scale, and the bias is quantized to int32 at ``s_in * s_w``. In training the fold
+uses this batch's statistics, computed so that it costs one conv backward (``_batch_folded``).
 """
 from __future__ import annotations
 

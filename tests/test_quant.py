@@ -238,3 +238,36 @@ def test_batch_fold_has_the_two_conv_forms_values_and_gradients(depthwise, clipp
             torch.testing.assert_close(g[name], g_ref[name], rtol=1e-7, atol=1e-9)
         # x's gradient sees w_fold instead of Q(w_fold): off by the weight quantization error only
         assert 0 < (gx - gx_ref).norm() < 0.02 * gx_ref.norm()
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "full-range"])
+def test_fused_relu_quantizer_equals_relu_then_quantizer(scheme):
+    """Clipping at the grid's zero is the ReLU: same values, same gradients for x and the scale."""
+    from qnas_cli.layers import ActQuant
+    from qnas_cli.quant import lsq_grad_scale
+
+    q = ActQuant(QuantConfig(act_scheme=scheme), relu=True)
+    with torch.no_grad():
+        q.scale.fill_(0.02)
+    x = torch.randn(4, 3, 5, 5) * 4
+    upstream = torch.randn_like(x)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1 = q(x1)
+    (y1 * upstream).sum().backward()
+    g1 = q.scale.grad.clone()
+    q.scale.grad = None
+    y2 = fake_quant(F.relu(x2), q.scale, q.zero_point, A_QMIN, A_QMAX, lsq_grad_scale(x2[0].numel(), A_QMAX))
+    (y2 * upstream).sum().backward()
+    assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad)
+    assert g1.item() == pytest.approx(q.scale.grad.item(), rel=1e-5)
+    assert (y1 == 0).any() and (y1 == q.scale * (A_QMAX - q.zero_point)).any()  # both ends exercised
+
+
+def test_inner_product_is_layout_independent():
+    from qnas_cli.quant import inner
+
+    a, b = torch.randn(3, 5, 4, 6, dtype=torch.float64), torch.randn(3, 5, 4, 6, dtype=torch.float64)
+    expect = (a * b).sum()
+    cl = torch.channels_last
+    for x, y in ((a, b), (a.contiguous(memory_format=cl), b.contiguous(memory_format=cl)), (a.contiguous(memory_format=cl), b)):
+        torch.testing.assert_close(inner(x, y), expect)

@@ -30,6 +30,8 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, momentum 0.9, warm-up then cosine).")] = D.lr,
     warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warm-up, in steps.")] = D.warmup_steps,
     num_random: Annotated[int, typer.Option(help="Random subnets per step besides the largest and smallest (sandwich rule).")] = D.num_random,
+    kd_ratio: Annotated[float, typer.Option(help="In-place distillation weight beta in (1-beta)*CE + beta*KL(largest || subnet), for all but the largest. "
+                                                 "Lower it for short runs, where the largest is still a weak teacher.")] = D.kd_ratio,
     seed: Annotated[int, typer.Option(help="Seed: model init, data order, augmentation, sampled subnets.")] = D.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = D.device,
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N steps (atomic; the last 2 are kept).")] = D.ckpt_every,
@@ -45,7 +47,7 @@ def train(
     """
     cfg = TrainConfig(space=space, data=data, out=str(out),
                       quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale),
-                      epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random, seed=seed,
+                      epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random, kd_ratio=kd_ratio, seed=seed,
                       device=device, init=str(init) if init else None, ckpt_every=ckpt_every, eval_images=eval_images,
                       calib_images=calib_images)
     log = err_console.print if json_out else console.print
