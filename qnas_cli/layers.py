@@ -206,13 +206,6 @@ class QConvBN(nn.Module, QuantInit):
             theta = scale_grad(theta, (sigma.shape[0] / sigma.pow(-2).mean()).detach())  # no host sync on GPU
         return (theta / sigma).mean()
 
-    def fold_params(self, mean: Tensor, var: Tensor, out_channels: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(gamma/sigma, beta - gamma*mu/sigma, sigma) of the active channels."""
-        sigma = torch.sqrt(var + BN_EPS)
-        gamma, beta = self.bn_weight[:out_channels], self.bn_bias[:out_channels]
-        factor = gamma / sigma
-        return factor, beta - mean * factor, sigma
-
     def integer_params(self, s_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Eval mode, static layer: int8 weights, int32 bias and the weight scale it runs with.
 
@@ -221,16 +214,24 @@ class QConvBN(nn.Module, QuantInit):
         """
         out, k = self.out_max, self.kernel_max
         w = self.sliced_weight(self.weight.shape[1], out, k)
-        w_fold, bias, s_w = self._fold(w, self.running_mean, self.running_var, out)
+        w_fold, bias, s_w = self._fold(w, self.running_mean, self.running_var)
         return (quantize(w_fold, s_w, 0, -W_QMAX, W_QMAX), quantize(bias, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX), s_w)
 
-    def _fold(self, w: Tensor, mean: Tensor, var: Tensor, out_channels: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Folded weight and bias, and the predicted weight scale for this sigma."""
-        factor, bias, sigma = self.fold_params(mean, var, out_channels)
+    def _fold(self, w: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Folded weight and bias, and the predicted weight scale, for these statistics."""
+        sigma = torch.sqrt(var + BN_EPS)
+        w_fold, bias = self._fold_sigma(w, mean, sigma)
+        return w_fold, bias, self.predicted_scale(sigma.detach())
+
+    def _fold_sigma(self, w: Tensor, mean: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """``w * gamma/sigma`` and ``beta - mean * gamma/sigma`` of the active channels; in
+        ``init_scales``, also the weight scale's initial value from this fold."""
+        n = sigma.shape[0]
+        factor = self.bn_weight[:n] / sigma
         w_fold = w * factor.view(-1, 1, 1, 1)
         if self.observe:
             self._init_weight_scale(w_fold, sigma)
-        return w_fold, bias, self.predicted_scale(sigma.detach())
+        return w_fold, self.bn_bias[:n] - mean * factor
 
     def _init_weight_scale(self, w_fold: Tensor, sigma: Tensor) -> None:
         """MSE-optimal s_init; theta_i = s_init * sigma_i, so the first prediction is s_init."""
@@ -255,7 +256,7 @@ class QConvBN(nn.Module, QuantInit):
             if self.training:  # moving-statistics folding: the batch only updates the running averages
                 with torch.no_grad():
                     F.batch_norm(self._conv(x, w), rm, rv, None, None, True, self._bn_factor(), BN_EPS)
-            w_fold, bias, s_w = self._fold(w, rm.clone(), rv.clone(), out_channels)
+            w_fold, bias, s_w = self._fold(w, rm.clone(), rv.clone())
             w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
             y = self._conv(x, w_q, _bias_quant(bias, s_in, s_w))
         return self.out_q(y)
@@ -277,10 +278,7 @@ class QConvBN(nn.Module, QuantInit):
                                                   self._bn_factor(), BN_EPS)  # also updates rm, rv
         with torch.no_grad():
             sigma = invstd.reciprocal()
-            factor = gamma / sigma
-            w_fold, bias = w * factor.view(-1, 1, 1, 1), beta - mean * factor
-            if self.observe:
-                self._init_weight_scale(w_fold, sigma)
+            w_fold, bias = self._fold_sigma(w, mean, sigma)
         s_w = self.predicted_scale(sigma)
         bias_error = _bias_quant(bias, s_in, s_w) - bias  # the int32 bias's rounding; no gradient
         error = _WeightQuantError.apply(x, w_fold, s_w, self, lsq_grad_scale(w_fold.numel(), W_QMAX), bias_error)
