@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/supernet_accuracy.py
 	$(BIN)/python benchmarks/fold_ablation.py
 	$(BIN)/python benchmarks/export_parity.py
+	$(BIN)/python benchmarks/latency_model.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -74,7 +74,12 @@ Op = Conv | Add | GlobalAvgPool | Linear
 
 @dataclass
 class IntegerGraph:
-    """A topologically ordered int8 network with one input and one output."""
+    """A topologically ordered int8 network with one input and one output.
+
+    A subnet has exactly one output. Latency tables convert many blocks in one graph and cut
+    them apart afterwards (export/blocks.py); such a graph lists its other leaves in
+    ``extra_outputs`` so that every branch survives conversion.
+    """
 
     input: str
     input_shape: tuple[int, int, int, int]  # (1, C, H, W)
@@ -82,3 +87,8 @@ class IntegerGraph:
     ops: list[Op]
     qparams: dict[str, QParams]  # every tensor name (input, each op output) -> its qparams
     meta: dict = field(default_factory=dict)  # free-form: arch, normalisation, versions
+    extra_outputs: tuple[str, ...] = ()
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.output, *self.extra_outputs)

@@ -78,13 +78,14 @@ def to_onnx(graph: IntegerGraph):
         else:
             raise TypeError(f"unknown op {type(op).__name__}")
 
-    out_shape = list(tensor_shapes(graph)[graph.output])
+    shapes = tensor_shapes(graph)
     model = helper.make_model(
         helper.make_graph(
             nodes, "qnas_subnet",
             [helper.make_tensor_value_info(onnx_name(graph.input), TensorProto.FLOAT,
                                            list(graph.input_shape))],
-            [helper.make_tensor_value_info(onnx_name(graph.output), TensorProto.FLOAT, out_shape)],
+            [helper.make_tensor_value_info(onnx_name(name), TensorProto.FLOAT, list(shapes[name]))
+             for name in graph.outputs],
             initializer=inits,
         ),
         opset_imports=[helper.make_opsetid("", OPSET)],

@@ -39,7 +39,21 @@ MAX_CALIB_IMAGES = 32  # onnx2tf's scales are all replaced, so calibration only 
 
 _DRIVER = """
 import json, sys
+import tensorflow as tf
+from tensorflow.lite.python import lite
 import onnx2tf
+
+# onnx2tf 1.29 runs TFLiteConverter seven times (float32, float16, dynamic range, int8 with
+# float I/O, full int8, and two int16-activation variants); qnas uses only the full-int8 model
+# with int8 I/O. Each conversion starts afresh from the same Keras model, so answering the
+# other six with an empty model changes nothing in the one we keep and saves most of the time.
+INT16 = tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+for cls in (lite.TFLiteKerasModelConverterV2, lite.TFLiteConverterV2):  # from_keras_model, from_concrete_functions
+    def only_full_int8(self, _convert=cls.convert):
+        full = self.inference_input_type == tf.int8 and INT16 not in set(self.target_spec.supported_ops or ())
+        return _convert(self) if full else b""
+    cls.convert = only_full_int8
+
 a = json.loads(sys.argv[1])
 onnx2tf.convert(
     input_onnx_file_path=a["onnx"], output_folder_path=a["out"],

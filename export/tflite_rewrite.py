@@ -227,8 +227,9 @@ class _Matcher:
 
     def run(self) -> Match:
         ix, graph = self.ix, self.graph
-        if len(ix.sg.inputs) != 1 or len(ix.sg.outputs) != 1:
-            raise MappingError(f"expected 1 input and 1 output, found {len(ix.sg.inputs)} and {len(ix.sg.outputs)}")
+        n_out = len(graph.outputs)
+        if len(ix.sg.inputs) != 1 or len(ix.sg.outputs) != n_out:
+            raise MappingError(f"expected 1 input and {n_out} output(s), found {len(ix.sg.inputs)} and {len(ix.sg.outputs)}")
         self.bind(int(ix.sg.inputs[0]), graph.input)
         handlers = {Conv: self.conv, Linear: self.linear, Add: self.add, GlobalAvgPool: self.pool}
         for op in graph.ops:
@@ -244,10 +245,9 @@ class _Matcher:
         unbound = [f"#{t} '{ix.name(t)}'" for op in ix.ops for t in op.outputs if t not in m.alias]
         if unbound:
             raise MappingError(f"TFLite tensors with no IntegerGraph tensor: {', '.join(unbound)}")
-        out = int(ix.sg.outputs[0])
-        if m.alias.get(out) != self.graph.output:
-            raise MappingError(f"TFLite output '{ix.name(out)}' is {m.alias.get(out)!r}, "
-                               f"expected {self.graph.output!r}")
+        outs = [m.alias.get(int(t)) for t in ix.sg.outputs]
+        if sorted(map(str, outs)) != sorted(self.graph.outputs):
+            raise MappingError(f"TFLite outputs are {outs}, expected {list(self.graph.outputs)}")
         shapes = tensor_shapes(self.graph)
         for t, name in m.alias.items():
             if m.role[t]:

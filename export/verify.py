@@ -14,8 +14,6 @@ network as much as of the export; per-op parity is the sharp check of the export
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,12 +22,12 @@ from ai_edge_litert import schema_py_generated as fb
 from ai_edge_litert.tools import flatbuffer_utils as fbu
 
 from export.graph import Conv, IntegerGraph, Linear
+from export.measure import RUNTIMES as BACKENDS, delegated_nodes, interpreter, measure_models
 from export.onnx_export import tensor_shapes
 from export.reference import run_op, run_reference
 from export.tflite_rewrite import ALIAS_ROLES, OP_NAMES, TYPE_NAMES, tflite_layout
 
 _FLOAT_TYPES = {fb.TensorType.FLOAT16, fb.TensorType.FLOAT32, fb.TensorType.FLOAT64}
-BACKENDS = ("builtin", "xnnpack")
 
 
 def _read(path: Path) -> fb.ModelT:
@@ -98,28 +96,9 @@ def stored_scales(path: Path, graph: IntegerGraph) -> dict:
     return {"tensors": rows, "max_rel_err": worst, "missing": missing, "constants_mismatched": mismatched}
 
 
-def _interpreter(model: Path | bytes, backend: str):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    resolver = {"builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-                "xnnpack": OpResolverType.AUTO}[backend]  # AUTO applies the XNNPACK delegate
-    source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-    it = Interpreter(**source, num_threads=1, experimental_op_resolver_type=resolver)
-    it.allocate_tensors()
-    return it
-
-
-def _delegated(it) -> int | None:
-    """Delegate nodes in the execution plan (0: XNNPACK took nothing; None: unknown)."""
-    try:
-        return sum(1 for d in it._get_ops_details() if d["op_name"] == "DELEGATE")
-    except AttributeError:  # private LiteRT API; only informative
-        return None
-
-
 def run_tflite(path: Path, images_nchw: np.ndarray, backend: str = "xnnpack") -> np.ndarray:
     """Int8 outputs (N, classes) of the model on int8 NCHW images, one image per invoke."""
-    it = _interpreter(path, backend)
+    it = interpreter(path, backend)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     if inp["dtype"] != np.int8:
         raise ValueError(f"model input is {inp['dtype']}, expected int8")
@@ -155,7 +134,7 @@ def per_op_parity(path: Path, graph: IntegerGraph, images_nchw: np.ndarray,
     index = {t.name.decode(): i for i, t in enumerate(sg.tensors)}
     names = [graph.input] + [op.output for op in graph.ops]
     sg.outputs = [index[n] for n in names]
-    it = _interpreter(bytes(fbu.convert_object_to_bytearray(model)), backend)
+    it = interpreter(bytes(fbu.convert_object_to_bytearray(model)), backend)
     inp = it.get_input_details()[0]
     outs = {d["name"]: d["index"] for d in it.get_output_details()}
     shapes = tensor_shapes(graph)
@@ -174,19 +153,10 @@ def per_op_parity(path: Path, graph: IntegerGraph, images_nchw: np.ndarray,
     return {name: {"max_abs_lsb": mx, "exact": ex / n} for name, (mx, ex, n) in stats.items()}
 
 
-def latency_ms(path: Path, backend: str = "xnnpack", warmup: int = 20, repeats: int = 200) -> float:
-    """Median single-thread latency of one invoke (ms) on a fixed random input."""
-    it = _interpreter(path, backend)
-    inp = it.get_input_details()[0]
-    it.set_tensor(inp["index"], np.random.default_rng(0).integers(-128, 128, inp["shape"], dtype=np.int8))
-    for _ in range(warmup):
-        it.invoke()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter_ns()
-        it.invoke()
-        times.append(time.perf_counter_ns() - t)
-    return statistics.median(times) / 1e6
+def latency_ms(path: Path, rounds: int = 8) -> dict:
+    """Median single-thread latency (ms) per backend, timed interleaved (export/measure.py)."""
+    timings = measure_models({"model": Path(path)}, BACKENDS, threads=1, rounds=rounds, round_ms=10.0)
+    return {b: timings[("model", b)].median_ms for b in BACKENDS} | {"num_threads": 1, "rounds": rounds}
 
 
 def verify_tflite(path: Path, graph: IntegerGraph, images_nchw: np.ndarray,
@@ -202,9 +172,9 @@ def verify_tflite(path: Path, graph: IntegerGraph, images_nchw: np.ndarray,
         "census": op_census(path),
         "scales": stored_scales(path, graph),
     }
-    report["parity"]["xnnpack"]["delegated_nodes"] = _delegated(_interpreter(path, "xnnpack"))
+    report["parity"]["xnnpack"]["delegated_nodes"] = delegated_nodes(interpreter(path, "xnnpack"))
     if latency:
-        report["latency_ms"] = {b: latency_ms(path, b) for b in BACKENDS} | {"num_threads": 1}
+        report["latency_ms"] = latency_ms(path)
     return report
 
 

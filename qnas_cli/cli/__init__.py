@@ -15,6 +15,7 @@ from ..errors import UserError
 from .common import err_console
 from . import calibrate as calibrate_cmd
 from . import export as export_cmd
+from . import latency as latency_cmd
 from . import space as space_cmd
 from . import train as train_cmd
 
@@ -60,6 +61,7 @@ app.add_typer(space_cmd.app, name="space")
 app.command("train")(train_cmd.train)
 app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("export")(export_cmd.export)
+app.add_typer(latency_cmd.app, name="latency")
 
 
 def main() -> None:

@@ -1,0 +1,202 @@
+"""Latency predictor vs measured latency of real exports (issue: latency tables, DESIGN §6).
+
+1. Build (or reuse, --table-dir) the host tables of the space for XNNPACK and the built-in
+   kernels: `qnas latency build`'s code, timed.
+2. Export N random subnets plus the largest and the smallest for real, each its own onnx2tf
+   conversion through `export_tflite` (the export's path; random integer weights, since
+   latency does not depend on their values).
+3. Time all exported models on both runtimes in one interleaved session; compare with the
+   tables' predictions: share within ±10%, mean absolute percentage error, Kendall tau.
+4. Op by op, XNNPACK vs built-in kernels on the largest and the smallest subnet: each op cut
+   out of its exported model and timed alone, summed per op kind, to show which ops make
+   XNNPACK slower on one and faster on the other.
+5. Prediction throughput (predictions per second of `Predictor.predict`).
+
+    python benchmarks/latency_model.py [--space small] [--subnets 30] [--rounds 15]
+                                       [--table-dir DIR] [--out runs/bench/latency_model]
+
+Writes OUT/latency_model.json and OUT/latency_model.png (predicted vs measured, ±10% band).
+Takes about 10-15 minutes for `small` on 2 cores (table build and exports; exports of the same
+subnets from an earlier run in OUT are reused).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from export.blocks import arch_graph
+from export.cut import Cutter
+from export.graph import Add
+from export.latency_build import build_tables, save_table
+from export.measure import measure_models
+from export.tflite import export_tflite
+from qnas_cli.checkpoint import versions, write_json
+from qnas_cli.latency import Predictor, host_device, load_table
+from qnas_cli.ranking import kendall_tau
+from qnas_cli.space import load_space, sample
+
+RUNTIMES = ("xnnpack", "builtin")
+
+
+def tables_for(space, in_ch, classes, rounds, table_dir: Path | None, out: Path) -> tuple[dict, float | None]:
+    """Both runtimes' tables: loaded from table_dir, or built now (and saved under out)."""
+    if table_dir is not None:
+        return {rt: load_table(table_dir / f"table.{rt}.json", space, in_ch, classes) for rt in RUNTIMES}, None
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qnas-latency-bench-") as cache:  # a cold build: its time is honest
+        tables = build_tables(space, in_ch, classes, RUNTIMES, rounds=rounds, cache=Path(cache))
+    seconds = time.perf_counter() - t0
+    for rt, t in tables.items():
+        save_table(t, out / f"table.{rt}.json")
+    return tables, seconds
+
+
+def export_all(space, archs, in_ch, classes, folder: Path, jobs: int = 2) -> dict[str, bytes]:
+    """One real conversion per subnet (two onnx2tf processes at a time); a previous run's
+    export of the same architecture in ``folder`` is reused (conversion is deterministic)."""
+    def one(item):
+        i, arch = item
+        done, key_file = folder / f"subnet{i:02d}" / "model_int8.tflite", folder / f"subnet{i:02d}" / "arch.txt"
+        if done.is_file() and key_file.is_file() and key_file.read_text() == arch.key:
+            return arch.key, done.read_bytes()
+        graph = arch_graph(space, arch, in_ch, classes, seed=i)
+        calib = np.random.default_rng(i).integers(-128, 128, size=(4, *graph.input_shape[1:])).astype(np.int8)
+        res = export_tflite(graph, calib, folder / f"subnet{i:02d}", name="model")
+        key_file.write_text(arch.key)
+        return arch.key, res.tflite.read_bytes()
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return dict(pool.map(one, enumerate(archs)))
+
+
+def op_breakdown(space, arch, model: bytes, in_ch, classes, rounds) -> dict:
+    """Each op of an exported model timed alone on both runtimes, summed per op kind."""
+    graph = arch_graph(space, arch, in_ch, classes)
+    cutter = Cutter(model)
+    ops = {}
+    for op in graph.ops:
+        src = op.inputs[0] if isinstance(op, Add) else op.input
+        kind = type(op).__name__
+        if kind == "Conv":
+            kind = "depthwise conv" if op.groups > 1 else ("1x1 conv" if op.weight.shape[-1] == 1 else "conv kxk")
+            if op.groups > 1:
+                kind += f" {op.weight.shape[-1]}x{op.weight.shape[-1]}"
+        if isinstance(op, Add):  # both inputs must come from the cut's one input: time it with its block
+            continue
+        ops[(op.name, kind)] = cutter.cut(src, op.output)
+    t = measure_models({f"{n}|{k}": m for (n, k), m in ops.items()}, RUNTIMES, rounds=rounds)
+    per_kind: dict[str, dict[str, float]] = defaultdict(lambda: {rt: 0.0 for rt in RUNTIMES})
+    for (name, kind) in ops:
+        for rt in RUNTIMES:
+            per_kind[kind][rt] += t[(f"{name}|{kind}", rt)].median_ms
+    return {k: {**v, "xnnpack/builtin": v["xnnpack"] / v["builtin"]} for k, v in sorted(per_kind.items())}
+
+
+def prediction_rate(pred: Predictor, archs) -> float:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        for a in archs:
+            pred.predict(a)
+        n += len(archs)
+    return n / (time.perf_counter() - t0)
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, rt in zip(axes, RUNTIMES):
+        m = np.array([r["measured_ms"][rt] for r in rows])
+        p = np.array([r["predicted_ms"][rt] for r in rows])
+        lo, hi = min(m.min(), p.min()) * 0.8, max(m.max(), p.max()) * 1.25
+        xs = np.geomspace(lo, hi, 50)
+        ax.fill_between(xs, xs * 0.9, xs * 1.1, color="tab:green", alpha=0.2, label="±10%")
+        ax.plot(xs, xs, color="gray", lw=0.8)
+        ax.scatter(m, p, s=18)
+        ax.set(xscale="log", yscale="log", xlabel="measured latency (ms)", ylabel="predicted latency (ms)",
+               title=f"{rt}: {100 * np.mean(np.abs(p / m - 1) <= 0.1):.0f}% within ±10%")
+        ax.legend(loc="upper left")
+    fig.suptitle("int8 TFLite latency, predicted by the table vs measured (1 thread, host CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--space", default="small")
+    ap.add_argument("--subnets", type=int, default=30, help="random subnets (plus the largest and the smallest)")
+    ap.add_argument("--in-channels", type=int, default=1)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (tables and whole models)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--table-dir", type=Path, help="reuse table.xnnpack.json and table.builtin.json from here")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/latency_model"))
+    args = ap.parse_args()
+    space, out = load_space(args.space), args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    tables, build_s = tables_for(space, args.in_channels, args.classes, args.rounds, args.table_dir, out)
+    rng = random.Random(args.seed)
+    archs, seen = [sample(space, "largest"), sample(space, "smallest")], set()
+    while len(archs) < args.subnets + 2:
+        a = sample(space, "random", rng)
+        if a.key not in seen | {x.key for x in archs[:2]}:
+            seen.add(a.key)
+            archs.append(a)
+    t0 = time.perf_counter()
+    models = export_all(space, archs, args.in_channels, args.classes, out / "exports")
+    export_s = time.perf_counter() - t0
+    timings = measure_models(models, RUNTIMES, rounds=args.rounds, round_ms=10.0)
+    preds = {rt: Predictor(tables[rt], space) for rt in RUNTIMES}
+    rows = [{"arch": a.key, "measured_ms": {rt: timings[(a.key, rt)].median_ms for rt in RUNTIMES},
+             "predicted_ms": {rt: preds[rt].predict(a) for rt in RUNTIMES},
+             "spread": {rt: timings[(a.key, rt)].spread for rt in RUNTIMES}} for a in archs]
+    summary = {}
+    for rt in RUNTIMES:
+        m = np.array([r["measured_ms"][rt] for r in rows])
+        p = np.array([r["predicted_ms"][rt] for r in rows])
+        err = p / m - 1
+        summary[rt] = {"within_10pct": float(np.mean(np.abs(err) <= 0.1)), "mape": float(np.mean(np.abs(err))),
+                       "max_abs_error": float(np.max(np.abs(err))), "kendall_tau": kendall_tau(list(m), list(p)),
+                       "measured_range_ms": [float(m.min()), float(m.max())],
+                       "fit": {"a": tables[rt].fit.a, "b": tables[rt].fit.b},
+                       "predictions_per_s": prediction_rate(preds[rt], archs)}
+    breakdown = {how: op_breakdown(space, archs[i], models[archs[i].key], args.in_channels, args.classes, args.rounds)
+                 for i, how in ((0, "largest"), (1, "smallest"))}
+    result = {"space": space.name, "subnets": len(archs), "device": host_device(), "versions": versions(),
+              "table_build_s": build_s, "table_header": {rt: tables[rt].header for rt in RUNTIMES},
+              "export_s": export_s, "summary": summary, "rows": rows, "op_breakdown": breakdown,
+              "targets": {"within_10pct": 0.9, "kendall_tau": 0.9}}
+    write_json(out / "latency_model.json", result)
+    plot(rows, out / "latency_model.png")
+
+    print(f"\nlatency predictor on {len(archs)} exported {space.name} subnets "
+          f"(table build {'reused' if build_s is None else f'{build_s:.0f} s'}, exports {export_s:.0f} s)")
+    print(f"{'runtime':<9} {'within ±10%':>12} {'MAPE':>7} {'max err':>8} {'tau':>6} {'pred/s':>10}  verdict")
+    for rt, s in summary.items():
+        ok = s["within_10pct"] >= 0.9 and s["kendall_tau"] >= 0.9
+        print(f"{rt:<9} {100 * s['within_10pct']:>11.1f}% {100 * s['mape']:>6.1f}% {100 * s['max_abs_error']:>7.1f}% "
+              f"{s['kendall_tau']:>6.3f} {s['predictions_per_s']:>10.0f}  {'met' if ok else 'NOT met'} (>= 90%, tau >= 0.9)")
+    for how, per_kind in breakdown.items():
+        print(f"\nop by op, {how} subnet (each op timed alone, ms summed per kind):")
+        print(f"  {'op kind':<22} {'xnnpack':>9} {'builtin':>9} {'xnnpack/builtin':>16}")
+        for kind, v in per_kind.items():
+            print(f"  {kind:<22} {v['xnnpack']:>9.4f} {v['builtin']:>9.4f} {v['xnnpack/builtin']:>16.2f}")
+    med = statistics.median(r["spread"]["xnnpack"] for r in rows)
+    print(f"\nmedian round-to-round spread of the whole-model timings (xnnpack): {100 * med:.1f}%")
+    print(f"wrote {out / 'latency_model.json'} and {out / 'latency_model.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Latency tables without conversion: part keys, the table format, prediction, the fit, the
+synthetic graphs' structure, and the parser for a phone's benchmark_model output."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.blocks import arch_graph, cover_graph
+from export.fold import to_integer_graph
+from export.graph import Add, Conv, GlobalAvgPool, Linear
+from export.onnx_export import tensor_shapes
+from export.phone import parse_benchmark_output
+from qnas_cli.cli import app
+from qnas_cli.errors import UserError
+from qnas_cli.latency import (Fit, LatencyTable, Predictor, fit_correction, key_text, load_table, parse_key,
+                              part_keys, space_part_keys, table_space)
+from qnas_cli.space import PRESETS, sample
+from tests.conftest import make_supernet
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def synthetic_table(space, in_channels=1, classes=10, fit=(1.1, -0.003), seed=0) -> LatencyTable:
+    """A table with random positive entries for every part of ``space`` (what a build writes)."""
+    rng = random.Random(seed)
+    entries = {key_text(k): rng.uniform(0.001, 0.5) for k in space_part_keys(space, in_channels, classes)}
+    header = {"space": {"name": space.name, "fingerprint": space.fingerprint, "definition": space.to_dict()},
+              "in_channels": in_channels, "num_classes": classes, "runtime": "xnnpack", "threads": 1,
+              "device": {"kind": "host", "cpu": "test"}}
+    return LatencyTable(header, entries, Fit(*fit))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "mbv3"])
+def test_table_covers_every_part_of_random_subnets(name):
+    space = PRESETS[name]
+    table_keys = set(space_part_keys(space, 3, 10))
+    rng = random.Random(0)
+    archs = [sample(space, how) for how in ("largest", "smallest")] + [sample(space, "random", rng) for _ in range(100)]
+    for arch in archs:
+        missing = [key_text(k) for k in part_keys(space, arch, 3, 10) if k not in table_keys]
+        assert not missing, f"{arch.key}: no table entry for {missing}"
+
+
+def test_key_text_round_trips_and_malformed_keys_are_refused():
+    for k in space_part_keys(PRESETS["mbv3"], 3, 1000):
+        assert parse_key(key_text(k)) == k
+    for bad in ("block:12px:16>24:k3:e3", "block:12:16>24:k3:e3:s1:oops", "stem:x", "tail:3px:1>2"):
+        with pytest.raises(UserError, match="malformed entry key"):
+            parse_key(bad)
+
+
+def test_prediction_is_the_sum_of_its_entries_plus_the_fit():
+    space = PRESETS["small"]
+    table = synthetic_table(space)
+    pred = Predictor(table, space)
+    rng = random.Random(1)
+    for _ in range(50):
+        arch = sample(space, "random", rng)
+        keys = part_keys(space, arch, 1, 10)
+        total = sum(table.entries[key_text(k)] for k in keys)
+        assert pred.predict(arch) == pytest.approx(1.1 * total - 0.003 * len(keys), rel=1e-12)
+        assert sum(v for _, v in pred.parts(arch)) == pytest.approx(total, rel=1e-12)
+
+
+def test_fit_recovers_known_coefficients():
+    rng = np.random.default_rng(0)
+    rows = [(s, n, 0.9 * s - 0.002 * n) for s, n in zip(rng.uniform(0.1, 5, 8), rng.integers(5, 15, 8))]
+    assert fit_correction(rows) == pytest.approx((0.9, -0.002), rel=1e-6)
+    assert fit_correction([(1.0, 5, 2.0)]) == pytest.approx((2.0, 0.0))  # one point: a scale only
+
+
+def test_table_round_trips_through_json(tmp_path):
+    space = PRESETS["tiny"]
+    table = synthetic_table(space)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table.to_dict()))
+    again = load_table(path, space, 1, 10)
+    assert again.entries == table.entries and (again.fit.a, again.fit.b) == (1.1, -0.003)
+    assert table_space(again) == space
+
+
+def test_a_foreign_or_corrupt_table_is_refused_with_exit_2(tmp_path, runner):
+    subnet = tmp_path / "subnet.json"
+    subnet.write_text(json.dumps(sample(PRESETS["tiny"], "largest").to_dict(PRESETS["tiny"])))
+    foreign = tmp_path / "small.json"
+    foreign.write_text(json.dumps(synthetic_table(PRESETS["small"]).to_dict()))
+    r = runner.invoke(app, ["latency", "predict", str(subnet), "--table", str(foreign)])
+    assert r.exit_code == 2, r.output
+    assert "space" in r.output and PRESETS["tiny"].fingerprint in r.output and PRESETS["small"].fingerprint in r.output
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(json.dumps(synthetic_table(PRESETS["tiny"]).to_dict())[:-40])
+    r = runner.invoke(app, ["latency", "predict", str(subnet), "--table", str(corrupt)])
+    assert r.exit_code == 2 and "not valid JSON" in r.output, r.output
+    other = synthetic_table(PRESETS["tiny"]).to_dict()
+    other["entries"].pop(next(iter(other["entries"])))
+    gap = tmp_path / "gap.json"
+    gap.write_text(json.dumps(other))
+    r = runner.invoke(app, ["latency", "predict", str(subnet), "--table", str(gap)])
+    assert r.exit_code == 2 and "lacks 1 part" in r.output, r.output
+    fake = tmp_path / "fake.json"
+    fake.write_text(json.dumps({"format": "qnas.subnet/1"}))
+    r = runner.invoke(app, ["latency", "predict", str(subnet), "--table", str(fake)])
+    assert r.exit_code == 2 and "not a qnas latency table" in r.output, r.output
+
+
+def test_predict_cli_prints_the_sum(tmp_path, runner):
+    space = PRESETS["tiny"]
+    table = synthetic_table(space, fit=(1.0, 0.0))
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table.to_dict()))
+    arch = sample(space, "smallest")
+    subnet = tmp_path / "s.json"
+    subnet.write_text(json.dumps(arch.to_dict(space)))
+    r = runner.invoke(app, ["latency", "predict", str(subnet), "--table", str(path), "--json", "--explain"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)["predictions"][0]
+    assert row["latency_ms"] == pytest.approx(sum(table.entries[key_text(k)] for k in part_keys(space, arch, 1, 10)))
+    assert len(row["parts"]) == len(part_keys(space, arch, 1, 10))
+
+
+def _structure(graph):
+    """What latency depends on: each op's type, shapes, stride, groups, ReLU, in execution order."""
+    shapes = tensor_shapes(graph)
+    rows = []
+    for op in graph.ops:
+        if isinstance(op, (Conv, Linear)):
+            rows.append((type(op).__name__, op.weight.shape, getattr(op, "stride", 1), getattr(op, "groups", 1),
+                         op.relu, shapes[op.input], shapes[op.output]))
+        elif isinstance(op, Add):
+            rows.append(("Add", shapes[op.inputs[0]], shapes[op.inputs[1]]))
+        else:
+            assert isinstance(op, GlobalAvgPool)
+            rows.append(("Pool", shapes[op.input], shapes[op.output]))
+    return rows
+
+
+@pytest.mark.parametrize("how, seed", [("largest", 0), ("smallest", 0), ("random", 3), ("random", 4)])
+def test_synthetic_graph_has_the_export_structure_of_a_real_subnet(how, seed):
+    net = make_supernet(weight_scale="shared")  # the fixture's jitter can make predictor scales negative
+    arch = sample(net.space, how, random.Random(seed))
+    real = to_integer_graph(net.extract(arch).eval())
+    fake = arch_graph(net.space, arch, net.in_channels, net.num_classes)
+    assert _structure(fake) == _structure(real)
+    assert [op.name for op in fake.ops] == [op.name for op in real.ops]
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_cover_graph_holds_every_part_once_with_the_right_shapes(name):
+    space = PRESETS[name]
+    for r in space.resolutions:
+        wholes = [a for a in (sample(space, "largest"), sample(space, "smallest")) if a.resolution == r]
+        graph, spans, whole_out = cover_graph(space, r, 1, 10, wholes)
+        assert {s.key for s in spans} == set(space_part_keys(space, 1, 10, (r,)))
+        shapes = tensor_shapes(graph)
+        for s in spans:
+            kind, size, c_in = s.key[:3]
+            assert shapes[s.input][1:] == ((c_in, size, size) if kind != "stem" else (c_in, r, r))
+        assert len(whole_out) == len(wholes)
+        consumed = {t for op in graph.ops for t in (op.inputs if isinstance(op, Add) else (op.input,))}
+        assert set(graph.outputs) == {op.output for op in graph.ops if op.output not in consumed}
+
+
+def test_parser_reads_the_tflite_readme_output():
+    """tensorflow/lite/tools/benchmark/README.md: the older summary line, no percentiles."""
+    r = parse_benchmark_output((FIXTURES / "benchmark_model_tflite_readme.txt").read_text())
+    assert r == {"init_us": 38467.0, "avg_us": 79760.9, "runs": 50, "inference_us": 79760.9, "statistic": "avg"}
+
+
+def test_parser_reads_the_processor_sdk_output():
+    """TI Processor SDK docs (tflite.rst): current format; the timed runs' median, not the warm-up's."""
+    r = parse_benchmark_output((FIXTURES / "benchmark_model_processor_sdk.txt").read_text())
+    assert r == {"init_us": 614333.0, "avg_us": 899641.0, "runs": 50, "inference_us": 899281.0, "statistic": "median"}
+
+
+def test_parser_refuses_output_without_timings():
+    with pytest.raises(ValueError, match="no 'Inference timings in us' line"):
+        parse_benchmark_output("ERROR: Could not open '/data/local/tmp/x.tflite'.\nBenchmarking failed.\n")
+
+
+def test_kendall_tau_matches_known_values():
+    from qnas_cli.ranking import kendall_tau
+
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # scipy.stats.kendalltau([1, 2, 3, 4, 5], [3, 1, 2, 5, 4]) = 0.4 (6 concordant, 4 discordant pairs)
+    assert kendall_tau([1, 2, 3, 4, 5], [3, 1, 2, 5, 4]) == pytest.approx(0.4)
+    # tau-b with a tie in y: scipy gives 0.9128709291752769
+    assert kendall_tau([1, 2, 3, 4], [1, 2, 3, 3]) == pytest.approx(0.9128709291752769)
