@@ -1,0 +1,134 @@
+"""Evolutionary search under constraints (QuantNAS §5.1; OFA's evolution finder as the scheme).
+
+The search is model-agnostic: it sees architectures, a feasibility test (every constraint met
+*by prediction*: latency from a table, FLOPs/params/size from the architecture) and a batch
+fitness function (the calibrated int8 subnet's accuracy on the held-out search split, computed
+elsewhere and cached by architecture). Every operator returns architectures of the space, and
+every population is seeded and bounded: a budget no subnet can meet is an error, never a loop.
+
+One generation: the best ``parent_ratio`` of the population survive as parents; half of the
+children are mutations of a random parent (each gene resampled with ``mutate_prob``), half are
+crossovers of two random parents (each gene taken from the second parent with
+``crossover_prob``); children that break a constraint are redrawn (bounded).
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .space import Arch, Block, SearchSpace, Stage, sample
+
+PAPER = {"population": 512, "generations": 20, "mutate_prob": 0.2, "crossover_prob": 0.25}
+PARENT_RATIO = 0.25  # OFA's evolution finder: the top quarter of each generation breeds
+MAX_TRIES = 200  # draws per child before a constraint is declared (nearly) unmeetable
+
+
+def mutate(space: SearchSpace, arch: Arch, prob: float, rng: random.Random) -> Arch:
+    """Resample each gene (resolution, stage width and depth, block kernel and expand) with ``prob``."""
+    res = rng.choice(space.resolutions) if rng.random() < prob else arch.resolution
+    stages = []
+    for spec, stage in zip(space.stages, arch.stages):
+        width = rng.choice(spec.widths) if rng.random() < prob else stage.width
+        depth = rng.choice(spec.depths) if rng.random() < prob else len(stage.blocks)
+        blocks = []
+        for j in range(depth):
+            old = stage.blocks[j] if j < len(stage.blocks) else Block(rng.choice(spec.kernels), rng.choice(spec.expands))
+            kernel = rng.choice(spec.kernels) if rng.random() < prob else old.kernel
+            expand = rng.choice(spec.expands) if rng.random() < prob else old.expand
+            blocks.append(Block(kernel, expand))
+        stages.append(Stage(width, tuple(blocks)))
+    return Arch(res, tuple(stages))
+
+
+def crossover(space: SearchSpace, a: Arch, b: Arch, prob: float, rng: random.Random) -> Arch:
+    """Each gene from ``b`` with ``prob``, else from ``a``; a block missing in one parent comes from the other."""
+    pick = lambda x, y: y if rng.random() < prob else x  # noqa: E731
+    stages = []
+    for sa, sb in zip(a.stages, b.stages):
+        depth = pick(len(sa.blocks), len(sb.blocks))
+        blocks = []
+        for j in range(depth):
+            ba = sa.blocks[j] if j < len(sa.blocks) else sb.blocks[j]
+            bb = sb.blocks[j] if j < len(sb.blocks) else ba
+            blocks.append(Block(pick(ba.kernel, bb.kernel), pick(ba.expand, bb.expand)))
+        stages.append(Stage(pick(sa.width, sb.width), tuple(blocks)))
+    return Arch(pick(a.resolution, b.resolution), tuple(stages))
+
+
+@dataclass
+class Generation:
+    """What one generation of one budget's evolution left behind."""
+
+    index: int
+    best: tuple[Arch, float]
+    evaluated: int  # new evaluations this generation
+    cache_hits: int
+
+
+@dataclass
+class EvolutionResult:
+    best: Arch
+    fitness: float
+    history: list[Generation] = field(default_factory=list)
+
+
+def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], feasible: Callable[[Arch], bool],
+           population: int = PAPER["population"], generations: int = PAPER["generations"],
+           mutate_prob: float = PAPER["mutate_prob"], crossover_prob: float = PAPER["crossover_prob"],
+           parent_ratio: float = PARENT_RATIO, seed: int = 0,
+           on_generation: Callable[[Generation], None] | None = None) -> EvolutionResult:
+    """Maximise ``fitness`` over the feasible subnets of ``space``.
+
+    ``fitness`` scores a list of architectures at once (batched, cached by the caller); it may
+    be called with architectures it has seen, and must return the same score for them.
+    """
+    for name, v in (("population", population), ("generations", generations)):
+        if v < 1:
+            raise UserError(f"--{name} must be a positive integer, got {v}")
+    for name, v in (("mutate-prob", mutate_prob), ("crossover-prob", crossover_prob), ("parent ratio", parent_ratio)):
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"--{name} must be in [0, 1], got {v}")
+    rng = random.Random(seed)
+
+    def draw(make: Callable[[], Arch]) -> Arch:
+        for _ in range(MAX_TRIES):
+            a = make()
+            if feasible(a):
+                return a
+        raise UserError("the constraints leave (almost) no subnet of the space: none of "
+                        f"{MAX_TRIES} candidates met them; relax the budget")
+
+    pop = [draw(lambda: sample(space, "random", rng)) for _ in range(population)]
+    scores = dict(zip((a.key for a in pop), fitness(pop)))
+    history: list[Generation] = []
+    n_parents = max(1, int(round(parent_ratio * population)))
+    for g in range(generations):
+        ranked = sorted({a.key: a for a in pop}.values(), key=lambda a: scores[a.key], reverse=True)
+        parents = ranked[:n_parents]
+        n_mut = (population - n_parents) // 2
+        children = [draw(lambda: mutate(space, rng.choice(parents), mutate_prob, rng)) for _ in range(n_mut)]
+        children += [draw(lambda: crossover(space, rng.choice(parents), rng.choice(parents), crossover_prob, rng))
+                     for _ in range(population - n_parents - n_mut)]
+        new = [c for c in dict((c.key, c) for c in children).values() if c.key not in scores]
+        scores.update(zip((a.key for a in new), fitness(new)))
+        pop = parents + children
+        best = max(pop, key=lambda a: scores[a.key])
+        gen = Generation(g + 1, (best, scores[best.key]), len(new), len(children) - len(new))
+        history.append(gen)
+        if on_generation:
+            on_generation(gen)
+    best = max(pop, key=lambda a: scores[a.key])
+    return EvolutionResult(best, scores[best.key], history)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both cost (lower) and accuracy (higher)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best_acc = [], float("-inf")
+    for i in order:
+        if points[i][1] > best_acc:
+            front.append(i)
+            best_acc = points[i][1]
+    return front

@@ -1,0 +1,73 @@
+"""The evolutionary search core: operators stay in the space, constraints hold, runs are seeded."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qnas_cli.errors import UserError
+from qnas_cli.search import crossover, evolve, mutate, pareto_front
+from qnas_cli.space import PRESETS, Arch, sample
+
+
+def _valid(space, arch):
+    return Arch.from_dict(arch.to_dict(space), space) == arch  # validation names any gene outside the space
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "mbv3"])
+def test_mutation_and_crossover_keep_subnets_in_the_space(name):
+    space = PRESETS[name]
+    rng = random.Random(0)
+    for seed in range(300):
+        a, b = sample(space, "random", random.Random(seed)), sample(space, "random", random.Random(seed + 1000))
+        for child in (mutate(space, a, 0.5, rng), crossover(space, a, b, 0.5, rng), mutate(space, a, 1.0, rng)):
+            assert _valid(space, child)
+    a = sample(space, "largest")
+    assert mutate(space, a, 0.0, rng) == a and crossover(space, a, sample(space, "smallest"), 0.0, rng) == a
+
+
+def _toy_fitness(arch):
+    """Bigger is better, as accuracy roughly is: total expand ratio and width."""
+    return sum(b.expand * s.width for s in arch.stages for b in s.blocks) + arch.resolution
+
+
+def _budget(arch):
+    return sum(b.kernel * b.expand * s.width for s in arch.stages for b in s.blocks)
+
+
+def test_evolution_improves_and_every_candidate_meets_the_constraint():
+    space = PRESETS["small"]
+    limit = 0.5 * _budget(sample(space, "largest"))
+    seen = []
+
+    def fitness(archs):
+        seen.extend(archs)
+        return [_toy_fitness(a) for a in archs]
+
+    res = evolve(space, fitness, lambda a: _budget(a) <= limit, population=40, generations=8, seed=0)
+    assert all(_budget(a) <= limit for a in seen)
+    first = res.history[0].best[1]
+    assert res.fitness >= first and res.fitness == _toy_fitness(res.best)
+    assert res.fitness > max(_toy_fitness(sample(space, "random", random.Random(s))) for s in range(40)
+                             if _budget(sample(space, "random", random.Random(s))) <= limit)
+    assert sum(g.cache_hits for g in res.history) > 0  # survivors are never re-evaluated
+
+
+def test_evolution_is_seeded():
+    space = PRESETS["tiny"]
+    run = lambda seed: evolve(space, lambda archs: [_toy_fitness(a) for a in archs], lambda a: True,  # noqa: E731
+                              population=16, generations=3, seed=seed)
+    assert [g.best[0].key for g in run(3).history] == [g.best[0].key for g in run(3).history]
+
+
+def test_an_unmeetable_budget_is_an_error_not_a_loop():
+    space = PRESETS["tiny"]
+    with pytest.raises(UserError, match="relax the budget"):
+        evolve(space, lambda archs: [0.0] * len(archs), lambda a: False, population=4, generations=1)
+    with pytest.raises(UserError, match="--mutate-prob"):
+        evolve(space, lambda archs: [0.0] * len(archs), lambda a: True, mutate_prob=1.5)
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.5), (2.0, 0.7), (1.5, 0.4), (3.0, 0.7), (0.5, 0.1), (2.5, 0.9)]
+    assert pareto_front(pts) == [4, 0, 1, 5]
