@@ -71,3 +71,24 @@ def test_an_unmeetable_budget_is_an_error_not_a_loop():
 def test_pareto_front():
     pts = [(1.0, 0.5), (2.0, 0.7), (1.5, 0.4), (3.0, 0.7), (0.5, 0.1), (2.5, 0.9)]
     assert pareto_front(pts) == [4, 0, 1, 5]
+
+
+@pytest.mark.parametrize("how", ["largest", "smallest", "random"])
+def test_cost_counts_what_the_integer_graph_holds(how):
+    """Parameters and MACs from shapes alone equal those of the exported integer graph."""
+    import numpy as np
+
+    from export.blocks import arch_graph
+    from export.graph import Conv, Linear
+    from export.onnx_export import tensor_shapes
+    from qnas_cli.cost import arch_cost
+
+    space = PRESETS["small"]
+    arch = sample(space, how, random.Random(5))
+    g = arch_graph(space, arch, 3, 10)
+    shapes = tensor_shapes(g)
+    params = sum(op.weight.size + op.bias.size for op in g.ops if isinstance(op, (Conv, Linear)))
+    macs = sum(op.weight.size * (int(np.prod(shapes[op.output][2:])) if isinstance(op, Conv) else 1)
+               for op in g.ops if isinstance(op, (Conv, Linear)))
+    cost = arch_cost(space, arch, 3, 10)
+    assert (cost.params, cost.macs) == (params, macs)

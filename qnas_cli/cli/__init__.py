@@ -16,6 +16,7 @@ from .common import err_console
 from . import calibrate as calibrate_cmd
 from . import export as export_cmd
 from . import latency as latency_cmd
+from . import search as search_cmd
 from . import space as space_cmd
 from . import train as train_cmd
 
@@ -62,6 +63,7 @@ app.command("train")(train_cmd.train)
 app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("export")(export_cmd.export)
 app.add_typer(latency_cmd.app, name="latency")
+app.command("search")(search_cmd.search)
 
 
 def main() -> None:

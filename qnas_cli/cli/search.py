@@ -1,0 +1,99 @@
+"""``qnas search``: the most accurate int8 subnet for each latency budget."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import UserError
+from ..search import PAPER, PARENT_RATIO
+from ..search_job import SearchConfig, run_search
+from .common import console, err_console, interactive, print_json
+
+D = SearchConfig(budgets_ms=[1.0])
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--latency-ms: {text!r} is not a comma-separated list of milliseconds (e.g. 0.3,0.6,1.0)") from None
+
+
+def search(
+    latency_ms: Annotated[str, typer.Option("--latency-ms", help="Latency budget(s) in ms, comma-separated: one search per budget.")],
+    supernet: Annotated[Path, typer.Option(help="The int8 supernet.pt to search.")] = Path(D.supernet),
+    data: Annotated[str, typer.Option(help="Dataset spec (default: the one the supernet was trained on). Fitness uses its held-out search split, never the test set.")] = None,
+    flops_m: Annotated[float, typer.Option("--flops-m", help="Also at most this many million multiply-adds.")] = None,
+    params_k: Annotated[float, typer.Option("--params-k", help="Also at most this many thousand parameters.")] = None,
+    table: Annotated[Path, typer.Option(help="Latency table (`qnas latency build`/`import`; default: this host's, built on first use).")] = None,
+    runtime: Annotated[str, typer.Option(help="Runtime of the default host table: xnnpack (LiteRT's default on phones) | builtin.")] = D.runtime,
+    threads: Annotated[int, typer.Option(help="Threads of the default host table.")] = D.threads,
+    population: Annotated[int, typer.Option(help="Subnets per generation (paper: 512).")] = PAPER["population"],
+    generations: Annotated[int, typer.Option(help="Generations per budget (paper: 20).")] = PAPER["generations"],
+    mutate_prob: Annotated[float, typer.Option(help=f"Mutation: each gene resampled with this probability (paper: 0.2). "
+                                                    f"Each generation the best {int(100 * PARENT_RATIO)}% breed; half the "
+                                                    "children are mutants, half crossovers.")] = PAPER["mutate_prob"],
+    crossover_prob: Annotated[float, typer.Option(help="Crossover: each gene taken from the second parent with this probability (paper: 0.25).")] = PAPER["crossover_prob"],
+    calib_images: Annotated[int, typer.Option(help="Training images for each candidate's BN re-estimation (seeded, as `qnas calibrate`).")] = D.calib_images,
+    eval_images: Annotated[int, typer.Option(help="Search-split images scored per candidate (default 2000).")] = D.eval_images,
+    seed: Annotated[int, typer.Option(help="Seed of the evolution (budget i uses seed + i).")] = D.seed,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (default: SUPERNET's folder/search).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search in --out: evaluated subnets are not evaluated again.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print pareto.json's summary as JSON.")] = False,
+) -> None:
+    """Evolutionary search of the int8 supernet under predicted int8 TFLite latency (QuantNAS §5.1).
+
+    Fitness is the calibrated int8 subnet's top-1 on the held-out search split. Every candidate
+    meets every constraint by prediction. Writes pareto.json, pareto.png and one
+    subnet_<budget>ms.json per budget (ready for `qnas export`) into --out.
+    """
+    cfg = SearchConfig(supernet=str(supernet), budgets_ms=_budgets(latency_ms), flops_m=flops_m, params_k=params_k,
+                       data=data, table=str(table) if table else None, runtime=runtime, threads=threads,
+                       population=population, generations=generations, mutate_prob=mutate_prob,
+                       crossover_prob=crossover_prob, calib_images=calib_images, eval_images=eval_images, seed=seed,
+                       out=str(out) if out else None, resume=resume)
+    log = (lambda m: err_console.print(m, highlight=False)) if json_out else (lambda m: console.print(m, highlight=False))
+    if interactive() and not json_out:
+        result = _with_progress(cfg, log)
+    else:
+        def plain(budget, g):
+            log(f"budget {budget:g} ms, generation {g.index}/{cfg.generations}: best {100 * g.best[1]:.2f}% "
+                f"({g.evaluated} new evaluations, {g.cache_hits} cache hits)")
+        result = run_search(cfg, log, plain)
+    if json_out:
+        print_json({k: result[k] for k in ("chosen", "evaluations", "table", "supernet", "out")})
+        return
+    t = Table(title=f"qnas search ({result['table']['runtime']}, {result['table']['threads']} thread(s))")
+    for col in ("budget", "predicted ms", "search top-1", "MFLOPs", "k params", "file"):
+        t.add_column(col)
+    for c in result["chosen"]:
+        t.add_row(f"{c['budget_ms']:g} ms", f"{c['latency_ms']:.4f}", f"{100 * c['search_top1']:.2f}%",
+                  f"{c['mflops']:.2f}", f"{c['params_k']:.1f}", escape(c["file"]))
+    console.print(t)
+    for c in result["chosen"]:
+        console.print(f"{c['budget_ms']:g} ms:", c["arch"], highlight=False, soft_wrap=True)
+    e = result["evaluations"]
+    console.print(f"{e['count']} subnets evaluated ({e['new']} now, {e['cache_hits']} cache hits, "
+                  f"{e['evaluation_seconds']:.0f} s); wrote pareto.json, pareto.png and the subnet files to "
+                  f"{escape(result['out'])}", highlight=False)
+
+
+def _with_progress(cfg: SearchConfig, log) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn()]
+    with Progress(*cols, console=console) as bar:
+        tasks = {}
+
+        def on_generation(budget, g):
+            if budget not in tasks:
+                tasks[budget] = bar.add_task(f"{budget:g} ms", total=cfg.generations, info="")
+            bar.update(tasks[budget], completed=g.index,
+                       info=f"best {100 * g.best[1]:.2f}%  new {g.evaluated}  hits {g.cache_hits}")
+
+        return run_search(cfg, lambda m: bar.console.print(m, highlight=False), on_generation)

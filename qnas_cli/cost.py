@@ -1,0 +1,56 @@
+"""What a subnet costs besides latency: multiply-accumulates and parameters, from its shapes alone.
+
+The same walk as ``latency.part_keys`` and ``export/fold.py``: stem, inverted residual blocks
+(1x1 expand, kxk depthwise, 1x1 project), 1x1 head, pooling, optional feature FC, classifier.
+Parameters count what the int8 model stores: weights (int8) and biases (int32), after BN folding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .latency import conv_out
+from .space import Arch, SearchSpace, make_divisible
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: int  # multiply-accumulates of one image
+    params: int  # stored weights + biases
+    weight_bytes: int  # int8 weights + int32 biases: the bulk of the .tflite file
+
+    @property
+    def mflops(self) -> float:
+        """Millions of multiply-adds (the 'FLOPs' MobileNet papers quote)."""
+        return self.macs / 1e6
+
+
+def arch_cost(space: SearchSpace, arch: Arch, in_channels: int, num_classes: int) -> Cost:
+    macs = params = wbytes = 0
+
+    def layer(c_in: int, c_out: int, k: int, out_hw: int, groups: int = 1) -> None:
+        nonlocal macs, params, wbytes
+        w = c_out * (c_in // groups) * k * k
+        macs += w * out_hw * out_hw
+        params += w + c_out
+        wbytes += w + 4 * c_out
+
+    size = conv_out(arch.resolution, space.stem_stride)
+    layer(in_channels, space.stem_channels, 3, size)
+    c = space.stem_channels
+    for spec, stage in zip(space.stages, arch.stages):
+        for j, b in enumerate(stage.blocks):
+            stride = spec.stride if j == 0 else 1
+            mid = c if b.expand == 1 else make_divisible(c * b.expand)  # supernet.mid_channels
+            if b.expand > 1:
+                layer(c, mid, 1, size)
+            size = conv_out(size, stride)
+            layer(mid, mid, b.kernel, size, groups=mid)
+            layer(mid, stage.width, 1, size)
+            c = stage.width
+    layer(c, space.head_channels, 1, size)
+    c = space.head_channels
+    if space.feature_channels:
+        layer(c, space.feature_channels, 1, 1)
+        c = space.feature_channels
+    layer(c, num_classes, 1, 1)
+    return Cost(macs, params, wbytes)

@@ -1,0 +1,192 @@
+"""`qnas search`: supernet + latency table -> the most accurate int8 subnet per latency budget.
+
+One seeded evolution per budget (qnas_cli/search.py), all sharing one fitness cache
+(qnas_cli/fitness.py). Constraints are met by prediction: latency from the table (the int8
+TFLite that `qnas export` ships, on the table's runtime and device), MFLOPs and parameters from
+the architecture. Writes into ``out``: ``evaluations.jsonl`` (the cache, for --resume),
+``pareto.json``, ``pareto.png`` and one ``subnet_<budget>ms.json`` per budget, ready for
+`qnas export`.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import sha256_file, versions, write_json
+from .cost import arch_cost
+from .data import load_dataset
+from .errors import UserError
+from .fitness import Fitness
+from .latency import LatencyTable, Predictor, check_table_fits, load_table
+from .search import PAPER, PARENT_RATIO, Generation, evolve, pareto_front
+from .space import Arch, sample
+from .supernet import load_supernet
+
+
+@dataclass
+class SearchConfig:
+    supernet: str = "runs/default/supernet.pt"
+    budgets_ms: list[float] = field(default_factory=list)  # one evolution per budget
+    flops_m: float | None = None  # every candidate also within these
+    params_k: float | None = None
+    data: str | None = None  # default: the supernet's
+    table: str | None = None  # default: the host table, built on first use
+    runtime: str = "xnnpack"
+    threads: int = 1
+    population: int = PAPER["population"]
+    generations: int = PAPER["generations"]
+    mutate_prob: float = PAPER["mutate_prob"]
+    crossover_prob: float = PAPER["crossover_prob"]
+    calib_images: int = 500  # BN re-estimation per candidate
+    eval_images: int | None = 2000  # search-split images per candidate (None: all)
+    seed: int = 0
+    out: str | None = None  # default: <supernet folder>/search
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.budgets_ms:
+            raise UserError("--latency-ms: give at least one budget (e.g. --latency-ms 0.5 or --latency-ms 0.3,0.6,1.0)")
+        for b in self.budgets_ms:
+            if not b > 0:
+                raise UserError(f"--latency-ms: budgets must be positive milliseconds, got {b}")
+        for name in ("flops_m", "params_k"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        for name in ("calib_images", "threads"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.eval_images is not None and self.eval_images < 1:
+            raise UserError(f"--eval-images must be a positive integer, got {self.eval_images}")
+
+
+def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
+               on_generation: Callable[[float, Generation], None] | None = None,
+               on_evaluation: Callable[[], None] | None = None) -> dict[str, Any]:
+    net, meta = load_supernet(cfg.supernet)
+    if not net.cfg.enabled:
+        raise UserError(f"{cfg.supernet} is a float supernet (--quant none): search needs an int8 supernet")
+    space = net.space
+    out = Path(cfg.out) if cfg.out else Path(cfg.supernet).parent / "search"
+    table, table_path = _table(cfg, net, log)
+    pred = Predictor(table, space)
+
+    def cost(a: Arch):
+        return arch_cost(space, a, net.in_channels, net.num_classes)
+
+    def within_others(a: Arch) -> bool:
+        c = cost(a)
+        return (cfg.flops_m is None or c.mflops <= cfg.flops_m) and (cfg.params_k is None or c.params / 1e3 <= cfg.params_k)
+
+    _check_feasible(cfg, space, pred, cost, within_others, table)
+    data = load_dataset(cfg.data or meta.get("config", {}).get("data", "fashion-mnist"), load_size=max(space.resolutions))
+    identity = {"supernet_sha256": meta["weights"]["sha256"], "data": data.spec, "calib_images": cfg.calib_images,
+                "eval_images": cfg.eval_images}
+    fitness = Fitness(net, data, identity, out / "evaluations.jsonl", cfg.resume, cfg.calib_images, cfg.eval_images)
+    if fitness.scores:
+        log(f"resuming: {len(fitness.scores)} subnets already evaluated in {out / 'evaluations.jsonl'}")
+    archs: dict[str, Arch] = {}
+
+    def scored(batch: list[Arch]) -> list[float]:
+        archs.update((a.key, a) for a in batch)
+        return fitness(batch, on_evaluation)
+
+    winners = {}
+    for i, budget in enumerate(sorted(cfg.budgets_ms)):
+        log(f"budget {budget:g} ms: population {cfg.population}, {cfg.generations} generations")
+        res = evolve(space, scored, lambda a, b=budget: pred.predict(a) <= b and within_others(a),
+                     cfg.population, cfg.generations, cfg.mutate_prob, cfg.crossover_prob, PARENT_RATIO,
+                     seed=cfg.seed + i, on_generation=(lambda g, b=budget: on_generation(b, g)) if on_generation else None)
+        winners[budget] = res.best
+    rows = []
+    for key, a in archs.items():
+        c = cost(a)
+        rows.append({"arch": key, "latency_ms": pred.predict(a), "mflops": c.mflops, "params_k": c.params / 1e3,
+                     "weight_kb": c.weight_bytes / 1024, "search_top1": fitness.scores[key]})
+    for j in pareto_front([(r["latency_ms"], r["search_top1"]) for r in rows]):
+        rows[j]["pareto"] = True
+    rel = lambda p: os.path.relpath(Path(p).resolve(), out.resolve())  # noqa: E731
+    provenance = {"supernet": {"path": str(Path(cfg.supernet).resolve()), "sha256": meta["weights"]["sha256"]},
+                  "table": {"path": str(Path(table_path).resolve()), "sha256": sha256_file(table_path),
+                            "runtime": table.header["runtime"], "threads": table.header["threads"],
+                            "device": table.header["device"]}}
+    chosen = []
+    for budget, a in winners.items():
+        c = cost(a)
+        doc = {**a.to_dict(space), "supernet": {"path": rel(cfg.supernet), "sha256": meta["weights"]["sha256"]},
+               "search": {"budget_ms": budget, "latency_ms": pred.predict(a), "runtime": table.header["runtime"],
+                          "threads": table.header["threads"], "search_top1": fitness.scores[a.key],
+                          "mflops": c.mflops, "params_k": c.params / 1e3}}
+        name = f"subnet_{budget:g}ms.json"
+        write_json(out / name, doc)
+        chosen.append({"budget_ms": budget, "file": name, "arch": a.key, "latency_ms": pred.predict(a),
+                       "search_top1": fitness.scores[a.key], "mflops": c.mflops, "params_k": c.params / 1e3})
+    result = {"format": "qnas.search/1", "config": asdict(cfg), **provenance, "chosen": chosen,
+              "evaluations": {"count": len(fitness.scores), "new": fitness.evaluations, "cache_hits": fitness.hits,
+                              "evaluation_seconds": round(fitness.seconds, 1)},
+              "subnets": sorted(rows, key=lambda r: r["latency_ms"]), "versions": versions()}
+    write_json(out / "pareto.json", result)
+    plot_pareto(result, out / "pareto.png")
+    result["out"] = str(out)
+    return result
+
+
+def _table(cfg: SearchConfig, net, log) -> tuple[LatencyTable, Path]:
+    if cfg.table:
+        table = load_table(Path(cfg.table))
+        check_table_fits(table, net.space, net.in_channels, net.num_classes, f"--table {cfg.table}")
+        return table, Path(cfg.table)
+    from export.latency_build import ensure_host_table  # converts and times: TensorFlow, LiteRT
+
+    return ensure_host_table(net.space, net.in_channels, net.num_classes, cfg.runtime, cfg.threads, log=log)
+
+
+def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table) -> None:
+    """Exit 2 naming the fastest subnet when a budget is below anything the space can do."""
+    rng = random.Random(0)
+    candidates = [sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(2000)]
+    fastest = min(candidates, key=pred.predict)
+    fast_ms = pred.predict(fastest)
+    ok = [a for a in candidates if within_others(a)]
+    h = table.header
+    where = f"on {h['runtime']}, {h['threads']} thread(s), {h['device'].get('cpu', h['device'].get('kind'))}"
+    if not ok:
+        c = cost(sample(space, "smallest"))
+        raise UserError(f"--flops-m/--params-k: no subnet of space {space.name!r} fits; the smallest has "
+                        f"{c.mflops:.2f} MFLOPs and {c.params / 1e3:.1f} k parameters")
+    for budget in cfg.budgets_ms:
+        if budget < fast_ms:
+            c = cost(fastest)
+            raise UserError(f"--latency-ms {budget:g}: no subnet of space {space.name!r} is predicted that fast {where}; "
+                            f"the fastest takes about {fast_ms:.4f} ms ({fastest.key}: {c.mflops:.2f} MFLOPs, "
+                            f"{c.params / 1e3:.1f} k parameters)")
+
+
+def plot_pareto(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["subnets"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter([r["latency_ms"] for r in rows], [100 * r["search_top1"] for r in rows], s=8, color="0.7",
+               label=f"evaluated ({len(rows)})")
+    front = [r for r in rows if r.get("pareto")]
+    ax.plot([r["latency_ms"] for r in front], [100 * r["search_top1"] for r in front], "o-", ms=4, label="Pareto front")
+    for c in result["chosen"]:
+        ax.axvline(c["budget_ms"], color="tab:red", ls=":", lw=0.8)
+        ax.plot(c["latency_ms"], 100 * c["search_top1"], "*", ms=14, color="tab:red")
+        ax.annotate(f"{c['budget_ms']:g} ms", (c["latency_ms"], 100 * c["search_top1"]), textcoords="offset points",
+                    xytext=(4, -12), fontsize=8)
+    t = result["table"]
+    ax.set(xlabel=f"predicted int8 TFLite latency (ms; {t['runtime']}, {t['threads']} thread(s))",
+           ylabel="top-1 on the search split (%), calibrated int8", title="qnas search: accuracy vs latency")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
