@@ -29,10 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrate import calibrated_subnet, evaluate
+from .calibrate import EVAL_IMAGES_HINT, calibrated_subnet, evaluate
 from .checkpoint import atomic_write, load_weights, save_weights
 from .data import Dataset, augment, calibration_indices, epoch_batches, load_dataset, to_input
-from .errors import UserError
+from .errors import UserError, check_count
 from .layers import QConvBN, QLinear, init_scales, keep_scales_positive
 from .quant import QuantConfig
 from .space import Arch, SearchSpace, load_space, sample
@@ -70,17 +70,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.quant, dict):
             self.quant = QuantConfig(**self.quant)
-        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "calib_images"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.steps is not None and self.steps <= 0:
-            raise UserError(f"--steps must be a positive integer, got {self.steps}")
+        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "calib_images", "steps"):
+            check_count(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.num_random < 0 or self.warmup_steps < 0:
             raise UserError("--num-random and --warmup-steps must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
-        if self.eval_images is not None and self.eval_images <= 0:
-            raise UserError(f"--eval-images must be a positive integer, got {self.eval_images} (leave it out for the whole test split)")
+        check_count("--eval-images", self.eval_images, EVAL_IMAGES_HINT)
         if not 0 <= self.seed < 2**32:  # seeds are mixed with step numbers into 64-bit generator seeds
             raise UserError(f"--seed must be an integer in [0, 2^32), got {self.seed}")
         if not 0 <= self.kd_ratio <= 1:
