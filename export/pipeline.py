@@ -24,6 +24,7 @@ from qnas_cli.supernet import Subnet
 
 from .fold import quantize_input, quantize_output, to_integer_graph
 
+REPORT_SCHEMA = "qnas.export_report/1"  # bump when a documented key (README, "In a CI pipeline") changes meaning
 ONNX2TF_CALIB_IMAGES = 200  # onnx2tf's own calibration only has to produce a full-integer graph
 
 
@@ -110,6 +111,7 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     report = verify_tflite(result.tflite, graph, images, expected=expected)
     tfl = run_tflite(result.tflite, images, "xnnpack")
     in_q, out_q = graph.qparams[graph.input], graph.qparams[graph.output]
+    report = {"schema": REPORT_SCHEMA, **report}
     report.update({
         "passed": None,
         "arch": meta.get("arch"),
