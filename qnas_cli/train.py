@@ -170,6 +170,22 @@ def _allreduce_grads(model: nn.Module, d: Dist) -> None:
         offset += n
 
 
+def check_replicas(model: nn.Module, d: Dist) -> None:
+    """Every rank ends with rank 0's parameters (same start, same averaged gradients, same steps).
+
+    Checked once, by checksum, after training: a broken gradient all-reduce would otherwise let
+    the ranks drift apart while rank 0 saves its own model as if nothing had happened.
+    """
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    reference = sums.clone()
+    dist.broadcast(reference, 0)
+    differ = (sums != reference).sum().reshape(1).float()
+    dist.all_reduce(differ)
+    if differ.item():
+        raise RuntimeError(f"the {d.world} training processes ended with different weights "
+                           f"({int(differ.item())} parameter tensors differ from rank 0's): gradients were not averaged")
+
+
 class _StopFlag:
     """SIGINT/SIGTERM ask the loop to finish its step, checkpoint, and stop."""
 
@@ -355,9 +371,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                     dist.barrier()
                 raise Interrupted(step + 1, _ckpt_dir(out))
 
+    if d.world > 1:
+        check_replicas(model, d)
+        if d.main:
+            log(f"all {d.world} processes hold identical weights")
     summary: dict[str, Any] = {}
     if d.main:
-        summary = _finish(model, opt, data, space, cfg, out, total, device, log)
+        summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world)
     if d.world > 1:
         dist.barrier()
     return summary
@@ -453,7 +473,7 @@ def _init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, devic
 
 
 def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, total: int,
-            device: str, log: Callable[[str], None]) -> dict[str, Any]:
+            device: str, log: Callable[[str], None], world: int = 1) -> dict[str, Any]:
     """Final weights + sidecar, and the test accuracy of the largest and smallest calibrated subnets."""
     _save_checkpoint(out, model, opt, total, cfg)  # first: a kill during evaluation loses no training
     results = {}
@@ -464,7 +484,7 @@ def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainC
         log(f"{how} subnet {arch.key}: test top-1 {results[how]['test_top1']:.4f}")
     meta = save_weights(out / "supernet.pt", supernet_payload(model), {
         "kind": "qnas.supernet", "space": space.to_dict(), "config": cfg.to_dict(), "data": data.describe(),
-        "steps": total, "metrics": results, "quant": asdict(cfg.quant),
+        "steps": total, "world_size": world, "metrics": results, "quant": asdict(cfg.quant),
     })
     return meta
 

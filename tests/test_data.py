@@ -45,9 +45,23 @@ def test_augment_is_a_crop_and_flip_of_the_image():
     y = augment(x, 0, True, g)
     for i in range(2):
         assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(-1))
-    z = augment(x, 2, False, torch.Generator().manual_seed(1))
-    assert z.shape == x.shape
     assert torch.equal(augment(x, 2, True, torch.Generator().manual_seed(1)), augment(x, 2, True, torch.Generator().manual_seed(1)))
+
+
+def test_crop_with_padding_takes_every_offset_of_the_padded_image():
+    """Each output is the window at some (dy, dx) of the zero-padded image, and the offsets vary:
+    a crop stuck at one offset (0, 0 or the centre) fails."""
+    pad, n = 2, 200
+    x = torch.randint(1, 256, (n, 2, 6, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))  # no zeros
+    z = augment(x, pad, False, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    offsets = []
+    for i in range(n):
+        found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 if torch.equal(z[i], padded[i, :, dy : dy + 6, dx : dx + 7])]
+        assert len(found) == 1, f"image {i} is no crop of its padded self"
+        offsets.append(found[0])
+    assert set(offsets) == {(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)}  # all 25, uniform draws
 
 
 def _write_cifar(folder):

@@ -158,11 +158,6 @@ def test_user_errors_exit_2_with_one_line(runner, bad_inputs, args, words):
     assert r.output.strip().splitlines()[-1].startswith("error:")
 
 
-def test_debug_shows_the_traceback(runner):
-    r = runner.invoke(app, ["--debug", "space", "show", "--space", "huge"])
-    assert isinstance(r.exception, UserError)
-
-
 def test_internal_errors_exit_1_with_the_tools_message(runner, monkeypatch):
     def broken(_):
         raise RuntimeError("boom")

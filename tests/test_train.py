@@ -80,9 +80,11 @@ def test_torchrun_two_cpu_processes(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     meta = json.loads((out / "supernet.json").read_text())
-    assert meta["steps"] == 4
+    assert meta["steps"] == 4 and meta["world_size"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows][-1] == 4  # one writer: rank 0
+    # the ranks trained one model: a no-op gradient all-reduce lets them drift and fails the run here
+    assert "all 2 processes hold identical weights" in r.stdout + r.stderr
 
 
 # ---- the CLI ----------------------------------------------------------------------------------
