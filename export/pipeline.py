@@ -72,8 +72,8 @@ def _current_calibration(subnet_file: Path, supernet: Path | None, data_spec: st
 
 
 @torch.no_grad()
-def _int8_images(sub: Subnet, data: Dataset, source, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int8 inputs, labels, and the fake-quant model's int8 logits on them."""
+def int8_images(sub: Subnet, data: Dataset, source, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 inputs (NCHW), labels, and the fake-quant model's int8 logits on the first ``limit`` images of ``source``."""
     xs, ys, outs = [], [], []
     for x, y in ordered_batches(source, 500, limit):
         z = to_input(x, data, sub.arch.resolution)
@@ -107,7 +107,7 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     result = export_tflite(graph, calib, out_dir, name="model")
 
     log("verifying against the fake-quant PyTorch subnet")
-    images, labels, expected = _int8_images(sub, data, data.test, eval_images)
+    images, labels, expected = int8_images(sub, data, data.test, eval_images)
     report = verify_tflite(result.tflite, graph, images, expected=expected)
     tfl = run_tflite(result.tflite, images, "xnnpack")
     in_q, out_q = graph.qparams[graph.input], graph.qparams[graph.output]

@@ -339,7 +339,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         if cfg.init:
             _load_float_init(model, Path(cfg.init), space)
         if cfg.quant.enabled:
-            _init_quant_scales(model, data, space, device)
+            init_quant_scales(model, data, space, device)
     _broadcast(model, d)
     if d.main and not resume:
         atomic_write(out / "metrics.jsonl", lambda f: None)
@@ -354,7 +354,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
             epoch, k = divmod(step, steps_per_epoch)
             if epoch != cached_epoch:
                 batches, cached_epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world), epoch
-            metrics = _train_step(model, opt, data, space, batches[k], step, total, cfg, d, device)
+            metrics = train_step(model, opt, data, space, batches[k], step, total, cfg, d, device)
             seen += cfg.batch_size * d.world
             requested = _sync_flag(stop.requested, d)
             if d.main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
@@ -392,8 +392,9 @@ def _sync_flag(flag: bool, d: Dist) -> bool:
     return t.item() > 0
 
 
-def _train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space: SearchSpace, idx: Tensor,
-                step: int, total: int, cfg: TrainConfig, d: Dist, device: str) -> dict[str, float]:
+def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space: SearchSpace, idx: Tensor,
+               step: int, total: int, cfg: TrainConfig, d: Dist, device: str) -> dict[str, float]:
+    """One sandwich step on the training images ``idx``: the loop's unit of work (and of the throughput benchmark)."""
     lr = lr_at(step, total, cfg)
     for g in opt.param_groups:
         g["lr"] = lr
@@ -461,7 +462,7 @@ def _load_float_init(model: Supernet, path: Path, space: SearchSpace) -> None:
 
 
 @torch.no_grad()
-def _init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device: str, images: int = 256) -> None:
+def init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device: str, images: int = 256) -> None:
     """Scales from data: activation steps and the scale predictor's s_init (largest subnet, seeded batch)."""
     arch = sample(space, "largest")
     x, _ = data.train.get(calibration_indices(data.train, images, seed=1))
