@@ -97,9 +97,8 @@ def calibration_record(supernet_sha256: str, data_spec: str, calib_images: int) 
 
 def stale_reasons(meta: dict[str, Any], arch: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     """Why a calibrated subnet (its sidecar ``meta``) is not the one ``arch`` + ``expected`` would give; [] if it is."""
-    reasons = []
-    if {k: (meta.get("arch") or {}).get(k) for k in ("resolution", "stages")} != {k: arch.get(k) for k in ("resolution", "stages")}:
-        reasons.append("another architecture")
+    recorded_arch = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
+    reasons = [] if all(recorded_arch.get(k) == arch.get(k) for k in ("resolution", "stages")) else ["another architecture"]
     recorded = meta.get("calibration")
     if not isinstance(recorded, dict):
         return reasons + ["it records no calibration inputs (made by an older qnas)"]

@@ -85,9 +85,13 @@ def test_export_recalibrates_after_the_supernet_was_retrained(calibrated, tmp_pa
     (dict(data_spec="fashion-mnist:/usr/share/datasets/fashion-mnist"), "data"),
     (dict(contract=True), "integer_contract"),
     (dict(seed=True), "calib_seed"),
+    (dict(arch=True), "another architecture"),
 ])
 def test_export_recalibrates_when_any_calibration_input_differs(calibrated, monkeypatch, change, reason):
     subnet, _, _ = calibrated
+    if change.pop("arch", False):
+        space = PRESETS["tiny"]
+        write_json(subnet, {**json.loads(subnet.read_text()), **sample(space, "largest").to_dict(space)})
     if change.pop("contract", False):
         monkeypatch.setattr(calibrate_mod, "INTEGER_CONTRACT_VERSION", calibrate_mod.INTEGER_CONTRACT_VERSION + 1)
     if change.pop("seed", False):
