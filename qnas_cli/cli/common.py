@@ -34,4 +34,3 @@ def say(con: Console, message: str) -> None:
 def logger(con: Console) -> Callable[..., None]:
     """A ``log`` for the library's functions: plain messages on ``con``."""
     return lambda message, **_: say(con, str(message))
-
