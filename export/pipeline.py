@@ -40,7 +40,8 @@ def prepare(subnet_file: Path, supernet: Path | None, data_spec: str | None, cal
             sub, meta, data = calibrate_file(subnet_file, supernet, data_spec, calib_images, device=device,
                                              eval_images=eval_images)
             return sub, meta, data
-    data = load_dataset(data_spec or meta["data"]["spec"], load_size=sub.arch.resolution)
+    # decoded as at calibration (an older file does not say: then at the subnet's resolution, as before)
+    data = load_dataset(data_spec or meta["data"]["spec"], load_size=meta["data"].get("decode_size", sub.arch.resolution))
     return sub, meta, data
 
 
@@ -124,7 +125,7 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
         },
         "io": {"input": {"layout": "NHWC", "shape": [1, sub.arch.resolution, sub.arch.resolution, sub.in_channels],
                          "dtype": "int8", "scale": in_q.scale, "zero_point": in_q.zero_point,
-                         "normalisation": {"mean": list(data.mean), "std": list(data.std), "of": "pixels / 255"}},
+                         **data.preprocessing(sub.arch.resolution)},
                "output": {"shape": [1, sub.num_classes], "dtype": "int8", "scale": out_q.scale, "zero_point": out_q.zero_point}},
         "size_bytes": result.tflite.stat().st_size,
         "files": {"tflite": result.tflite.name, "onnx": result.onnx.name, "log": result.log.name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,26 @@ def test_export_to_an_impossible_folder_is_refused_up_front(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="cannot write there"):
         export_subnet(tmp_path / "subnet.json", tmp_path / "a_file" / "out")  # before the missing subnet is noticed
+
+
+# ---- one preprocessing recipe: export decodes images as calibration did -----------------------------
+
+def test_export_of_a_calibrated_file_decodes_images_as_its_calibration_did(tmp_path):
+    """Calibration decodes image files at the space's largest resolution; export from subnet.qnas.pt
+    must feed the very same inputs (it used to decode at the subnet's own resolution)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1)):
+        for cls in range(10):
+            (tmp_path / "images" / split / f"c{cls}").mkdir(parents=True)
+            for i in range(n):  # not square, not the space's size
+                Image.fromarray(rng.integers(0, 256, (37, 23), dtype=np.uint8), "L").save(tmp_path / "images" / split / f"c{cls}" / f"{i}.png")
+    spec = f"imagefolder:{tmp_path / 'images'}"
+    subnet = _subnet(tmp_path / "subnet.json", _supernet(tmp_path / "supernet.pt", seed=0))
+    sub, meta, calibrated_with = calibrate_mod.calibrate_file(subnet, data_spec=spec, calib_images=8, eval_images=4)
+    assert sub.arch.resolution < meta["data"]["decode_size"] == max(PRESETS["tiny"].resolutions)
+    _, _, exported_with = prepare(subnet.with_name("subnet.qnas.pt"), None, None, CALIB, log=lambda m: None)
+    idx = torch.arange(len(exported_with.test))
+    assert torch.equal(exported_with.test.get(idx)[0], calibrated_with.test.get(idx)[0])
+    assert exported_with.preprocessing(16) == calibrated_with.preprocessing(16)

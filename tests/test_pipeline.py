@@ -121,3 +121,5 @@ def test_the_readme_ci_job_exports_a_subnet_and_reads_its_figures(trained, tmp_p
     a = report["accuracy"]
     assert f"{report['arch_key']}: top-1 {a['tflite_top1']:.4f}" in r.stdout
     assert (tmp_path / "dist" / "model_int8.tflite").is_file()
+    io = report["io"]["input"]  # what a deployer needs to feed the model the gate was run on
+    assert io["decode"] and io["resize"] and io["normalisation"]["of"] == "pixels / 255"

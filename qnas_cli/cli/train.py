@@ -18,7 +18,7 @@ D = TrainConfig()  # defaults shown in --help come from the library's config
 
 def train(
     space: Annotated[str, typer.Option("--space", "-s", help="Search space: tiny, small, mbv3, or a .json/.toml file.")] = D.space,
-    data: Annotated[str, typer.Option(help="fashion-mnist | fashion-mnist:DIR | cifar10:DIR | imagefolder:DIR")] = D.data,
+    data: Annotated[str, typer.Option(help="fashion-mnist | fashion-mnist:DIR | cifar10:DIR | imagefolder:DIR (or imagefolder-rgb:DIR, imagefolder-gray:DIR to convert a mixed set)")] = D.data,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: supernet.pt/.json, metrics.jsonl, ckpt/.")] = Path(D.out),
     quant: Annotated[str, typer.Option(help="int8: the fully quantized supernet; none: float.")] = "int8",
     act_scheme: Annotated[str, typer.Option(help="symmetric (zero point 0, the paper's) | full-range (zero point -128 after ReLU).")] = "symmetric",
