@@ -42,11 +42,11 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
-	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/supernet_accuracy.py
-	$(BIN)/python benchmarks/fold_ablation.py
-	$(BIN)/python benchmarks/export_parity.py
-	$(BIN)/python benchmarks/latency_model.py
+	$(BIN)/python -m benchmarks.train_throughput
+	$(BIN)/python -m benchmarks.supernet_accuracy
+	$(BIN)/python -m benchmarks.fold_ablation
+	$(BIN)/python -m benchmarks.export_parity
+	$(BIN)/python -m benchmarks.latency_model
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

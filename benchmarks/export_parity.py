@@ -12,7 +12,7 @@ Columns: max |Δ| LSB, fraction within 1 LSB / exact, top-1 agreement (XNNPACK a
 kernels), test top-1 of the TFLite model (XNNPACK), float tensors, QUANTIZE+DEQUANTIZE ops,
 conversion seconds (ONNX + onnx2tf [+ our rewrite]).
 
-    python benchmarks/export_parity.py [--supernet runs/q8/supernet.pt] [--subnets largest,smallest,random:1]
+    python -m benchmarks.export_parity [--supernet runs/q8/supernet.pt] [--subnets largest,smallest,random:1]
                                        [--images 500] [--out runs/bench/export_parity]
 
 Without --supernet a tiny int8 supernet is trained on Fashion-MNIST into OUT/supernet (under a
@@ -22,29 +22,27 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+from ai_edge_litert.interpreter import Interpreter
 
-from export.fold import quantize_input, to_integer_graph  # noqa: E402
-from export.graph import QParams  # noqa: E402
-from export.onnx_export import export_onnx  # noqa: E402
-from export.pipeline import ONNX2TF_CALIB_IMAGES, _int8_images, export_subnet, prepare  # noqa: E402
-from export.reference import dequantize, quantize  # noqa: E402
-from export.tflite import MAX_CALIB_IMAGES, run_onnx2tf  # noqa: E402
-from export.verify import BACKENDS, op_census, parity, run_tflite  # noqa: E402
-from qnas_cli.calibrate import CALIB_IMAGES  # noqa: E402
-from qnas_cli.checkpoint import versions, write_json  # noqa: E402
-from qnas_cli.data import calibration_indices, to_input  # noqa: E402
-from qnas_cli.space import sample  # noqa: E402
-from qnas_cli.supernet import load_supernet  # noqa: E402
-from qnas_cli.train import TrainConfig, train  # noqa: E402
+from export.fold import quantize_input, to_integer_graph
+from export.graph import QParams
+from export.onnx_export import export_onnx
+from export.pipeline import ONNX2TF_CALIB_IMAGES, int8_images, export_subnet, prepare
+from export.reference import dequantize, quantize
+from export.tflite import MAX_CALIB_IMAGES, run_onnx2tf
+from export.verify import BACKENDS, op_census, parity, run_tflite
+from qnas_cli.calibrate import CALIB_IMAGES
+from qnas_cli.checkpoint import versions, write_json
+from qnas_cli.data import calibration_indices, to_input
+from qnas_cli.space import sample
+from qnas_cli.supernet import load_supernet
+from qnas_cli.train import TrainConfig, train
 
 
 def subnet_file(supernet: Path, spec: str, out: Path) -> Path:
@@ -64,7 +62,7 @@ def plain_onnx2tf(path: Path, folder: Path, n_images: int) -> dict:
     graph = to_integer_graph(sub, {"arch": sub.arch.key})
     calib = quantize_input(sub, to_input(data.train.get(calibration_indices(data.train, ONNX2TF_CALIB_IMAGES, 2))[0],
                                          data, sub.arch.resolution))
-    images, labels, expected = _int8_images(sub, data, data.test, n_images)
+    images, labels, expected = int8_images(sub, data, data.test, n_images)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     onnx_path = export_onnx(graph, folder / "model.onnx")

@@ -12,7 +12,7 @@ in-process with malformed inputs: bad or missing files, impossible spaces, subne
 space, corrupt or swapped weights, bad numbers, incompatible options. "Rejected cleanly" means exit
 code 2, an `error:` line, and no traceback.
 
-    python benchmarks/fault_injection.py [--kills 3] [--steps 12] [--seed 0] [--out runs/bench/fault_injection.json]
+    python -m benchmarks.fault_injection [--kills 3] [--steps 12] [--seed 0] [--out runs/bench/fault_injection.json]
 """
 from __future__ import annotations
 
@@ -29,14 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from qnas_cli.checkpoint import load_weights, sidecar, versions, write_json  # noqa: E402
-from qnas_cli.cli import app  # noqa: E402
-from qnas_cli.errors import UserError  # noqa: E402
-from qnas_cli.space import PRESETS, sample  # noqa: E402
+from qnas_cli.checkpoint import load_weights, sidecar, versions, write_json
+from qnas_cli.cli import app
+from qnas_cli.errors import UserError
+from qnas_cli.space import PRESETS, sample
+from tests.helpers import assert_same_weights, space_doc, supernet_weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # same threads in every run: same floats
 TINY = ["--space", "tiny", "--batch-size", "16", "--eval-images", "100", "--calib-images", "64"]
@@ -76,8 +75,11 @@ def audit(out: Path) -> dict[str, list[str]]:
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = (load_weights(p / "supernet.pt")[0]["model"] for p in (a, b))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    try:
+        assert_same_weights(supernet_weights(a), supernet_weights(b))
+    except AssertionError:
+        return False
+    return True
 
 
 def kill_runs(n: int, steps: int, rng: random.Random, root: Path) -> dict[str, Any]:
@@ -114,16 +116,6 @@ def kill_runs(n: int, steps: int, rng: random.Random, root: Path) -> dict[str, A
 
 
 # ---- malformed inputs -------------------------------------------------------------------------
-
-def space_doc(**change: Any) -> dict[str, Any]:
-    doc = json.loads(json.dumps(PRESETS["tiny"].to_dict()))
-    for key, value in change.items():
-        if key.startswith("stage_"):
-            doc["stages"][0][key[6:]] = value
-        else:
-            doc[key] = value
-    return doc
-
 
 def bad_space_files(d: Path) -> dict[str, str]:
     """name -> path of a space file (or spec) that must be refused."""

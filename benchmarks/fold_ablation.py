@@ -5,20 +5,18 @@ in ``--bn-fold``: ``batch`` (QuantNAS §4.1: fold the statistics of the current 
 ``moving`` (the stand-alone QAT recipe: fold the supernet's moving statistics, which are shared
 by all subnets and match none of them). Writes the loss curves (JSON + PNG) and prints a verdict.
 
-    python benchmarks/fold_ablation.py [--steps 150] [--space small] [--out runs/bench/fold_ablation]
+    python -m benchmarks.fold_ablation [--steps 150] [--space small] [--out runs/bench/fold_ablation]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qnas_cli.checkpoint import versions, write_json  # noqa: E402
-from qnas_cli.quant import QuantConfig  # noqa: E402
-from qnas_cli.train import TrainConfig, train  # noqa: E402
+from qnas_cli.checkpoint import versions, write_json
+from qnas_cli.quant import QuantConfig
+from qnas_cli.train import TrainConfig, train
 
 
 def curve(out: Path) -> list[dict]:

@@ -12,8 +12,8 @@
    XNNPACK slower on one and faster on the other.
 5. Prediction throughput (predictions per second of `Predictor.predict`).
 
-    python benchmarks/latency_model.py [--space small] [--subnets 30] [--rounds 15]
-                                       [--table-dir DIR] [--out runs/bench/latency_model]
+    python -m benchmarks.latency_model [--space small] [--subnets 30] [--rounds 15]
+                                         [--table-dir DIR] [--out runs/bench/latency_model]
 
 Writes OUT/latency_model.json and OUT/latency_model.png (predicted vs measured, ±10% band).
 Takes about 10-15 minutes for `small` on 2 cores (table build and exports; exports of the same

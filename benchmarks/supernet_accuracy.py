@@ -14,19 +14,17 @@ teacher (about 85% on its training batches), and the smallest subnet gains from 
 Measured on this 2-core CPU: with 0.9 (and 500 + 1000 steps) the smallest reached 84.40%; with
 0.5 (400 + 1150 steps) 85.91%.
 
-    python benchmarks/supernet_accuracy.py [--float-steps 400] [--int8-steps 1150] [--out runs/bench/supernet_accuracy]
+    python -m benchmarks.supernet_accuracy [--float-steps 400] [--int8-steps 1150] [--out runs/bench/supernet_accuracy]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qnas_cli.checkpoint import versions, write_json  # noqa: E402
-from qnas_cli.quant import QuantConfig  # noqa: E402
-from qnas_cli.train import TrainConfig, train  # noqa: E402
+from qnas_cli.checkpoint import versions, write_json
+from qnas_cli.quant import QuantConfig
+from qnas_cli.train import TrainConfig, train
 
 TARGET_TOP1, BUDGET_MIN = 0.85, 30.0
 

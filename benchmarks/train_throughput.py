@@ -7,32 +7,30 @@ Prints and writes (JSON):
 Float and int8 are measured interleaved, round by round, in one process: medians and the median
 of per-round ratios are robust to the noise of a shared machine.
 
-    python benchmarks/train_throughput.py [--rounds 5] [--batch-size 128] [--out runs/bench/train_throughput.json]
+    python -m benchmarks.train_throughput [--rounds 5] [--batch-size 128] [--out runs/bench/train_throughput.json]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qnas_cli.checkpoint import versions, write_json  # noqa: E402
-from qnas_cli.data import calibration_indices, load_dataset  # noqa: E402
-from qnas_cli.quant import QuantConfig  # noqa: E402
-from qnas_cli.space import load_space, sample  # noqa: E402
-from qnas_cli.supernet import Supernet  # noqa: E402
-from qnas_cli.train import Dist, TrainConfig, _init_quant_scales, _train_step, param_groups  # noqa: E402
+from qnas_cli.checkpoint import versions, write_json
+from qnas_cli.data import calibration_indices, load_dataset
+from qnas_cli.quant import QuantConfig
+from qnas_cli.space import load_space, sample
+from qnas_cli.supernet import Supernet
+from qnas_cli.train import Dist, TrainConfig, init_quant_scales, train_step, param_groups
 
 
 def build(mode: str, space, data, cfg: TrainConfig):
     torch.manual_seed(0)
     net = Supernet(space, data.in_channels, data.num_classes, QuantConfig(mode=mode)).train()
     if mode == "int8":
-        _init_quant_scales(net, data, space, "cpu")
+        init_quant_scales(net, data, space, "cpu")
     opt = torch.optim.SGD(param_groups(net, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
     return net, opt
 
@@ -47,7 +45,7 @@ def largest_step(net, opt, x, y, arch) -> float:
 
 def sandwich_step(net, opt, data, space, idx, step, cfg) -> float:
     t = time.perf_counter()
-    _train_step(net, opt, data, space, idx, step, 10_000, cfg, Dist(), "cpu")
+    train_step(net, opt, data, space, idx, step, 10_000, cfg, Dist(), "cpu")
     return time.perf_counter() - t
 
 

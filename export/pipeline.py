@@ -6,7 +6,7 @@ test images; the report says whether the model passed, and why not.
 """
 from __future__ import annotations
 
-import tempfile
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -14,44 +14,67 @@ from typing import Any
 import numpy as np
 import torch
 
-from qnas_cli.calibrate import CALIB_IMAGES, calibrate_file, load_calibrated
-from qnas_cli.checkpoint import sha256_file, versions, write_json
+from qnas_cli.calibrate import (CALIB_IMAGES, EVAL_IMAGES_HINT, calibrate_file, calibration_data_spec, calibration_record,
+                                default_output, load_calibrated, resolve_supernet, stale_reasons)
+from qnas_cli.checkpoint import read_meta, sha256_file, versions, write_json
 from qnas_cli.data import Dataset, calibration_indices, load_dataset, ordered_batches, to_input
-from qnas_cli.errors import UserError
+from qnas_cli.errors import UserError, check_count
 from qnas_cli.space import read_structured
 from qnas_cli.supernet import Subnet
 
 from .fold import quantize_input, quantize_output, to_integer_graph
 
+REPORT_SCHEMA = "qnas.export_report/1"  # bump when a documented key (README, "In a CI pipeline") changes meaning
 ONNX2TF_CALIB_IMAGES = 200  # onnx2tf's own calibration only has to produce a full-integer graph
 
 
 def prepare(subnet_file: Path, supernet: Path | None, data_spec: str | None, calib_images: int,
-            device: str = "cpu") -> tuple[Subnet, dict[str, Any], Dataset]:
-    """A calibrated subnet from ``.qnas.pt``, from a matching ``.qnas.pt`` beside a subnet.json, or by calibrating."""
+            device: str = "cpu", eval_images: int | None = None, log=print) -> tuple[Subnet, dict[str, Any], Dataset]:
+    """A calibrated subnet: the ``.qnas.pt`` given, the one beside a subnet.json when provably current, or a new one."""
     subnet_file = Path(subnet_file)
     if subnet_file.name.endswith(".qnas.pt"):
         sub, meta = load_calibrated(subnet_file)
     else:
-        beside = subnet_file.with_suffix(".qnas.pt")
-        sub = None
-        if beside.is_file() and supernet is None and data_spec is None:
-            cand, meta = load_calibrated(beside)
-            raw = read_structured(subnet_file, "subnet file")
-            arch = meta.get("arch") or {}
-            same_arch = {k: raw.get(k) for k in ("resolution", "stages")} == {k: arch.get(k) for k in ("resolution", "stages")}
-            if same_arch and meta.get("calib_images") == calib_images:
-                sub = cand
+        sub, meta = _current_calibration(subnet_file, supernet, data_spec, calib_images, log)
         if sub is None:
-            sub, meta, data = calibrate_file(subnet_file, supernet, data_spec, calib_images, device=device)
+            sub, meta, data = calibrate_file(subnet_file, supernet, data_spec, calib_images, device=device,
+                                             eval_images=eval_images)
             return sub, meta, data
-    data = load_dataset(data_spec or meta["data"]["spec"], load_size=sub.arch.resolution)
+    # decoded as at calibration (an older file does not say: then at the subnet's resolution, as before)
+    data = load_dataset(data_spec or meta["data"]["spec"], load_size=meta["data"].get("decode_size", sub.arch.resolution))
     return sub, meta, data
 
 
+def _current_calibration(subnet_file: Path, supernet: Path | None, data_spec: str | None, calib_images: int,
+                         log) -> tuple[Subnet | None, dict[str, Any]]:
+    """The ``.qnas.pt`` beside ``subnet_file`` if it was calibrated from exactly these inputs, else (None, {}).
+
+    Same architecture is not enough: a retrained supernet, other data, another calibration set or
+    a change of the integer contract gives other integers, and the export gate cannot notice
+    (it compares the TFLite model with the very subnet it was made from).
+    """
+    beside = default_output(subnet_file)
+    if not beside.is_file():
+        return None, {}
+    raw = read_structured(subnet_file, "subnet file")
+    net_path, recorded_sha = resolve_supernet(raw, subnet_file, supernet)
+    try:
+        net_meta = read_meta(net_path, recorded_sha)
+    except UserError as e:
+        raise UserError(f"{e} (to export {beside.name} as it is, pass it instead of {subnet_file.name})") from None
+    expected = calibration_record(net_meta["weights"]["sha256"], calibration_data_spec(data_spec, net_meta), calib_images)
+    reasons = stale_reasons(read_meta(beside), raw, expected)
+    if reasons:
+        log(f"recalibrating: {beside.name} was calibrated from other inputs ({'; '.join(reasons)})")
+        return None, {}
+    sub, meta = load_calibrated(beside)
+    log(f"using {beside.name}: calibrated from this supernet, data and calibration set")
+    return sub, meta
+
+
 @torch.no_grad()
-def _int8_images(sub: Subnet, data: Dataset, source, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int8 inputs, labels, and the fake-quant model's int8 logits on them."""
+def int8_images(sub: Subnet, data: Dataset, source, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 inputs (NCHW), labels, and the fake-quant model's int8 logits on the first ``limit`` images of ``source``."""
     xs, ys, outs = [], [], []
     for x, y in ordered_batches(source, 500, limit):
         z = to_input(x, data, sub.arch.resolution)
@@ -68,13 +91,16 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     from .tflite import export_tflite
     from .verify import failures, run_tflite, verify_tflite
 
+    check_count("--calib-images", calib_images)
+    check_count("--eval-images", eval_images, EVAL_IMAGES_HINT)
     out_dir = Path(out_dir) if out_dir else Path(subnet_file).parent
-    _check_writable(out_dir)
+    check_writable(out_dir)
     t0 = time.perf_counter()
-    sub, meta, data = prepare(Path(subnet_file), supernet, data_spec, calib_images)
+    sub, meta, data = prepare(Path(subnet_file), supernet, data_spec, calib_images, eval_images=eval_images, log=log)
     sub.eval()
     if not sub.cfg.enabled:
         raise UserError("this subnet comes from a float supernet (--quant none): train an int8 supernet to export")
+    _make_folder(out_dir)  # only now: a refused export leaves no empty folder behind
     graph = to_integer_graph(sub, {"arch": sub.arch.key})
     calib = quantize_input(sub, to_input(data.train.get(calibration_indices(data.train, ONNX2TF_CALIB_IMAGES, 2))[0],
                                          data, sub.arch.resolution))
@@ -82,10 +108,11 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     result = export_tflite(graph, calib, out_dir, name="model")
 
     log("verifying against the fake-quant PyTorch subnet")
-    images, labels, expected = _int8_images(sub, data, data.test, eval_images)
+    images, labels, expected = int8_images(sub, data, data.test, eval_images)
     report = verify_tflite(result.tflite, graph, images, expected=expected)
     tfl = run_tflite(result.tflite, images, "xnnpack")
     in_q, out_q = graph.qparams[graph.input], graph.qparams[graph.output]
+    report = {"schema": REPORT_SCHEMA, **report}
     report.update({
         "passed": None,
         "arch": meta.get("arch"),
@@ -98,7 +125,7 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
         },
         "io": {"input": {"layout": "NHWC", "shape": [1, sub.arch.resolution, sub.arch.resolution, sub.in_channels],
                          "dtype": "int8", "scale": in_q.scale, "zero_point": in_q.zero_point,
-                         "normalisation": {"mean": list(data.mean), "std": list(data.std), "of": "pixels / 255"}},
+                         **data.preprocessing(sub.arch.resolution)},
                "output": {"shape": [1, sub.num_classes], "dtype": "int8", "scale": out_q.scale, "zero_point": out_q.zero_point}},
         "size_bytes": result.tflite.stat().st_size,
         "files": {"tflite": result.tflite.name, "onnx": result.onnx.name, "log": result.log.name,
@@ -113,11 +140,19 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     return report
 
 
-def _check_writable(out_dir: Path) -> None:
-    """Fail before any work when the output folder cannot take files."""
+def check_writable(out_dir: Path) -> None:
+    """Fail before any work when ``out_dir`` could not be created or written; creates nothing."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out_dir}: cannot write there ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out_dir}: cannot write there (permission denied on {existing})")
+
+
+def _make_folder(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".qnas-write-test-"):
-            pass
     except OSError as e:
         raise UserError(f"--out {out_dir}: cannot write there ({e.strerror})") from None

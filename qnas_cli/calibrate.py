@@ -13,21 +13,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_weights, save_weights
+from .checkpoint import load_weights, save_weights, sidecar
 from .data import Dataset, ImageSource, calibration_indices, load_dataset, ordered_batches, to_input
-from .errors import UserError
+from .errors import UserError, check_count
 from .layers import BN_MOMENTUM
-from .quant import QuantConfig
+from .quant import INTEGER_CONTRACT_VERSION, QuantConfig
 from .space import Arch, SearchSpace
 from .supernet import Subnet, Supernet, load_supernet, reset_bn_stats, set_bn_momentum
 
 CALIB_IMAGES = 2000
+CALIB_SEED = 0  # the calibration images are a seeded subset: recorded so a reused subnet is provably the same
 EVAL_BATCH = 500
+EVAL_IMAGES_HINT = " (leave it out to evaluate the whole split)"
 
 
 @torch.no_grad()
 def calibrate_bn(model: nn.Module, data: Dataset, resolution: int, images: int = CALIB_IMAGES,
-                 batch_size: int = 250, device: str = "cpu", seed: int = 0) -> None:
+                 batch_size: int = 250, device: str = "cpu", seed: int = CALIB_SEED) -> None:
     """Reset every BN and set its running statistics to the average over ``images`` training images."""
     idx = calibration_indices(data.train, images, seed)
     was_training = model.training
@@ -47,7 +49,7 @@ def calibrated_subnet(supernet: Supernet, arch: Arch, data: Dataset, images: int
                       device: str = "cpu") -> Subnet:
     """Extract ``arch`` and calibrate its BN statistics; returned in eval mode."""
     sub = supernet.extract(arch).to(device)
-    calibrate_bn(sub, data, arch.resolution, images, device=device)
+    calibrate_bn(sub, data, arch.resolution, images, device=device, seed=CALIB_SEED)
     return sub.eval()
 
 
@@ -82,27 +84,69 @@ def resolve_supernet(raw: dict, subnet_path: Path, supernet: Path | None) -> tup
     return path, recorded
 
 
+def calibration_data_spec(data_spec: str | None, supernet_meta: dict[str, Any]) -> str:
+    """``--data``, or else the data the supernet was trained on."""
+    return data_spec or supernet_meta.get("config", {}).get("data", "fashion-mnist")
+
+
+def calibration_record(supernet_sha256: str, data_spec: str, calib_images: int) -> dict[str, Any]:
+    """Everything a calibrated subnet's integers depend on besides its architecture."""
+    return {"supernet_sha256": supernet_sha256, "data": data_spec, "calib_images": calib_images,
+            "calib_seed": CALIB_SEED, "integer_contract": INTEGER_CONTRACT_VERSION}
+
+
+def stale_reasons(meta: dict[str, Any], arch: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Why a calibrated subnet (its sidecar ``meta``) is not the one ``arch`` + ``expected`` would give; [] if it is."""
+    recorded_arch = meta.get("arch") if isinstance(meta.get("arch"), dict) else {}
+    reasons = [] if all(recorded_arch.get(k) == arch.get(k) for k in ("resolution", "stages")) else ["another architecture"]
+    recorded = meta.get("calibration")
+    if not isinstance(recorded, dict):
+        return reasons + ["it records no calibration inputs (made by an older qnas)"]
+    for key, value in expected.items():
+        if recorded.get(key) != value:
+            reasons.append(f"{key} {_short(recorded.get(key))} != {_short(value)}")
+    return reasons
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text[:14] + "…'" if isinstance(value, str) and len(value) == 64 else text  # a sha256: its prefix is enough
+
+
+def check_outputs(out: Path, inputs: list[Path]) -> None:
+    """Refuse an ``--out`` whose weights or sidecar would overwrite an input (``X.pt`` writes ``X.json``)."""
+    if out.suffix != ".pt":
+        raise UserError(f"--out {out}: a weights file must end in .pt (its sidecar is the same name with .json)")
+    for written in (out, sidecar(out)):
+        for given in inputs:
+            if written.resolve() == given.resolve():
+                raise UserError(f"--out {out} would overwrite the input {given} (it writes {out.name} and "
+                                f"{sidecar(out).name}): choose another name, e.g. {out.with_suffix('')}.qnas.pt")
+
+
 def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: str | None = None,
                    calib_images: int = CALIB_IMAGES, out: Path | None = None, device: str = "cpu",
                    eval_images: int | None = None) -> tuple[Subnet, dict[str, Any], Dataset]:
     """``qnas calibrate``: subnet.json -> calibrated static int8 subnet, saved with its accuracy."""
     from .space import read_structured
 
-    if calib_images <= 0:
-        raise UserError(f"--calib-images must be a positive integer, got {calib_images}")
-    raw = read_structured(Path(subnet_path), "subnet file")
-    net_path, recorded_sha = resolve_supernet(raw, Path(subnet_path), supernet)
+    check_count("--calib-images", calib_images)
+    check_count("--eval-images", eval_images, EVAL_IMAGES_HINT)
+    subnet_path = Path(subnet_path)
+    raw = read_structured(subnet_path, "subnet file")
+    net_path, recorded_sha = resolve_supernet(raw, subnet_path, supernet)
+    out = Path(out) if out else default_output(subnet_path)
+    check_outputs(out, [subnet_path, net_path, sidecar(net_path)])
     net, net_meta = load_supernet(net_path, recorded_sha)
     arch = Arch.from_dict(raw, net.space)
-    data = load_dataset(data_spec or net_meta.get("config", {}).get("data", "fashion-mnist"),
-                        load_size=max(net.space.resolutions))
+    spec = calibration_data_spec(data_spec, net_meta)
+    data = load_dataset(spec, load_size=max(net.space.resolutions))
     if (data.in_channels, data.num_classes) != (net.in_channels, net.num_classes):
         raise UserError(f"--data {data.spec}: {data.in_channels} channels / {data.num_classes} classes, but the supernet "
                         f"was trained for {net.in_channels} / {net.num_classes}")
     sub = calibrated_subnet(net, arch, data, calib_images, device)
     acc = {"test_top1": evaluate(sub, data.test, data, arch.resolution, device, eval_images),
            "search_top1": evaluate(sub, data.search, data, arch.resolution, device, eval_images)}
-    out = Path(out) if out else Path(subnet_path).with_suffix(".qnas.pt")
     meta = save_weights(out, {
         "subnet": sub.state_dict(), "arch": arch.to_dict(net.space), "space": net.space.to_dict(),
         "in_channels": net.in_channels, "num_classes": net.num_classes, "quant": asdict(net.cfg),
@@ -110,9 +154,15 @@ def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: s
         "kind": "qnas.calibrated_subnet", "arch": arch.to_dict(net.space), "arch_key": arch.key,
         "supernet": {"path": str(net_path), "sha256": net_meta["weights"]["sha256"]},
         "data": data.describe(), "calib_images": calib_images, "quant": asdict(net.cfg),
+        "calibration": calibration_record(net_meta["weights"]["sha256"], spec, calib_images),
         "accuracy": {**acc, "kind": "fake-quant" if net.cfg.enabled else "float", "eval_images": eval_images},
     })
     return sub, meta, data
+
+
+def default_output(subnet_path: Path) -> Path:
+    """``subnet.json`` -> ``subnet.qnas.pt`` (sidecar ``subnet.qnas.json``)."""
+    return Path(subnet_path).with_suffix(".qnas.pt")
 
 
 def load_calibrated(path: Path) -> tuple[Subnet, dict[str, Any]]:

@@ -10,7 +10,9 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import platform
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -89,8 +91,8 @@ def sidecar(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load ``path`` after checking it against its sidecar (and ``expected_sha256`` if given)."""
+def read_meta(path: Path, expected_sha256: str | None = None) -> dict[str, Any]:
+    """The sidecar of ``path``, once the file's sha256 matches it (and ``expected_sha256`` if given); nothing unpickled."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist")
@@ -114,8 +116,20 @@ def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict[s
         raise UserError(f"{path} is corrupt or was modified: sha256 {actual[:12]}… does not match its sidecar ({recorded[:12]}…)")
     if expected_sha256 and actual != expected_sha256:
         raise UserError(f"{path} is not the file this subnet was made from (sha256 {actual[:12]}… != {expected_sha256[:12]}…)")
+    return meta
+
+
+def load_weights(path: Path, expected_sha256: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load ``path`` after checking it against its sidecar (and ``expected_sha256`` if given)."""
+    meta = read_meta(path, expected_sha256)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise UserError(f"{path} cannot be loaded safely: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except pickle.UnpicklingError as e:
+        # PyTorch's message suggests weights_only=False: the one thing not to do with an untrusted file
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" (it names {found.group(1)})" if found else ""
+        raise UserError(f"{path} holds more than weights{what} and was not loaded: qnas loads only tensors and plain "
+                        "values, never pickled code") from None
+    except Exception as e:  # noqa: BLE001 - any other failure means a file that is not a weights file
+        raise UserError(f"{path} is not a readable weights file ({type(e).__name__}); it was not loaded") from None
     return payload, meta

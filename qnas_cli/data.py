@@ -4,7 +4,9 @@
 - ``fashion-mnist`` (default) or ``fashion-mnist:DIR``: the IDX files of Debian's
   ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).
 - ``cifar10:DIR``: the standard ``cifar-10-batches-py`` folder (DIR may be it or its parent).
-- ``imagefolder:DIR``: ``DIR/train/CLASS/*`` and ``DIR/val/CLASS/*``, any size, RGB or grayscale.
+- ``imagefolder:DIR``: ``DIR/train/CLASS/*`` and ``DIR/val/CLASS/*``, any size, RGB or grayscale
+  (decided from all the files; a mixed set needs ``imagefolder-rgb:DIR`` or ``imagefolder-gray:DIR``,
+  which convert every image). Every file is decoded by one recipe, ``decode_image``.
 
 The training set is split once, with a fixed seed that does not depend on the training seed,
 into ``train`` and a held-out ``search`` split (what search ranks subnets on; never the test set).
@@ -62,18 +64,30 @@ class FileSource(ImageSource):
         return len(self.files)
 
     def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        from PIL import Image
-
         out = torch.empty(len(idx), self.channels, self.size, self.size, dtype=torch.uint8)
         for k, i in enumerate(idx.tolist()):
-            try:
-                with Image.open(self.files[i]) as im:
-                    im = im.convert("L" if self.channels == 1 else "RGB").resize((self.size, self.size), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8)
-            except OSError as e:
-                raise UserError(f"cannot read image {self.files[i]}: {e}") from None
-            out[k] = torch.from_numpy(arr.reshape(self.size, self.size, -1).copy()).permute(2, 0, 1)
+            out[k] = torch.from_numpy(decode_image(self.files[i], self.channels, self.size))
         return out, self.labels[idx]
+
+
+def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
+    """The one decode recipe for image files, torchvision's evaluation convention: convert to gray
+    or RGB, resize the shorter side to ``size`` (bilinear; PIL antialiases when shrinking), then
+    centre-crop ``size`` x ``size``. Aspect ratio is kept. Returns uint8 (C, size, size)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            # torchvision.transforms.Resize(size): the shorter side becomes size, the longer is truncated
+            new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+            im = im.resize(new, Image.BILINEAR)
+            left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))  # CenterCrop's offsets
+            arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except OSError as e:  # PIL's UnidentifiedImageError included
+        raise UserError(f"cannot read image {path}: {e}") from None
+    return arr.reshape(size, size, -1).transpose(2, 0, 1).copy()
 
 
 class Subset(ImageSource):
@@ -99,13 +113,25 @@ class Dataset:
     std: tuple[float, ...]
     pad: int  # random-crop padding for augmentation (pixels of the stored size)
     flip: bool
+    decode_size: int  # side of the stored (or decoded) square images, before to_input resizes them
+    decode: str  # how a stored image was made from the file, in words (the export report repeats it)
 
     def describe(self) -> dict:
         return {
             "spec": self.spec, "num_classes": self.num_classes, "in_channels": self.in_channels,
             "train": len(self.train), "search": len(self.search), "test": len(self.test),
-            "mean": list(self.mean), "std": list(self.std),
+            "mean": list(self.mean), "std": list(self.std), "decode_size": self.decode_size,
         }
+
+    def preprocessing(self, resolution: int) -> dict:
+        """Every step from an image file to the network's input at ``resolution``: what a deployer reproduces."""
+        resize = "none" if resolution == self.decode_size else \
+            f"bilinear, antialiased (torch.nn.functional.interpolate), {self.decode_size} -> {resolution} px"
+        return {"decode": self.decode, "resize": resize,
+                "normalisation": {"mean": list(self.mean), "std": list(self.std), "of": "pixels / 255"}}
+
+
+IMAGEFOLDER_CHANNELS = {"imagefolder": None, "imagefolder-rgb": 3, "imagefolder-gray": 1}  # None: from the files
 
 
 def load_dataset(spec: str, search_size: int | None = None, load_size: int = 32) -> Dataset:
@@ -114,32 +140,41 @@ def load_dataset(spec: str, search_size: int | None = None, load_size: int = 32)
     if kind == "fashion-mnist":
         images, labels, test_images, test_labels = _read_fashion_mnist(Path(arg) if arg else FASHION_MNIST_DIR)
         return _split(spec, TensorSource(images, labels), TensorSource(test_images, test_labels), 10, 1,
-                      (0.2860,), (0.3530,), pad=2, flip=True, search_size=search_size)
+                      (0.2860,), (0.3530,), pad=2, flip=True, search_size=search_size,
+                      decode_size=images.shape[-1], decode="the dataset's 28x28 grayscale images as stored")
     if kind == "cifar10":
         if not arg:
             raise UserError("--data cifar10 needs the folder: cifar10:DIR (the 'cifar-10-batches-py' folder)")
         train, test = _read_cifar10(Path(arg))
         return _split(spec, train, test, 10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                      pad=4, flip=True, search_size=search_size)
-    if kind == "imagefolder":
+                      pad=4, flip=True, search_size=search_size, decode_size=32,
+                      decode="the dataset's 32x32 RGB images as stored")
+    if kind in IMAGEFOLDER_CHANNELS:
         if not arg:
-            raise UserError("--data imagefolder needs the folder: imagefolder:DIR (with DIR/train/CLASS/* and DIR/val/CLASS/*)")
-        train, test, classes, channels = _read_imagefolder(Path(arg), load_size)
+            raise UserError(f"--data {kind} needs the folder: {kind}:DIR (with DIR/train/CLASS/* and DIR/val/CLASS/*)")
+        train, test, classes, channels = _read_imagefolder(Path(arg), load_size, IMAGEFOLDER_CHANNELS[kind])
         mean, std = ((0.5,), (0.25,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         return _split(spec, train, test, classes, channels, mean, std, pad=load_size // 8, flip=True,
-                      search_size=search_size)
-    raise UserError(f"--data: unknown dataset {kind!r} (use fashion-mnist, fashion-mnist:DIR, cifar10:DIR or imagefolder:DIR)")
+                      search_size=search_size, decode_size=load_size, decode=_decode_words(channels, load_size))
+    raise UserError(f"--data: unknown dataset {kind!r} (use fashion-mnist, fashion-mnist:DIR, cifar10:DIR, imagefolder:DIR, "
+                    "imagefolder-rgb:DIR or imagefolder-gray:DIR)")
+
+
+def _decode_words(channels: int, size: int) -> str:
+    """``decode_image`` in words."""
+    return (f"PIL: convert to {'grayscale (L)' if channels == 1 else 'RGB'}, resize the shorter side to {size} px "
+            f"(bilinear), centre crop {size}x{size}")
 
 
 def _split(spec: str, full: ImageSource, test: ImageSource, classes: int, channels: int, mean, std,
-           pad: int, flip: bool, search_size: int | None) -> Dataset:
+           pad: int, flip: bool, search_size: int | None, decode_size: int, decode: str) -> Dataset:
     n = len(full)
     search_size = search_size or max(1, min(5000, n // 10))  # 5,000 of Fashion-MNIST's or CIFAR's 60k/50k
     if not 0 < search_size < n:
         raise UserError(f"search split of {search_size} images does not fit a training set of {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     return Dataset(spec, Subset(full, perm[search_size:].sort().values), Subset(full, perm[:search_size].sort().values),
-                   test, classes, channels, tuple(mean), tuple(std), pad, flip)
+                   test, classes, channels, tuple(mean), tuple(std), pad, flip, decode_size, decode)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -213,7 +248,7 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"forbidden object {module}.{name}")
 
 
-def _read_imagefolder(root: Path, size: int) -> tuple[FileSource, FileSource, int, int]:
+def _read_imagefolder(root: Path, size: int, channels: int | None) -> tuple[FileSource, FileSource, int, int]:
     def scan(split: str, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
         folder = root / split
         if not folder.is_dir():
@@ -232,15 +267,30 @@ def _read_imagefolder(root: Path, size: int) -> tuple[FileSource, FileSource, in
 
     tr_files, tr_labels, classes = scan("train", None)
     va_files, va_labels, _ = scan("val", classes)
-    from PIL import Image
-
-    try:
-        with Image.open(tr_files[0]) as im:
-            channels = 1 if im.mode in ("L", "I", "I;16", "1") else 3
-    except OSError as e:  # PIL's UnidentifiedImageError included
-        raise UserError(f"cannot read image {tr_files[0]}: {e}") from None
+    channels = channels or _channels_of(root, tr_files + va_files)
     return (FileSource(tr_files, tr_labels, channels, size), FileSource(va_files, va_labels, channels, size),
             len(classes), channels)
+
+
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _channels_of(root: Path, files: list[Path]) -> int:
+    """1 or 3, from every file's header (not the first file's alone); a mixed set is refused."""
+    from PIL import Image
+
+    gray, colour = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                (gray if im.mode in GRAY_MODES else colour).append(f)
+        except OSError as e:  # PIL's UnidentifiedImageError included
+            raise UserError(f"cannot read image {f}: {e}") from None
+    if gray and colour:
+        raise UserError(f"image folder {root} mixes {len(gray)} grayscale images (e.g. {gray[0]}) and {len(colour)} colour "
+                        f"ones (e.g. {colour[0]}): say how to convert them, --data imagefolder-rgb:{root} or "
+                        f"imagefolder-gray:{root}")
+    return 1 if gray else 3
 
 
 # ---- batches ---------------------------------------------------------------------------------

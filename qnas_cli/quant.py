@@ -25,6 +25,10 @@ from .errors import choice_error
 W_QMAX = 127  # weights: [-127, 127] (TFLite's int8 weight spec)
 A_QMIN, A_QMAX = -128, 127  # activations
 BIAS_QMAX = 2**31 - 1
+# Version of the integer contract above and of how calibration derives integers from a supernet
+# (fold, scale prediction, rounding, pooling). Bump it whenever any of those changes: calibrated
+# subnets record it, and export recalibrates one made under another version.
+INTEGER_CONTRACT_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrate import calibrated_subnet, evaluate
+from .calibrate import EVAL_IMAGES_HINT, calibrated_subnet, evaluate
 from .checkpoint import atomic_write, load_weights, save_weights
 from .data import Dataset, augment, calibration_indices, epoch_batches, load_dataset, to_input
-from .errors import UserError
+from .errors import UserError, check_count
 from .layers import QConvBN, QLinear, init_scales, keep_scales_positive
 from .quant import QuantConfig
 from .space import Arch, SearchSpace, load_space, sample
@@ -70,17 +70,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.quant, dict):
             self.quant = QuantConfig(**self.quant)
-        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "calib_images"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.steps is not None and self.steps <= 0:
-            raise UserError(f"--steps must be a positive integer, got {self.steps}")
+        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "calib_images", "steps"):
+            check_count(f"--{name.replace('_', '-')}", getattr(self, name))
         if self.num_random < 0 or self.warmup_steps < 0:
             raise UserError("--num-random and --warmup-steps must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
-        if self.eval_images is not None and self.eval_images <= 0:
-            raise UserError(f"--eval-images must be a positive integer, got {self.eval_images} (leave it out for the whole test split)")
+        check_count("--eval-images", self.eval_images, EVAL_IMAGES_HINT)
         if not 0 <= self.seed < 2**32:  # seeds are mixed with step numbers into 64-bit generator seeds
             raise UserError(f"--seed must be an integer in [0, 2^32), got {self.seed}")
         if not 0 <= self.kd_ratio <= 1:
@@ -172,6 +168,22 @@ def _allreduce_grads(model: nn.Module, d: Dist) -> None:
         else:
             p.grad.copy_(flat[offset : offset + n].view_as(p))
         offset += n
+
+
+def check_replicas(model: nn.Module, d: Dist) -> None:
+    """Every rank ends with rank 0's parameters (same start, same averaged gradients, same steps).
+
+    Checked once, by checksum, after training: a broken gradient all-reduce would otherwise let
+    the ranks drift apart while rank 0 saves its own model as if nothing had happened.
+    """
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    reference = sums.clone()
+    dist.broadcast(reference, 0)
+    differ = (sums != reference).sum().reshape(1).float()
+    dist.all_reduce(differ)
+    if differ.item():
+        raise RuntimeError(f"the {d.world} training processes ended with different weights "
+                           f"({int(differ.item())} parameter tensors differ from rank 0's): gradients were not averaged")
 
 
 class _StopFlag:
@@ -327,7 +339,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         if cfg.init:
             _load_float_init(model, Path(cfg.init), space)
         if cfg.quant.enabled:
-            _init_quant_scales(model, data, space, device)
+            init_quant_scales(model, data, space, device)
     _broadcast(model, d)
     if d.main and not resume:
         atomic_write(out / "metrics.jsonl", lambda f: None)
@@ -342,7 +354,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
             epoch, k = divmod(step, steps_per_epoch)
             if epoch != cached_epoch:
                 batches, cached_epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world), epoch
-            metrics = _train_step(model, opt, data, space, batches[k], step, total, cfg, d, device)
+            metrics = train_step(model, opt, data, space, batches[k], step, total, cfg, d, device)
             seen += cfg.batch_size * d.world
             requested = _sync_flag(stop.requested, d)
             if d.main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
@@ -359,9 +371,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                     dist.barrier()
                 raise Interrupted(step + 1, _ckpt_dir(out))
 
+    if d.world > 1:
+        check_replicas(model, d)
+        if d.main:
+            log(f"all {d.world} processes hold identical weights")
     summary: dict[str, Any] = {}
     if d.main:
-        summary = _finish(model, opt, data, space, cfg, out, total, device, log)
+        summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world)
     if d.world > 1:
         dist.barrier()
     return summary
@@ -376,8 +392,9 @@ def _sync_flag(flag: bool, d: Dist) -> bool:
     return t.item() > 0
 
 
-def _train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space: SearchSpace, idx: Tensor,
-                step: int, total: int, cfg: TrainConfig, d: Dist, device: str) -> dict[str, float]:
+def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space: SearchSpace, idx: Tensor,
+               step: int, total: int, cfg: TrainConfig, d: Dist, device: str) -> dict[str, float]:
+    """One sandwich step on the training images ``idx``: the loop's unit of work (and of the throughput benchmark)."""
     lr = lr_at(step, total, cfg)
     for g in opt.param_groups:
         g["lr"] = lr
@@ -445,7 +462,7 @@ def _load_float_init(model: Supernet, path: Path, space: SearchSpace) -> None:
 
 
 @torch.no_grad()
-def _init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device: str, images: int = 256) -> None:
+def init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device: str, images: int = 256) -> None:
     """Scales from data: activation steps and the scale predictor's s_init (largest subnet, seeded batch)."""
     arch = sample(space, "largest")
     x, _ = data.train.get(calibration_indices(data.train, images, seed=1))
@@ -457,7 +474,7 @@ def _init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, devic
 
 
 def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, total: int,
-            device: str, log: Callable[[str], None]) -> dict[str, Any]:
+            device: str, log: Callable[[str], None], world: int = 1) -> dict[str, Any]:
     """Final weights + sidecar, and the test accuracy of the largest and smallest calibrated subnets."""
     _save_checkpoint(out, model, opt, total, cfg)  # first: a kill during evaluation loses no training
     results = {}
@@ -468,7 +485,7 @@ def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainC
         log(f"{how} subnet {arch.key}: test top-1 {results[how]['test_top1']:.4f}")
     meta = save_weights(out / "supernet.pt", supernet_payload(model), {
         "kind": "qnas.supernet", "space": space.to_dict(), "config": cfg.to_dict(), "data": data.describe(),
-        "steps": total, "metrics": results, "quant": asdict(cfg.quant),
+        "steps": total, "world_size": world, "metrics": results, "quant": asdict(cfg.quant),
     })
     return meta
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qnas_cli.data import augment, epoch_batches, load_dataset, to_input
+from qnas_cli.data import augment, decode_image, epoch_batches, load_dataset, to_input
 from qnas_cli.errors import UserError
 
 
@@ -45,9 +45,23 @@ def test_augment_is_a_crop_and_flip_of_the_image():
     y = augment(x, 0, True, g)
     for i in range(2):
         assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(-1))
-    z = augment(x, 2, False, torch.Generator().manual_seed(1))
-    assert z.shape == x.shape
     assert torch.equal(augment(x, 2, True, torch.Generator().manual_seed(1)), augment(x, 2, True, torch.Generator().manual_seed(1)))
+
+
+def test_crop_with_padding_takes_every_offset_of_the_padded_image():
+    """Each output is the window at some (dy, dx) of the zero-padded image, and the offsets vary:
+    a crop stuck at one offset (0, 0 or the centre) fails."""
+    pad, n = 2, 200
+    x = torch.randint(1, 256, (n, 2, 6, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))  # no zeros
+    z = augment(x, pad, False, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    offsets = []
+    for i in range(n):
+        found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 if torch.equal(z[i], padded[i, :, dy : dy + 6, dx : dx + 7])]
+        assert len(found) == 1, f"image {i} is no crop of its padded self"
+        offsets.append(found[0])
+    assert set(offsets) == {(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)}  # all 25, uniform draws
 
 
 def _write_cifar(folder):
@@ -92,6 +106,55 @@ def test_imagefolder_any_size(tmp_path, mode, channels):
     assert (ds.in_channels, ds.num_classes, len(ds.train), len(ds.search), len(ds.test)) == (channels, 2, 10, 2, 4)
     x, y = ds.test.get(torch.arange(4))
     assert x.shape == (4, channels, 24, 24) and y.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("w, h", [(40, 40), (60, 23), (23, 60), (17, 31), (300, 11)])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decode_is_torchvisions_resize_then_centre_crop(tmp_path, w, h, mode):
+    """One recipe for every image file: torchvision's evaluation convention, aspect ratio kept."""
+    from PIL import Image
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    rng = np.random.default_rng(w * h)
+    path = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB").save(path)
+    with Image.open(path) as im:
+        ref = CenterCrop(12)(Resize(12, interpolation=InterpolationMode.BILINEAR)(im.convert(mode)))
+    got = decode_image(path, 1 if mode == "L" else 3, 12)
+    assert got.shape == (1 if mode == "L" else 3, 12, 12)
+    assert np.array_equal(got, np.asarray(ref).reshape(12, 12, -1).transpose(2, 0, 1))
+
+
+def test_a_wide_image_is_cropped_not_stretched(tmp_path):
+    from PIL import Image
+
+    img = np.zeros((20, 60), dtype=np.uint8)
+    img[:, 20:40] = 255  # black | white | black thirds: a stretched image keeps the black, a centre crop does not
+    Image.fromarray(img, "L").save(tmp_path / "wide.png")
+    assert decode_image(tmp_path / "wide.png", 1, 10)[:, :, 1:-1].min() == 255
+
+
+def _image_folder(root, modes: dict[str, str]) -> None:
+    """DIR/{train,val}/CLASS/NAME.png in the given PIL modes (name -> mode), two classes."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for name, mode in modes.items():
+                shape = (30, 40, 3) if mode == "RGB" else (30, 40)
+                Image.fromarray(np.full(shape, 99, np.uint8), mode).save(root / split / cls / f"{name}.png")
+
+
+def test_channels_come_from_every_file_and_a_mixed_set_is_refused(tmp_path):
+    _image_folder(tmp_path, {"0_gray": "L", "1_rgb": "RGB", "2_rgb": "RGB"})  # the first file is grayscale
+    with pytest.raises(UserError, match=r"mixes 4 grayscale images .* and 8 colour ones .* imagefolder-rgb:"):
+        load_dataset(f"imagefolder:{tmp_path}", search_size=1, load_size=16)
+    rgb = load_dataset(f"imagefolder-rgb:{tmp_path}", search_size=1, load_size=16)
+    gray = load_dataset(f"imagefolder-gray:{tmp_path}", search_size=1, load_size=16)
+    assert (rgb.in_channels, gray.in_channels) == (3, 1)
+    assert rgb.test.get(torch.arange(3))[0].shape == (3, 3, 16, 16)
+    assert "resize the shorter side to 16 px" in rgb.preprocessing(12)["decode"] and rgb.describe()["decode_size"] == 16
 
 
 @pytest.mark.parametrize("spec, words", [

@@ -5,28 +5,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-from qnas_cli.checkpoint import load_weights
 from qnas_cli.cli import app
 from qnas_cli.quant import QuantConfig
 from qnas_cli.train import TrainConfig, train
+from tests.helpers import assert_same_weights, supernet_weights
 
 FAST = dict(space="tiny", batch_size=32, eval_images=200, calib_images=64, warmup_steps=2, log_every=1)
-
-
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    payload, _ = load_weights(out / "supernet.pt")
-    return payload["model"]
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 class _Stop(Exception):
@@ -47,7 +34,7 @@ def test_resume_gives_identical_weights(tmp_path, mode):
         train(cfg(tmp_path / "b"), on_step=crash_after_checkpoint, log=lambda *a, **k: None)
     assert not (tmp_path / "b" / "supernet.pt").exists()
     train(cfg(tmp_path / "b"), resume=True, log=lambda *a, **k: None)
-    _assert_same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    assert_same_weights(supernet_weights(tmp_path / "a"), supernet_weights(tmp_path / "b"))
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the lost step is logged once
 
@@ -80,9 +67,11 @@ def test_torchrun_two_cpu_processes(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     meta = json.loads((out / "supernet.json").read_text())
-    assert meta["steps"] == 4
+    assert meta["steps"] == 4 and meta["world_size"] == 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows][-1] == 4  # one writer: rank 0
+    # the ranks trained one model: a no-op gradient all-reduce lets them drift and fails the run here
+    assert "all 2 processes hold identical weights" in r.stdout + r.stderr
 
 
 # ---- the CLI ----------------------------------------------------------------------------------

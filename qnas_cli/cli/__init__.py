@@ -1,7 +1,7 @@
 """The ``qnas`` command line: one Typer app, one module per command.
 
 Exit codes: 0 success, 2 user error (one line on stderr; ``--debug`` shows the traceback),
-1 internal failure, 130 interrupted (a checkpoint was saved).
+1 internal failure, 3 export failed verification, 130 interrupted (a checkpoint was saved).
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Annotated
 
 import typer
 import typer.core
+from rich.markup import escape
 
 from ..errors import UserError
-from .common import err_console
+from .common import EXIT_CODES, err_console
 from . import calibrate as calibrate_cmd
 from . import export as export_cmd
 from . import latency as latency_cmd
@@ -30,7 +31,7 @@ class _Group(typer.core.TyperGroup):
         except UserError as e:
             if ctx.params.get("debug"):
                 raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -38,7 +39,7 @@ class _Group(typer.core.TyperGroup):
         except Exception as e:  # noqa: BLE001 - last line of defence: no traceback without --debug
             if hasattr(e, "exit_code") or isinstance(e, typer.Abort) or ctx.params.get("debug"):
                 raise  # Typer's own exits and usage errors
-            err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}\n(run with --debug for the traceback)",
+            err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))}\n(run with --debug for the traceback)",
                               highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -46,6 +47,7 @@ class _Group(typer.core.TyperGroup):
 app = typer.Typer(
     cls=_Group,
     help="Quantization-aware NAS: train one fully int8 supernet, search it, ship fully int8 TFLite.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

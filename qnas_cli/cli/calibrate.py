@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..calibrate import CALIB_IMAGES, calibrate_file
-from .common import console, print_json
+from ..calibrate import CALIB_IMAGES, calibrate_file, default_output
+from .common import console, print_json, say
 
-SubnetArg = Annotated[Path, typer.Argument(help="subnet.json (from `qnas space sample` or `qnas search`).")]
+SubnetArg = Annotated[Path, typer.Argument(help="subnet.json (from `qnas space sample`).")]
 SupernetOpt = Annotated[Path, typer.Option(help="supernet.pt (default: the one named in the subnet file).")]
 DataOpt = Annotated[str, typer.Option(help="Dataset spec (default: the one the supernet was trained on).")]
 CalibOpt = Annotated[int, typer.Option(help="Training images for BN re-estimation (fixed, seeded set).")]
@@ -34,10 +34,11 @@ def calibrate(
         print_json(meta)
         return
     acc = meta["accuracy"]
-    t = Table(title=f"calibrated {meta['arch_key']}")
+    say(console, f"calibrated {meta['arch_key']}")
+    t = Table()
     t.add_column("split")
     t.add_column(f"{acc['kind']} top-1")
     t.add_row("test", f"{100 * acc['test_top1']:.2f}%")
     t.add_row("search (held-out train)", f"{100 * acc['search_top1']:.2f}%")
     console.print(t)
-    console.print(f"wrote {out or Path(subnet).with_suffix('.qnas.pt')} (+ .json)", highlight=False)
+    say(console, f"wrote {out or default_output(subnet)} (+ .json)")

@@ -5,11 +5,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..calibrate import CALIB_IMAGES
 from .calibrate import CalibOpt, DataOpt, SupernetOpt
-from .common import console, err_console, print_json
+from .common import EXIT_GATE_FAILED, console, err_console, logger, print_json, say
 
 
 def export(
@@ -24,23 +25,27 @@ def export(
     """Write model_int8.tflite (int8 in/out, every op int8), model.onnx and export_report.json.
 
     The TFLite model runs with the LiteRT interpreter (built-in kernels and XNNPACK) against the
-    fake-quant PyTorch subnet; export fails (exit 1) when parity or the op census fails.
+    fake-quant PyTorch subnet. With --json the report (schema qnas.export_report/1) goes to stdout.
+
+    Exit codes: 0 the model passed verification; 3 it failed parity or the op census (the report
+    is still written and printed); 2 bad input; 1 internal failure; 130 interrupted.
     """
     from export.pipeline import export_subnet
 
-    log = err_console.print if json_out else console.print
-    report = export_subnet(subnet, out, supernet, data, calib_images, eval_images, log=lambda m: log(m, highlight=False))
+    report = export_subnet(subnet, out, supernet, data, calib_images, eval_images,
+                           log=logger(err_console if json_out else console))
     if json_out:
         print_json(report)
     else:
         _summary(report)
     if not report["passed"]:
-        err_console.print("[bold red]export failed verification:[/] " + "; ".join(report["problems"]), highlight=False)
-        raise typer.Exit(1)
+        err_console.print("[bold red]export failed verification:[/] " + escape("; ".join(report["problems"])), highlight=False)
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 def _summary(r: dict) -> None:
-    t = Table(title=f"model_int8.tflite  {r['arch_key']}")
+    say(console, f"model_int8.tflite  {r['arch_key']}")
+    t = Table()
     t.add_column("check")
     for b in ("builtin", "xnnpack"):
         t.add_column(b)
@@ -53,8 +58,8 @@ def _summary(r: dict) -> None:
     t.add_row("latency (ms, 1 thread)", *(f"{r['latency_ms'][b]:.3f}" for b in ("builtin", "xnnpack")))
     console.print(t)
     c, a = r["census"], r["accuracy"]
-    console.print(f"ops {dict(c['ops'])}; float tensors {c['float_tensors']}; in/out {c['input_dtype']}/{c['output_dtype']}; "
-                  f"QUANTIZE {c['quantize_ops']} DEQUANTIZE {c['dequantize_ops']}", highlight=False)
-    console.print(f"top-1 on {a['n_images']} test images: fake-quant {100 * a['fake_quant_top1']:.2f}%, "
-                  f"TFLite {100 * a['tflite_top1']:.2f}% (Δ {a['delta_pp']:+.2f} pp); size {r['size_bytes']} bytes", highlight=False)
-    console.print(f"verdict: {'PASS' if r['passed'] else 'FAIL'}", highlight=False)
+    say(console, f"ops {dict(c['ops'])}; float tensors {c['float_tensors']}; in/out {c['input_dtype']}/{c['output_dtype']}; "
+                 f"QUANTIZE {c['quantize_ops']} DEQUANTIZE {c['dequantize_ops']}")
+    say(console, f"top-1 on {a['n_images']} test images: fake-quant {100 * a['fake_quant_top1']:.2f}%, "
+                 f"TFLite {100 * a['tflite_top1']:.2f}% (Δ {a['delta_pp']:+.2f} pp); size {r['size_bytes']} bytes")
+    say(console, f"verdict: {'PASS' if r['passed'] else 'FAIL'}")

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..checkpoint import write_json
 from ..errors import UserError
 from ..space import PRESETS, load_space, sample
 from ..supernet import load_supernet
-from .common import console, print_json
+from .common import console, print_json, say
 
 app = typer.Typer(help="Inspect search spaces and write subnet files.", no_args_is_help=True)
 
@@ -28,7 +29,7 @@ def show(space: SpaceOpt = "small",
     if json_out:
         print_json({**sp.to_dict(), "fingerprint": sp.fingerprint})
         return
-    t = Table(title=f"space {sp.name} ({sp.fingerprint})")
+    t = Table(title=escape(f"space {sp.name} ({sp.fingerprint})"))
     for col in ("stage", "widths", "depths", "kernels", "expands", "stride"):
         t.add_column(col)
     t.add_row("stem", str(sp.stem_channels), "1", "3", "-", str(sp.stem_stride))
@@ -67,4 +68,4 @@ def sample_cmd(
         print_json(doc)
     else:
         write_json(out, doc)
-        console.print(f"wrote {out} ({arch.key})", highlight=False)
+        say(console, f"wrote {out} ({arch.key})")

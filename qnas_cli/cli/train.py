@@ -5,19 +5,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..quant import QuantConfig
 from ..train import Interrupted, TrainConfig, train as run_train
-from .common import console, err_console, interactive, print_json
+from .common import console, err_console, interactive, logger, print_json, say
 
 D = TrainConfig()  # defaults shown in --help come from the library's config
 
 
 def train(
     space: Annotated[str, typer.Option("--space", "-s", help="Search space: tiny, small, mbv3, or a .json/.toml file.")] = D.space,
-    data: Annotated[str, typer.Option(help="fashion-mnist | fashion-mnist:DIR | cifar10:DIR | imagefolder:DIR")] = D.data,
+    data: Annotated[str, typer.Option(help="fashion-mnist | fashion-mnist:DIR | cifar10:DIR | imagefolder:DIR (or imagefolder-rgb:DIR, imagefolder-gray:DIR to convert a mixed set)")] = D.data,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: supernet.pt/.json, metrics.jsonl, ckpt/.")] = Path(D.out),
     quant: Annotated[str, typer.Option(help="int8: the fully quantized supernet; none: float.")] = "int8",
     act_scheme: Annotated[str, typer.Option(help="symmetric (zero point 0, the paper's) | full-range (zero point -128 after ReLU).")] = "symmetric",
@@ -42,7 +43,7 @@ def train(
 ) -> None:
     """Train a weight-sharing supernet with the sandwich rule and in-place distillation.
 
-    Under torchrun every process trains its shard: torchrun --nproc_per_node 2 -m qnas_cli.cli train ...
+    Under torchrun every process trains its shard: torchrun --nproc_per_node 2 -m qnas_cli train ...
     Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
     """
     cfg = TrainConfig(space=space, data=data, out=str(out),
@@ -50,23 +51,24 @@ def train(
                       epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random, kd_ratio=kd_ratio, seed=seed,
                       device=device, init=str(init) if init else None, ckpt_every=ckpt_every, eval_images=eval_images,
                       calib_images=calib_images)
-    log = err_console.print if json_out else console.print
+    log = logger(err_console if json_out else console)
     try:
         if interactive() and not json_out:
             summary = _with_progress(cfg, resume, log)
         else:
             summary = run_train(cfg, resume, on_step=_plain_logger(log), log=log)
     except Interrupted as e:
-        err_console.print(str(e), soft_wrap=True, highlight=False)
+        say(err_console, str(e))
         raise typer.Exit(130) from None
     if not summary:  # a non-zero rank under torchrun
         return
     if json_out:
         print_json(summary)
         return
-    t = Table(title=f"supernet {out / 'supernet.pt'}")
-    for col in ("subnet", "architecture", "test top-1"):
-        t.add_column(col)
+    t = Table(title=escape(f"supernet {out / 'supernet.pt'}"))
+    t.add_column("subnet")
+    t.add_column("architecture", overflow="fold")  # a key is never cut off (Rich assumes 80 columns off a terminal)
+    t.add_column("test top-1", no_wrap=True)
     for how, r in summary["metrics"].items():
         t.add_row(how, r["arch"], f"{100 * r['test_top1']:.2f}%")
     console.print(t)
@@ -84,7 +86,7 @@ def _with_progress(cfg: TrainConfig, resume: bool, log) -> dict:
                 on_step.speed = m["img_per_s"]
             bar.update(task, completed=step, total=total, info=info + f" {getattr(on_step, 'speed', 0):.0f} img/s")
 
-        return run_train(cfg, resume, on_step=on_step, log=bar.console.print)
+        return run_train(cfg, resume, on_step=on_step, log=logger(bar.console))
 
 
 def _plain_logger(log):
