@@ -19,7 +19,7 @@ from typing import Any
 from .checkpoint import sha256_file, versions, write_json
 from .cost import arch_cost
 from .data import load_dataset
-from .errors import UserError
+from .errors import UserError, check_count
 from .fitness import Fitness
 from .latency import LatencyTable, Predictor, check_table_fits, load_table
 from .search import PAPER, PARENT_RATIO, Generation, evolve, pareto_front
@@ -57,11 +57,8 @@ class SearchConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        for name in ("calib_images", "threads"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.eval_images is not None and self.eval_images < 1:
-            raise UserError(f"--eval-images must be a positive integer, got {self.eval_images}")
+        for name in ("calib_images", "threads", "eval_images", "population", "generations"):
+            check_count(f"--{name.replace('_', '-')}", getattr(self, name))
 
 
 def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,

@@ -8,10 +8,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import UserError, choice_error
+from ..errors import UserError, check_count, choice_error
 from ..latency import RUNTIME_HELP, RUNTIMES, Predictor, load_table, table_space
 from ..space import load_arch, load_space
-from .common import console, err_console, interactive, print_json
+from .common import console, err_console, interactive, logger, print_json, say
 
 app = typer.Typer(help="Latency of int8 TFLite models: measure a file, build or import a table, predict subnets.",
                   no_args_is_help=True)
@@ -29,12 +29,6 @@ def _runtimes(runtime: str) -> tuple[str, ...]:
     return (runtime,)
 
 
-def _positive(value: int, option: str) -> int:
-    if value < 1:
-        raise UserError(f"{option} must be a positive integer, got {value}")
-    return value
-
-
 class _Progress:
     """A Rich bar per stage on a terminal; one plain line per step elsewhere (CI logs)."""
 
@@ -48,7 +42,7 @@ class _Progress:
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), console=err_console)
             self.bar.__enter__()
-            self.log = lambda m: self.bar.console.print(m, highlight=False)
+            self.log = logger(self.bar.console)
         return self
 
     def __exit__(self, *exc):
@@ -79,9 +73,9 @@ def measure(
     """
     from export.measure import measure_file
 
-    _positive(threads, "--threads")
-    _positive(rounds, "--rounds")
-    with _Progress(err_console.print) as prog:
+    check_count("--threads", threads)
+    check_count("--rounds", rounds)
+    with _Progress(logger(err_console)) as prog:
         r = measure_file(model, _runtimes(runtime), threads, rounds, progress=lambda d, n: prog("measure", d, n))
     if json_out:
         print_json(r)
@@ -95,9 +89,9 @@ def measure(
     console.print(t)
     for rt, v in r["runtimes"].items():
         if v.get("warning"):
-            err_console.print(f"[yellow]warning:[/] {rt}: {v['warning']}", highlight=False)
+            say(err_console, f"warning: {rt}: {v['warning']}")
     if not r["int8_in_out"]:
-        console.print(f"note: input/output are {r['input_dtypes']}/{r['output_dtypes']}, not a qnas int8 export", highlight=False)
+        say(console, f"note: input/output are {r['input_dtypes']}/{r['output_dtypes']}, not a qnas int8 export")
 
 
 @app.command("build")
@@ -124,12 +118,11 @@ def build(
     from export.latency_build import build_tables, save_table, table_outputs
 
     sp, in_ch, n_cls = _space_and_io(space, supernet, in_channels, classes)
-    _positive(threads, "--threads")
-    _positive(rounds, "--rounds")
+    check_count("--threads", threads)
+    check_count("--rounds", rounds)
     runtimes = _runtimes(runtime)
     paths = table_outputs(out, sp, in_ch, n_cls, runtimes, threads)
-    log = err_console.print if json_out else console.print
-    with _Progress(lambda m: log(m, highlight=False)) as prog:
+    with _Progress(logger(err_console if json_out else console)) as prog:
         tables = build_tables(sp, in_ch, n_cls, runtimes, threads, rounds, log=prog.log, progress=prog)
     summary = {}
     for rt, table in tables.items():
@@ -158,7 +151,9 @@ def _space_and_io(space: str, supernet: Path | None, in_channels: int, classes: 
 
         net, _ = load_supernet(supernet)
         return net.space, net.in_channels, net.num_classes
-    return load_space(space), _positive(in_channels, "--in-channels"), _positive(classes, "--classes")
+    check_count("--in-channels", in_channels)
+    check_count("--classes", classes)
+    return load_space(space), in_channels, classes
 
 
 @app.command("predict")
@@ -191,9 +186,9 @@ def predict(
     console.print(t)
     if explain:
         for r in rows:
-            console.print(f"{escape(r['subnet'])}:", highlight=False)
+            say(console, f"{r['subnet']}:")
             for k, v in r["parts"].items():
-                console.print(f"  {k:<40} {v:.4f} ms", highlight=False)
+                say(console, f"  {k:<40} {v:.4f} ms")
 
 
 @app.command("pack")
@@ -220,14 +215,14 @@ def pack(
 
     sp, in_ch, n_cls = _space_and_io(space, supernet, in_channels, classes)
     for v, o in ((threads, "--threads"), (rounds, "--rounds"), (runs, "--runs"), (warmup, "--warmup")):
-        _positive(v, o)
+        check_count(o, v)
     rt = _runtimes(runtime)
     if len(rt) != 1:
         raise UserError("--runtime: a pack times one runtime (xnnpack or builtin)")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out}: the folder is not empty; choose a new one")
     done: list[int] = []
-    with _Progress(console.print) as prog:
+    with _Progress(logger(console)) as prog:
         def converted(r: int) -> None:
             done.append(r)
             prog("convert", len(done), len(sp.resolutions))
@@ -235,9 +230,8 @@ def pack(
         cover = convert_covers(sp, in_ch, n_cls, cover_folder(cache_dir() / "latency", sp, in_ch, n_cls),
                                fit_archs(sp, N_WHOLE), log=prog.log, on_done=converted)
     man = write_pack(cover, sp, in_ch, n_cls, out, threads, rt[0], rounds, warmup, runs)
-    console.print(f"wrote {len(man['files'])} models to {escape(str(out))}; on the machine the phone is attached to, run "
-                  f"{escape(str(out / 'run_benchmarks.sh'))}, then: qnas latency import {escape(str(out))} --out TABLE.json",
-                  highlight=False)
+    say(console, f"wrote {len(man['files'])} models to {out}; on the machine the phone is attached to, run "
+                 f"{out / 'run_benchmarks.sh'}, then: qnas latency import {out} --out TABLE.json")
 
 
 @app.command("import")
@@ -257,5 +251,5 @@ def import_(
         print_json({"table": str(out), "header": tab.header, "fit": {"a": fit.a, "b": fit.b, "points": fit.points}})
         return
     worst = max((abs(p["error"]) for p in fit.points), default=0.0)
-    console.print(f"wrote {escape(str(out))}: {len(tab.entries)} parts, fit {fit.a:.3f}*sum {1000 * fit.b:+.2f} us*n "
-                  f"(worst whole-model point {100 * worst:.1f}%)", highlight=False)
+    say(console, f"wrote {out}: {len(tab.entries)} parts, fit {fit.a:.3f}*sum {1000 * fit.b:+.2f} us*n "
+                 f"(worst whole-model point {100 * worst:.1f}%)")

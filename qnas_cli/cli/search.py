@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import UserError
 from ..search import PAPER, PARENT_RATIO
 from ..search_job import SearchConfig, run_search
-from .common import console, err_console, interactive, print_json
+from .common import console, err_console, interactive, logger, print_json, say
 
 D = SearchConfig(budgets_ms=[1.0])
 
@@ -56,7 +56,7 @@ def search(
                        population=population, generations=generations, mutate_prob=mutate_prob,
                        crossover_prob=crossover_prob, calib_images=calib_images, eval_images=eval_images, seed=seed,
                        out=str(out) if out else None, resume=resume)
-    log = (lambda m: err_console.print(m, highlight=False)) if json_out else (lambda m: console.print(m, highlight=False))
+    log = logger(err_console if json_out else console)
     if interactive() and not json_out:
         result = _with_progress(cfg, log)
     else:
@@ -69,17 +69,16 @@ def search(
         return
     t = Table(title=f"qnas search ({result['table']['runtime']}, {result['table']['threads']} thread(s))")
     for col in ("budget", "predicted ms", "search top-1", "MFLOPs", "k params", "file"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for c in result["chosen"]:
         t.add_row(f"{c['budget_ms']:g} ms", f"{c['latency_ms']:.4f}", f"{100 * c['search_top1']:.2f}%",
                   f"{c['mflops']:.2f}", f"{c['params_k']:.1f}", escape(c["file"]))
     console.print(t)
     for c in result["chosen"]:
-        console.print(f"{c['budget_ms']:g} ms:", c["arch"], highlight=False, soft_wrap=True)
+        say(console, f"{c['budget_ms']:g} ms: {c['arch']}")
     e = result["evaluations"]
-    console.print(f"{e['count']} subnets evaluated ({e['new']} now, {e['cache_hits']} cache hits, "
-                  f"{e['evaluation_seconds']:.0f} s); wrote pareto.json, pareto.png and the subnet files to "
-                  f"{escape(result['out'])}", highlight=False)
+    say(console, f"{e['count']} subnets evaluated ({e['new']} now, {e['cache_hits']} cache hits, "
+                 f"{e['evaluation_seconds']:.0f} s); wrote pareto.json, pareto.png and the subnet files to {result['out']}")
 
 
 def _with_progress(cfg: SearchConfig, log) -> dict:
@@ -96,4 +95,4 @@ def _with_progress(cfg: SearchConfig, log) -> dict:
             bar.update(tasks[budget], completed=g.index,
                        info=f"best {100 * g.best[1]:.2f}%  new {g.evaluated}  hits {g.cache_hits}")
 
-        return run_search(cfg, lambda m: bar.console.print(m, highlight=False), on_generation)
+        return run_search(cfg, logger(bar.console), on_generation)

@@ -1,0 +1,84 @@
+"""`qnas search` end to end on a briefly trained `tiny` supernet and a synthetic latency table:
+budgets met by prediction, the infeasible budget refused, outputs and --resume."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from qnas_cli.cli import app
+from qnas_cli.latency import Predictor, table_space
+from qnas_cli.space import PRESETS, load_arch, sample
+from qnas_cli.train import TrainConfig, train
+from tests.test_latency import synthetic_table
+
+SPACE = PRESETS["tiny"]
+SMALL_SEARCH = ["--population", "8", "--generations", "2", "--calib-images", "64", "--eval-images", "200"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    cfg = TrainConfig(space="tiny", out=str(root / "run"), steps=4, batch_size=16, warmup_steps=1, eval_images=50,
+                      calib_images=32, ckpt_every=1000)
+    train(cfg, log=lambda *a, **k: None)
+    table = synthetic_table(SPACE, fit=(1.0, 0.0))
+    (root / "table.json").write_text(json.dumps(table.to_dict()))
+    return root, table
+
+
+def _budgets(table):
+    """Three budgets across the table's range (smallest ... largest subnet)."""
+    pred = Predictor(table, table_space(table))
+    lo, hi = pred.predict(sample(SPACE, "smallest")), pred.predict(sample(SPACE, "largest"))
+    return [lo + f * (hi - lo) for f in (0.2, 0.5, 0.9)], pred
+
+
+def test_search_meets_every_budget_and_writes_its_outputs(setup, runner):
+    root, table = setup
+    budgets, pred = _budgets(table)
+    out = root / "s1"
+    r = runner.invoke(app, ["search", "--supernet", str(root / "run" / "supernet.pt"), "--table", str(root / "table.json"),
+                            "--latency-ms", ",".join(f"{b:.6f}" for b in budgets), "--out", str(out), "--json",
+                            *SMALL_SEARCH])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "pareto.json").read_text())
+    assert doc["format"] == "qnas.search/1" and doc["supernet"]["sha256"] and doc["table"]["sha256"]
+    assert {"arch", "latency_ms", "mflops", "params_k", "search_top1"} <= set(doc["subnets"][0])
+    assert any(s.get("pareto") for s in doc["subnets"]) and (out / "pareto.png").stat().st_size > 0
+    for c in doc["chosen"]:
+        arch = load_arch(out / c["file"], SPACE)
+        assert pred.predict(arch) <= c["budget_ms"] + 1e-9 and c["latency_ms"] == pytest.approx(pred.predict(arch))
+        sub = json.loads((out / c["file"]).read_text())
+        assert sub["supernet"]["sha256"] == doc["supernet"]["sha256"]  # ready for `qnas export`
+
+
+def test_an_infeasible_budget_exits_2_naming_the_fastest(setup, runner):
+    root, table = setup
+    pred = Predictor(table, table_space(table))
+    fastest = min(pred.predict(sample(SPACE, "random", random.Random(s))) for s in range(200))
+    r = runner.invoke(app, ["search", "--supernet", str(root / "run" / "supernet.pt"), "--table", str(root / "table.json"),
+                            "--latency-ms", f"{fastest / 10:.6f}", "--out", str(root / "s2"), *SMALL_SEARCH])
+    assert r.exit_code == 2 and "fastest takes about" in r.output, r.output
+    assert not (root / "s2").exists()
+
+
+def test_resume_of_an_interrupted_search_gives_the_same_result(setup, runner):
+    root, table = setup
+    budgets, _ = _budgets(table)
+    args = ["search", "--supernet", str(root / "run" / "supernet.pt"), "--table", str(root / "table.json"),
+            "--latency-ms", f"{budgets[1]:.6f}", *SMALL_SEARCH, "--json"]
+    full, cut = root / "full", root / "cut"
+    assert runner.invoke(app, [*args, "--out", str(full)]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(cut)]).exit_code == 0
+    lines = (cut / "evaluations.jsonl").read_text().splitlines()
+    kept = len(lines) // 2
+    (cut / "evaluations.jsonl").write_text("\n".join(lines[:kept]) + "\n" + lines[kept][: len(lines[kept]) // 2])
+    r = runner.invoke(app, [*args, "--out", str(cut)])
+    assert r.exit_code == 2 and "--resume" in r.output, r.output  # never overwrites an earlier search silently
+    r = runner.invoke(app, [*args, "--out", str(cut), "--resume"])
+    assert r.exit_code == 0, r.output
+    a, b = json.loads((full / "pareto.json").read_text()), json.loads((cut / "pareto.json").read_text())
+    assert a["chosen"] == b["chosen"]
+    assert b["evaluations"]["new"] == a["evaluations"]["count"] - (kept - 1)  # only the lost ones again
