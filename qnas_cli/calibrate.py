@@ -23,6 +23,7 @@ from .supernet import Subnet, Supernet, load_supernet, reset_bn_stats, set_bn_mo
 
 CALIB_IMAGES = 2000
 CALIB_SEED = 0  # the calibration images are a seeded subset: recorded so a reused subnet is provably the same
+CALIB_SUBSET = "stratified/1"  # how that subset is drawn (data.stratified_indices); older files used a plain permutation
 EVAL_BATCH = 500
 EVAL_IMAGES_HINT = " (leave it out to evaluate the whole split)"
 
@@ -92,7 +93,7 @@ def calibration_data_spec(data_spec: str | None, supernet_meta: dict[str, Any]) 
 def calibration_record(supernet_sha256: str, data_spec: str, calib_images: int) -> dict[str, Any]:
     """Everything a calibrated subnet's integers depend on besides its architecture."""
     return {"supernet_sha256": supernet_sha256, "data": data_spec, "calib_images": calib_images,
-            "calib_seed": CALIB_SEED, "integer_contract": INTEGER_CONTRACT_VERSION}
+            "calib_seed": CALIB_SEED, "calib_subset": CALIB_SUBSET, "integer_contract": INTEGER_CONTRACT_VERSION}
 
 
 def stale_reasons(meta: dict[str, Any], arch: dict[str, Any], expected: dict[str, Any]) -> list[str]:

@@ -34,7 +34,9 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", 
 
 
 class ImageSource:
-    """Images as uint8 (N, C, H, W) batches, read on demand."""
+    """Images as uint8 (N, C, H, W) batches, read on demand; ``labels`` (N,) without decoding."""
+
+    labels: Tensor
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -99,6 +101,10 @@ class Subset(ImageSource):
 
     def get(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         return self.base.get(self.indices[idx])
+
+    @property
+    def labels(self) -> Tensor:
+        return self.base.labels[self.indices]
 
 
 @dataclass
@@ -331,14 +337,35 @@ def to_input(x: Tensor, data: Dataset, resolution: int) -> Tensor:
     return x
 
 
-def ordered_batches(source: ImageSource, batch_size: int, limit: int | None = None):
-    """Batches in file order (evaluation), optionally only the first ``limit`` images."""
-    n = len(source) if limit is None else min(limit, len(source))
-    for i in range(0, n, batch_size):
-        yield source.get(torch.arange(i, min(i + batch_size, n)))
+def ordered_batches(source: ImageSource, batch_size: int, limit: int | None = None, seed: int = 0):
+    """Evaluation batches: every image in file order, or, with ``limit``, the seeded
+    class-stratified subset of ``limit`` images (``stratified_indices``), never the first files:
+    an image folder lists its files class by class."""
+    if limit is None or limit >= len(source):
+        idx = torch.arange(len(source))
+    else:
+        idx = stratified_indices(source, limit, seed).sort().values
+    for i in range(0, len(idx), batch_size):
+        yield source.get(idx[i : i + batch_size])
+
+
+def stratified_indices(source: ImageSource, count: int, seed: int = 0) -> Tensor:
+    """``count`` images, each class in proportion to its share, drawn by a seeded permutation:
+    the same subset for the same source, count and seed.
+
+    Every image gets its rank within its class in the permuted order; ranking all images by
+    (rank + 1/2) / class size interleaves the classes evenly, and the first ``count`` are taken.
+    """
+    count = min(count, len(source))
+    perm = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    ranked = source.labels[perm]
+    position = torch.empty(len(perm), dtype=torch.float64)
+    for c in torch.unique(ranked).tolist():
+        where = (ranked == c).nonzero().flatten()
+        position[where] = (torch.arange(len(where), dtype=torch.float64) + 0.5) / len(where)
+    return perm[torch.sort(position, stable=True).indices[:count]]
 
 
 def calibration_indices(source: ImageSource, count: int, seed: int = 0) -> Tensor:
-    """A fixed, seeded subset of images (BN calibration and scale initialisation)."""
-    count = min(count, len(source))
-    return torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:count]
+    """The fixed, seeded, class-stratified images of BN calibration and scale initialisation."""
+    return stratified_indices(source, count, seed)

@@ -182,3 +182,32 @@ def test_truncated_idx_file_is_named(tmp_path):
         f.write(raw[:1000])
     with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz is truncated"):
         load_dataset(f"fashion-mnist:{tmp_path}")
+
+
+def test_limited_evaluations_draw_every_class_from_a_class_sorted_image_folder(tmp_path):
+    """An image folder lists files class by class: a limited evaluation, a calibration set and a
+    search-fitness subset are seeded, class-stratified and the same every time, never the first N."""
+    from PIL import Image
+
+    from qnas_cli.data import calibration_indices, ordered_batches, stratified_indices
+
+    rng = np.random.default_rng(0)
+    classes = ("a", "b", "c", "d", "e")
+    for split, n in (("train", 12), ("val", 8)):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(tmp_path / split / cls / f"{i}.png")
+    ds = load_dataset(f"imagefolder:{tmp_path}", search_size=10, load_size=8)
+    assert ds.test.labels.tolist() == sorted(ds.test.labels.tolist())  # class by class, as on disk
+    labels = torch.cat([y for _, y in ordered_batches(ds.test, 4, limit=10)])
+    assert torch.bincount(labels, minlength=5).tolist() == [2, 2, 2, 2, 2]
+    again = torch.cat([y for _, y in ordered_batches(ds.test, 3, limit=10)])
+    assert labels.tolist() == again.tolist()
+    for source, count in ((ds.train, 25), (ds.search, 5), (ds.test, 7)):
+        idx = stratified_indices(source, count, seed=3)
+        counts = torch.bincount(source.labels[idx], minlength=5).double()
+        share = count * torch.bincount(source.labels, minlength=5).double() / len(source)
+        assert len(set(idx.tolist())) == count and (counts - share).abs().max() <= 1  # each class its share
+        assert torch.equal(idx, calibration_indices(source, count, seed=3))
+    assert not torch.equal(stratified_indices(ds.train, 25, 0), stratified_indices(ds.train, 25, 1))

@@ -13,7 +13,7 @@ from .common import console, print_json, say
 SubnetArg = Annotated[Path, typer.Argument(help="subnet.json (from `qnas space sample`).")]
 SupernetOpt = Annotated[Path, typer.Option(help="supernet.pt (default: the one named in the subnet file).")]
 DataOpt = Annotated[str, typer.Option(help="Dataset spec (default: the one the supernet was trained on).")]
-CalibOpt = Annotated[int, typer.Option(help="Training images for BN re-estimation (fixed, seeded set).")]
+CalibOpt = Annotated[int, typer.Option(help="Training images for BN re-estimation: a fixed, seeded, class-stratified set.")]
 
 
 def calibrate(
@@ -21,7 +21,7 @@ def calibrate(
     supernet: SupernetOpt = None,
     data: DataOpt = None,
     calib_images: CalibOpt = CALIB_IMAGES,
-    eval_images: Annotated[int, typer.Option(help="Limit the accuracy evaluation to N images per split (default: all).")] = None,
+    eval_images: Annotated[int, typer.Option(help="Limit the accuracy evaluation to N images per split: a seeded, class-stratified subset, the same every run (default: all).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output weights (default: SUBNET with .qnas.pt; JSON beside).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:

@@ -19,7 +19,7 @@ def export(
     supernet: SupernetOpt = None,
     data: DataOpt = None,
     calib_images: CalibOpt = CALIB_IMAGES,
-    eval_images: Annotated[int, typer.Option(help="Test images for parity and accuracy (default: the whole test split).")] = None,
+    eval_images: Annotated[int, typer.Option(help="Test images for parity and accuracy: a seeded, class-stratified subset (default: the whole test split).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print export_report.json to stdout.")] = False,
 ) -> None:
     """Write model_int8.tflite (int8 in/out, every op int8), model.onnx and export_report.json.

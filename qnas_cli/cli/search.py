@@ -38,8 +38,8 @@ def search(
                                                     f"Each generation the best {int(100 * PARENT_RATIO)}% breed; half the "
                                                     "children are mutants, half crossovers.")] = PAPER["mutate_prob"],
     crossover_prob: Annotated[float, typer.Option(help="Crossover: each gene taken from the second parent with this probability (paper: 0.25).")] = PAPER["crossover_prob"],
-    calib_images: Annotated[int, typer.Option(help="Training images for each candidate's BN re-estimation (seeded, as `qnas calibrate`).")] = D.calib_images,
-    eval_images: Annotated[int, typer.Option(help="Search-split images scored per candidate (default 2000).")] = D.eval_images,
+    calib_images: Annotated[int, typer.Option(help="Training images for each candidate's BN re-estimation (seeded, class-stratified, as `qnas calibrate`).")] = D.calib_images,
+    eval_images: Annotated[int, typer.Option(help="Search-split images scored per candidate: a seeded, class-stratified subset, the same for every candidate.")] = D.eval_images,
     seed: Annotated[int, typer.Option(help="Seed of the evolution (budget i uses seed + i).")] = D.seed,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (default: SUPERNET's folder/search).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search in --out: evaluated subnets are not evaluated again.")] = False,

@@ -36,8 +36,8 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed: model init, data order, augmentation, sampled subnets.")] = D.seed,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = D.device,
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N steps (atomic; the last 2 are kept).")] = D.ckpt_every,
-    eval_images: Annotated[int, typer.Option(help="Test images for the final evaluation (default: all).")] = None,
-    calib_images: Annotated[int, typer.Option(help="Training images for BN calibration before the final evaluation.")] = D.calib_images,
+    eval_images: Annotated[int, typer.Option(help="Test images for the final evaluation: a seeded, class-stratified subset (default: all).")] = None,
+    calib_images: Annotated[int, typer.Option(help="Training images (seeded, class-stratified) for BN calibration before the final evaluation.")] = D.calib_images,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
