@@ -27,13 +27,13 @@ data:
 	  fi; \
 	fi
 
-# The main job on the embedded default (Fashion-MNIST, small space), sized for a 2-core laptop:
-# float warm start -> fully int8 supernet -> calibrate + export the smallest subnet with parity proof.
+# The whole job on the embedded default (Fashion-MNIST, small space), sized for a 2-core laptop
+# (about 20 minutes): float warm start -> fully int8 supernet -> this host's latency table ->
+# search three budgets -> export each winner with its parity gate -> one summary table.
 demo: setup
 	$(BIN)/qnas train --quant none --space small --steps 200 --warmup-steps 20 --num-random 1 --out $(DEMO)/float
 	$(BIN)/qnas train --space small --init $(DEMO)/float/supernet.pt --steps 100 --warmup-steps 20 --num-random 1 --out $(DEMO)/int8
-	$(BIN)/qnas space sample --smallest --supernet $(DEMO)/int8/supernet.pt --out $(DEMO)/int8/smallest/subnet.json
-	$(BIN)/qnas export $(DEMO)/int8/smallest/subnet.json
+	$(BIN)/python -m qnas_cli.demo $(DEMO)/int8/supernet.pt --out $(DEMO)
 
 test: setup
 	$(BIN)/python -m pytest -q -rs

@@ -89,7 +89,7 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
                   log=print) -> dict[str, Any]:
     """Run the whole export; returns the report (also written to ``out_dir/export_report.json``)."""
     from .tflite import export_tflite
-    from .verify import failures, run_tflite, verify_tflite
+    from .verify import BACKENDS, failures, run_tflite, verify_tflite
 
     check_count("--calib-images", calib_images)
     check_count("--eval-images", eval_images, EVAL_IMAGES_HINT)
@@ -109,8 +109,9 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
 
     log("verifying against the fake-quant PyTorch subnet")
     images, labels, expected = int8_images(sub, data, data.test, eval_images)
-    report = verify_tflite(result.tflite, graph, images, expected=expected)
-    tfl = run_tflite(result.tflite, images, "xnnpack")
+    outputs = {b: run_tflite(result.tflite, images, b) for b in BACKENDS}  # one pass per runtime, used twice
+    report = verify_tflite(result.tflite, graph, images, expected=expected, outputs=outputs)
+    tfl = outputs["xnnpack"]
     in_q, out_q = graph.qparams[graph.input], graph.qparams[graph.output]
     report = {"schema": REPORT_SCHEMA, **report}
     report.update({

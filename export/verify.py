@@ -161,13 +161,15 @@ def latency_ms(path: Path, rounds: int = 8) -> dict:
 
 def verify_tflite(path: Path, graph: IntegerGraph, images_nchw: np.ndarray,
                   expected: np.ndarray | None = None, latency: bool = True,
-                  per_op_images: int = 100) -> dict:
+                  per_op_images: int = 100, outputs: dict[str, np.ndarray] | None = None) -> dict:
     """The full report: end-to-end parity per backend against `expected` (default: the numpy
     reference on the same images), per-op parity on the first `per_op_images`, op census,
-    stored scales and constants, latency."""
+    stored scales and constants, latency. `outputs`: the model's int8 outputs per backend on
+    `images_nchw`, when the caller already has them (each pass over a test set costs seconds)."""
     expected = run_reference(graph, images_nchw) if expected is None else expected
+    outputs = outputs or {b: run_tflite(path, images_nchw, b) for b in BACKENDS}
     report: dict = {
-        "parity": {b: parity(run_tflite(path, images_nchw, b), expected) for b in BACKENDS},
+        "parity": {b: parity(outputs[b], expected) for b in BACKENDS},
         "per_op": {b: per_op_parity(path, graph, images_nchw[:per_op_images], b) for b in BACKENDS},
         "census": op_census(path),
         "scales": stored_scales(path, graph),

@@ -34,6 +34,11 @@ from .errors import UserError, choice_error
 from .space import Arch, SearchSpace, read_structured
 
 TABLE_FORMAT = "qnas.latency_table/1"
+# A table belongs to one runtime: the two differ per kernel configuration, not by a factor. On
+# x86, XNNPACK's int8 depthwise kernels stop at 25 taps (google/XNNPACK src/configs/dwconv-config.c:
+# tiles 3p/9p/25p), so a 7x7 depthwise conv falls back to a padded grouped IGEMM
+# (src/operators/convolution-nhwc.c) and runs ~5x slower than TFLite's built-in
+# DepthwiseConvGeneral, while 3x3 depthwise and 1x1 convs run 2.5-5x faster (README, "Which runtime").
 RUNTIMES = ("xnnpack", "builtin")
 RUNTIME_HELP = {
     "xnnpack": "LiteRT with its default XNNPACK delegate (what the TFLite/LiteRT interpreter runs on a phone CPU by default)",

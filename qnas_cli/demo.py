@@ -1,0 +1,89 @@
+"""The rest of `make demo` after training: latency table -> search -> export -> one summary.
+
+    python -m qnas_cli.demo runs/demo/int8/supernet.pt --out runs/demo
+
+Builds (or reuses) this host's XNNPACK latency table for the supernet's space, picks three
+budgets across the table's range (fast, middle, slow), runs a demo-sized search (the paper's
+operators, a smaller population), exports each winner with its parity gate, and prints one
+table: budget, predicted and measured latency, int8 TFLite test accuracy, parity, file size.
+Everything lands in OUT (search/, export_<budget>ms/, summary.json).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from .checkpoint import write_json
+from .cli.common import console, logger
+from .latency import Predictor
+from .search_job import SearchConfig, run_search
+from .space import sample
+from .supernet import load_supernet
+
+BUDGET_POINTS = (0.15, 0.4, 0.8)  # where the budgets sit between the fastest and the slowest subnet
+
+
+def budgets_for(pred: Predictor, space) -> list[float]:
+    """Three budgets across the predicted latency range, rounded to two significant digits."""
+    lo, hi = pred.predict(sample(space, "smallest")), pred.predict(sample(space, "largest"))
+    return [float(f"{lo + f * (hi - lo):.2g}") for f in BUDGET_POINTS]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("supernet", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("runs/demo"))
+    ap.add_argument("--population", type=int, default=16)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--eval-images", type=int, default=2000, help="test images for each export's parity and accuracy")
+    args = ap.parse_args()
+    from export.latency_build import ensure_host_table
+    from export.pipeline import export_subnet
+
+    log = logger(console)
+    t0 = time.perf_counter()
+    net, _ = load_supernet(args.supernet)
+    table, table_path = ensure_host_table(net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=log)
+    budgets = budgets_for(Predictor(table, net.space), net.space)
+    log(f"latency table {table_path}; budgets {', '.join(f'{b:g} ms' for b in budgets)}")
+    t_search = time.perf_counter()
+    result = run_search(SearchConfig(supernet=str(args.supernet), budgets_ms=budgets, table=str(table_path),
+                                     population=args.population, generations=args.generations, eval_images=1000,
+                                     out=str(args.out / "search"), resume=(args.out / "search" / "evaluations.jsonl").is_file()),
+                        log, lambda b, g: log(f"  {b:g} ms, generation {g.index}: best {100 * g.best[1]:.2f}% "
+                                              f"({g.evaluated} new, {g.cache_hits} cached)"))
+    search_s = time.perf_counter() - t_search
+    rows = []
+    for c in result["chosen"]:
+        out = args.out / f"export_{c['budget_ms']:g}ms"
+        log(f"exporting the {c['budget_ms']:g} ms winner to {out}")
+        r = export_subnet(args.out / "search" / c["file"], out, eval_images=args.eval_images, log=log)
+        x = r["parity"]["xnnpack"]
+        rows.append({"budget_ms": c["budget_ms"], "arch": c["arch"], "predicted_ms": c["latency_ms"],
+                     "measured_ms": r["latency_ms"]["xnnpack"], "search_top1": c["search_top1"],
+                     "tflite_test_top1": r["accuracy"]["tflite_top1"], "fake_quant_test_top1": r["accuracy"]["fake_quant_top1"],
+                     "max_lsb": x["max_abs_lsb"], "top1_agreement": x["top1_agreement"], "size_kb": r["size_bytes"] / 1024,
+                     "passed": r["passed"], "tflite": str(out / r["files"]["tflite"])})
+    summary = {"rows": rows, "table": str(table_path), "search": result["evaluations"], "search_seconds": round(search_s, 1),
+               "seconds_after_training": round(time.perf_counter() - t0, 1), "test_images": args.eval_images}
+    write_json(args.out / "summary.json", summary)
+    t = Table(title=f"qnas demo: int8 TFLite per latency budget (XNNPACK, 1 thread; {args.eval_images} test images)")
+    for col in ("budget", "pred. ms", "meas. ms", "search top-1", "TFLite test", "max LSB", "top-1 agree", "KB", "gate"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(f"{r['budget_ms']:g} ms", f"{r['predicted_ms']:.3f}", f"{r['measured_ms']:.3f}",
+                  f"{100 * r['search_top1']:.2f}%", f"{100 * r['tflite_test_top1']:.2f}%", str(r["max_lsb"]),
+                  f"{100 * r['top1_agreement']:.2f}%",
+                  f"{r['size_kb']:.0f}", "PASS" if r["passed"] else "FAIL")
+    console.print(t)
+    for r in rows:
+        log(f"{r['budget_ms']:g} ms: {r['arch']} -> {r['tflite']}")
+    log(f"search {search_s:.0f} s, everything after training {summary['seconds_after_training']:.0f} s; "
+        f"pictures: {args.out / 'search' / 'pareto.png'}; figures: {args.out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
