@@ -112,7 +112,7 @@ def convert_covers(space: SearchSpace, in_channels: int, num_classes: int, folde
 
 
 def build_tables(space: SearchSpace, in_channels: int, num_classes: int, runtimes: tuple[str, ...],
-                 threads: int = 1, rounds: int = 15, round_ms: float = 3.0, cache: Path | None = None,
+                 threads: int = 1, rounds: int = 40, round_ms: float = 3.0, cache: Path | None = None,
                  n_whole: int = N_WHOLE, jobs: int = 2, log: Callable[[str], None] = print,
                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, LatencyTable]:
     """One table per runtime, all parts timed in one interleaved session."""

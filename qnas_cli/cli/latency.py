@@ -102,7 +102,7 @@ def build(
     classes: Annotated[int, typer.Option(help="Classifier outputs (ignored with --supernet).")] = 10,
     runtime: RuntimeOpt = "xnnpack",
     threads: ThreadsOpt = 1,
-    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds over all parts.")] = 15,
+    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds over all parts (this shared host drifts: fewer rounds, noisier entries).")] = 40,
     out: Annotated[Path, typer.Option("--out", "-o", help="Table file (default: the host cache, "
                                                            "$QNAS_CACHE or ~/.cache/qnas/latency). With --runtime both, "
                                                            "the runtime is added to the name.")] = None,
