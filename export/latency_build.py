@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from qnas_cli.checkpoint import write_json
-from qnas_cli.latency import Fit, LatencyTable, fit_correction, host_device, key_text, part_keys
+from qnas_cli.errors import UserError
+from qnas_cli.latency import (Fit, LatencyTable, cache_dir, check_table_fits, fit_correction, host_device,
+                              host_table_path, key_text, load_table, part_keys)
 from qnas_cli.space import Arch, SearchSpace, sample
 
 from .blocks import PartSpan, cover_graph
@@ -116,8 +118,6 @@ def build_tables(space: SearchSpace, in_channels: int, num_classes: int, runtime
                  n_whole: int = N_WHOLE, jobs: int = 2, log: Callable[[str], None] = print,
                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, LatencyTable]:
     """One table per runtime, all parts timed in one interleaved session."""
-    from qnas_cli.latency import cache_dir
-
     t0 = time.perf_counter()
     wholes = fit_archs(space, n_whole)
     folder = cover_folder(cache or cache_dir() / "latency", space, in_channels, num_classes)
@@ -191,8 +191,6 @@ def table_outputs(out: Path | None, space: SearchSpace, in_channels: int, num_cl
                   runtimes: tuple[str, ...], threads: int) -> dict[str, Path]:
     """Where each runtime's table goes: ``out`` for one runtime, ``out`` with the runtime in its
     name for several, the host cache when ``out`` is None."""
-    from qnas_cli.latency import host_table_path
-
     if out is None:
         return {rt: host_table_path(space, in_channels, num_classes, rt, threads) for rt in runtimes}
     out = Path(out)
@@ -204,9 +202,6 @@ def table_outputs(out: Path | None, space: SearchSpace, in_channels: int, num_cl
 def ensure_host_table(space: SearchSpace, in_channels: int, num_classes: int, runtime: str = "xnnpack",
                       threads: int = 1, log: Callable[[str], None] = print, **build) -> tuple[LatencyTable, Path]:
     """The cached host table for this (space, input, runtime, threads), built on first use."""
-    from qnas_cli.errors import UserError
-    from qnas_cli.latency import check_table_fits, host_table_path, load_table
-
     path = host_table_path(space, in_channels, num_classes, runtime, threads)
     if path.is_file():
         try:

@@ -30,8 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qnas_cli.latency import RUNTIMES  # (xnnpack, builtin)
-
 
 @dataclass
 class Timing:

@@ -22,7 +22,8 @@ from ai_edge_litert import schema_py_generated as fb
 from ai_edge_litert.tools import flatbuffer_utils as fbu
 
 from export.graph import Conv, IntegerGraph, Linear
-from export.measure import RUNTIMES as BACKENDS, delegated_nodes, interpreter, measure_models
+from export.measure import delegated_nodes, interpreter, measure_models
+from qnas_cli.latency import RUNTIMES as BACKENDS  # (xnnpack, builtin)
 from export.onnx_export import tensor_shapes
 from export.reference import run_op, run_reference
 from export.tflite_rewrite import ALIAS_ROLES, OP_NAMES, TYPE_NAMES, tflite_layout
