@@ -78,11 +78,15 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
            population: int = PAPER["population"], generations: int = PAPER["generations"],
            mutate_prob: float = PAPER["mutate_prob"], crossover_prob: float = PAPER["crossover_prob"],
            parent_ratio: float = PARENT_RATIO, seed: int = 0,
-           on_generation: Callable[[Generation], None] | None = None) -> EvolutionResult:
+           on_generation: Callable[[Generation], None] | None = None,
+           seeds: tuple[Arch, ...] = ()) -> EvolutionResult:
     """Maximise ``fitness`` over the feasible subnets of ``space``.
 
     ``fitness`` scores a list of architectures at once (batched, cached by the caller); it may
     be called with architectures it has seen, and must return the same score for them.
+    ``seeds``: feasible subnets known in advance (e.g. the fastest). Under a tight budget few
+    random subnets are feasible; the first population is then filled with mutants of the
+    feasible ones found so far instead of failing.
     """
     for name, v in (("population", population), ("generations", generations)):
         if v < 1:
@@ -100,7 +104,14 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
         raise UserError("the constraints leave (almost) no subnet of the space: none of "
                         f"{MAX_TRIES} candidates met them; relax the budget")
 
-    pop = [draw(lambda: sample(space, "random", rng)) for _ in range(population)]
+    pop = [a for a in seeds if feasible(a)]
+    while len(pop) < population:
+        try:
+            pop.append(draw(lambda: sample(space, "random", rng)))
+        except UserError:
+            if not pop:
+                raise
+            pop.append(draw(lambda: mutate(space, rng.choice(pop), max(mutate_prob, 0.2), rng)))
     scores = dict(zip((a.key for a in pop), fitness(pop)))
     history: list[Generation] = []
     n_parents = max(1, int(round(parent_ratio * population)))

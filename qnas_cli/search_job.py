@@ -79,7 +79,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
         c = cost(a)
         return (cfg.flops_m is None or c.mflops <= cfg.flops_m) and (cfg.params_k is None or c.params / 1e3 <= cfg.params_k)
 
-    _check_feasible(cfg, space, pred, cost, within_others, table)
+    seeds = _check_feasible(cfg, space, pred, cost, within_others, table)
     data = load_dataset(cfg.data or meta.get("config", {}).get("data", "fashion-mnist"), load_size=max(space.resolutions))
     identity = {"supernet_sha256": meta["weights"]["sha256"], "data": data.spec, "calib_images": cfg.calib_images,
                 "eval_images": cfg.eval_images}
@@ -97,7 +97,8 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
         log(f"budget {budget:g} ms: population {cfg.population}, {cfg.generations} generations")
         res = evolve(space, scored, lambda a, b=budget: pred.predict(a) <= b and within_others(a),
                      cfg.population, cfg.generations, cfg.mutate_prob, cfg.crossover_prob, PARENT_RATIO,
-                     seed=cfg.seed + i, on_generation=(lambda g, b=budget: on_generation(b, g)) if on_generation else None)
+                     seed=cfg.seed + i, on_generation=(lambda g, b=budget: on_generation(b, g)) if on_generation else None,
+                     seeds=tuple(seeds))
         winners[budget] = res.best
     rows = []
     for key, a in archs.items():
@@ -142,8 +143,9 @@ def _table(cfg: SearchConfig, net, log) -> tuple[LatencyTable, Path]:
     return ensure_host_table(net.space, net.in_channels, net.num_classes, cfg.runtime, cfg.threads, log=log)
 
 
-def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table) -> None:
-    """Exit 2 naming the fastest subnet when a budget is below anything the space can do."""
+def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table) -> list[Arch]:
+    """Exit 2 naming the fastest subnet when a budget is below anything the space can do;
+    else return the fastest subnets that meet the other constraints (seeds for tight budgets)."""
     rng = random.Random(0)
     candidates = [sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(2000)]
     fastest = min(candidates, key=pred.predict)
@@ -161,6 +163,7 @@ def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table) -> 
             raise UserError(f"--latency-ms {budget:g}: no subnet of space {space.name!r} is predicted that fast {where}; "
                             f"the fastest takes about {fast_ms:.4f} ms ({fastest.key}: {c.mflops:.2f} MFLOPs, "
                             f"{c.params / 1e3:.1f} k parameters)")
+    return sorted(ok, key=pred.predict)[:8]
 
 
 def plot_pareto(result: dict, path: Path) -> None:

@@ -92,3 +92,16 @@ def test_cost_counts_what_the_integer_graph_holds(how):
                for op in g.ops if isinstance(op, (Conv, Linear)))
     cost = arch_cost(space, arch, 3, 10)
     assert (cost.params, cost.macs) == (params, macs)
+
+
+def test_a_tight_but_feasible_budget_starts_from_the_seeds():
+    """Few random subnets meet a tight budget: the first population grows from the feasible seeds."""
+    space = PRESETS["small"]
+    smallest = sample(space, "smallest")
+    limit = _budget(smallest) * 1.05
+    res = evolve(space, lambda archs: [_toy_fitness(a) for a in archs], lambda a: _budget(a) <= limit,
+                 population=12, generations=2, seeds=(smallest,))
+    assert _budget(res.best) <= limit
+    with pytest.raises(UserError, match="relax the budget"):  # without a seed it cannot start
+        evolve(space, lambda archs: [_toy_fitness(a) for a in archs], lambda a: _budget(a) <= limit,
+               population=12, generations=2)
