@@ -28,20 +28,23 @@ class Fitness:
     """``fitness(archs) -> accuracies``, memoised by architecture key and kept on disk."""
 
     def __init__(self, net: Supernet, data: Dataset, identity: dict[str, Any], path: Path, resume: bool,
-                 calib_images: int, eval_images: int | None, device: str = "cpu") -> None:
+                 calib_images: int, eval_images: int | None, device: str = "cpu", rank: int = 0, world: int = 1) -> None:
         self.net, self.data, self.device = net, data, device
         self.calib_images, self.eval_images = calib_images, eval_images
         self.path = Path(path)
+        self.rank, self.world = rank, world  # under torchrun each rank evaluates its share; rank 0 writes
         self.scores: dict[str, float] = {}
         self.seconds = 0.0
         self.evaluations = self.hits = 0
         header = {"format": CACHE_FORMAT, **identity}
-        if self.path.is_file() and resume:
+        exists = self.path.is_file()
+        _barrier(world)  # every rank has looked before rank 0 writes
+        if exists and resume:
             self._load(header)
-        elif self.path.is_file():
+        elif exists:
             raise UserError(f"{self.path} holds an earlier search's evaluations: pass --resume to continue it, "
                             "or choose another --out")
-        else:
+        elif rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._append(header)
 
@@ -68,25 +71,45 @@ class Fitness:
             f.flush()
             os.fsync(f.fileno())
 
-    def evaluate_one(self, arch: Arch) -> float:
+    def evaluate_one(self, arch: Arch) -> dict[str, Any]:
         t = time.perf_counter()
         sub = calibrated_subnet(self.net, arch, self.data, self.calib_images, self.device)
         acc = evaluate(sub, self.data.search, self.data, arch.resolution, self.device, self.eval_images)
-        dt = time.perf_counter() - t
-        self.seconds += dt
-        self.evaluations += 1
-        self.scores[arch.key] = acc
-        self._append({"arch": arch.key, "accuracy": acc, "seconds": round(dt, 3)})
-        return acc
+        return {"arch": arch.key, "accuracy": acc, "seconds": round(time.perf_counter() - t, 3)}
 
     def __call__(self, archs: list[Arch], on_each: Callable[[], None] | None = None) -> list[float]:
-        out = []
-        for a in archs:
-            if a.key in self.scores:
-                self.hits += 1
-            else:
-                self.evaluate_one(a)
-            out.append(self.scores[a.key])
+        new = list({a.key: a for a in archs if a.key not in self.scores}.values())
+        self.hits += len(archs) - len(new)
+        rows = []
+        for a in new[self.rank :: self.world]:  # this rank's share, in a fixed order
+            rows.append(self.evaluate_one(a))
+            if self.world == 1:  # one process: each result is on disk as soon as it exists
+                self._append(rows[-1])
             if on_each:
                 on_each()
-        return out
+        if self.world > 1:
+            rows = _gathered(rows, self.world)
+            if self.rank == 0:
+                for row in rows:
+                    self._append(row)
+        for row in rows:
+            self.scores[row["arch"]] = row["accuracy"]
+            self.seconds += row["seconds"]
+        self.evaluations += len(rows)
+        return [self.scores[a.key] for a in archs]
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gathered(rows: list[dict], world: int) -> list[dict]:
+    """Every rank's rows, in rank order then evaluation order (the same on every rank)."""
+    import torch.distributed as dist
+
+    parts: list[list[dict] | None] = [None] * world
+    dist.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]

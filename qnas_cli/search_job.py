@@ -63,13 +63,17 @@ class SearchConfig:
 
 def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
                on_generation: Callable[[float, Generation], None] | None = None,
-               on_evaluation: Callable[[], None] | None = None) -> dict[str, Any]:
+               on_evaluation: Callable[[], None] | None = None) -> dict[str, Any] | None:
+    """The search; returns pareto.json's content on rank 0 (None on the other torchrun ranks)."""
+    from .train import setup_distributed  # torchrun: each rank evaluates its share of every generation
+
+    d = setup_distributed("cpu")
     net, meta = load_supernet(cfg.supernet)
     if not net.cfg.enabled:
         raise UserError(f"{cfg.supernet} is a float supernet (--quant none): search needs an int8 supernet")
     space = net.space
     out = Path(cfg.out) if cfg.out else Path(cfg.supernet).parent / "search"
-    table, table_path = _table(cfg, net, log)
+    table, table_path = _table(cfg, net, log if d.main else (lambda m: None), d.world)
     pred = Predictor(table, space)
 
     def cost(a: Arch):
@@ -83,7 +87,10 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
     data = load_dataset(cfg.data or meta.get("config", {}).get("data", "fashion-mnist"), load_size=max(space.resolutions))
     identity = {"supernet_sha256": meta["weights"]["sha256"], "data": data.spec, "calib_images": cfg.calib_images,
                 "eval_images": cfg.eval_images}
-    fitness = Fitness(net, data, identity, out / "evaluations.jsonl", cfg.resume, cfg.calib_images, cfg.eval_images)
+    fitness = Fitness(net, data, identity, out / "evaluations.jsonl", cfg.resume, cfg.calib_images, cfg.eval_images,
+                      rank=d.rank, world=d.world)
+    if not d.main:  # the other ranks only evaluate; rank 0 reports and writes
+        log, on_generation = (lambda m: None), None
     if fitness.scores:
         log(f"resuming: {len(fitness.scores)} subnets already evaluated in {out / 'evaluations.jsonl'}")
     archs: dict[str, Arch] = {}
@@ -100,6 +107,8 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
                      seed=cfg.seed + i, on_generation=(lambda g, b=budget: on_generation(b, g)) if on_generation else None,
                      seeds=tuple(seeds))
         winners[budget] = res.best
+    if not d.main:
+        return None
     rows = []
     for key, a in archs.items():
         c = cost(a)
@@ -133,11 +142,14 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
     return result
 
 
-def _table(cfg: SearchConfig, net, log) -> tuple[LatencyTable, Path]:
+def _table(cfg: SearchConfig, net, log, world: int) -> tuple[LatencyTable, Path]:
     if cfg.table:
         table = load_table(Path(cfg.table))
         check_table_fits(table, net.space, net.in_channels, net.num_classes, f"--table {cfg.table}")
         return table, Path(cfg.table)
+    if world > 1:
+        raise UserError("under torchrun, pass --table (build it first with `qnas latency build`): "
+                        "timing a table while other processes evaluate would measure their load")
     from export.latency_build import ensure_host_table  # converts and times: TensorFlow, LiteRT
 
     return ensure_host_table(net.space, net.in_channels, net.num_classes, cfg.runtime, cfg.threads, log=log)

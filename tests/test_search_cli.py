@@ -82,3 +82,28 @@ def test_resume_of_an_interrupted_search_gives_the_same_result(setup, runner):
     a, b = json.loads((full / "pareto.json").read_text()), json.loads((cut / "pareto.json").read_text())
     assert a["chosen"] == b["chosen"]
     assert b["evaluations"]["new"] == a["evaluations"]["count"] - (kept - 1)  # only the lost ones again
+
+
+@pytest.mark.slow
+def test_a_two_process_torchrun_search_equals_a_one_process_search(setup):
+    """Each rank evaluates its share of every generation; the result must not depend on how many."""
+    import os
+    import subprocess
+    import sys
+
+    root, table = setup
+    budgets, _ = _budgets(table)
+    args = ["-m", "qnas_cli", "search", "--supernet", str(root / "run" / "supernet.pt"), "--table",
+            str(root / "table.json"), "--latency-ms", f"{budgets[0]:.6f},{budgets[2]:.6f}", *SMALL_SEARCH, "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float arithmetic in both runs
+    one = subprocess.run([sys.executable, *args, "--out", str(root / "one")], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                          *args, "--out", str(root / "two")], capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    a, b = (json.loads((root / n / "pareto.json").read_text()) for n in ("one", "two"))
+    assert a["chosen"] == b["chosen"]
+    assert [(s["arch"], s["search_top1"]) for s in a["subnets"]] == [(s["arch"], s["search_top1"]) for s in b["subnets"]]
+    rows = (root / "two" / "evaluations.jsonl").read_text().splitlines()
+    assert len(rows) == 1 + a["evaluations"]["count"]  # one writer, every evaluation once

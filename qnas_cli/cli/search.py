@@ -50,6 +50,8 @@ def search(
     Fitness is the calibrated int8 subnet's top-1 on the held-out search split. Every candidate
     meets every constraint by prediction. Writes pareto.json, pareto.png and one
     subnet_<budget>ms.json per budget (ready for `qnas export`) into --out.
+    Many processes share the evaluations, with the same result as one:
+    torchrun --nproc_per_node 2 -m qnas_cli search --table TABLE.json --latency-ms 1.0
     """
     cfg = SearchConfig(supernet=str(supernet), budgets_ms=_budgets(latency_ms), flops_m=flops_m, params_k=params_k,
                        data=data, table=str(table) if table else None, runtime=runtime, threads=threads,
@@ -64,6 +66,8 @@ def search(
             log(f"budget {budget:g} ms, generation {g.index}/{cfg.generations}: best {100 * g.best[1]:.2f}% "
                 f"({g.evaluated} new evaluations, {g.cache_hits} cache hits)")
         result = run_search(cfg, log, plain)
+    if result is None:  # a non-zero torchrun rank: rank 0 reports
+        return
     if json_out:
         print_json({k: result[k] for k in ("chosen", "evaluations", "table", "supernet", "out")})
         return
