@@ -107,6 +107,11 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
                      seed=cfg.seed + i, on_generation=(lambda g, b=budget: on_generation(b, g)) if on_generation else None,
                      seeds=tuple(seeds))
         winners[budget] = res.best
+    # A budget's winner is the best subnet evaluated by any budget's evolution that fits it:
+    # a tighter budget's winner often fits a looser one, and its score is already known.
+    for budget in winners:
+        fits = [a for a in archs.values() if pred.predict(a) <= budget and within_others(a)]
+        winners[budget] = max(fits, key=lambda a: (fitness.scores[a.key], -pred.predict(a)))
     if not d.main:
         return None
     rows = []

@@ -107,3 +107,15 @@ def test_a_two_process_torchrun_search_equals_a_one_process_search(setup):
     assert [(s["arch"], s["search_top1"]) for s in a["subnets"]] == [(s["arch"], s["search_top1"]) for s in b["subnets"]]
     rows = (root / "two" / "evaluations.jsonl").read_text().splitlines()
     assert len(rows) == 1 + a["evaluations"]["count"]  # one writer, every evaluation once
+
+
+def test_a_looser_budget_never_gets_a_worse_winner(setup, runner):
+    root, table = setup
+    budgets, _ = _budgets(table)
+    out = root / "monotone"
+    r = runner.invoke(app, ["search", "--supernet", str(root / "run" / "supernet.pt"), "--table", str(root / "table.json"),
+                            "--latency-ms", ",".join(f"{b:.6f}" for b in budgets), "--out", str(out), *SMALL_SEARCH])
+    assert r.exit_code == 0, r.output
+    chosen = json.loads((out / "pareto.json").read_text())["chosen"]
+    scores = [c["search_top1"] for c in sorted(chosen, key=lambda c: c["budget_ms"])]
+    assert scores == sorted(scores)
