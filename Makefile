@@ -28,7 +28,7 @@ data:
 	fi
 
 # The whole job on the embedded default (Fashion-MNIST, small space), sized for a 2-core laptop
-# (about 20 minutes): float warm start -> fully int8 supernet -> this host's latency table ->
+# (about 14 minutes): float warm start -> fully int8 supernet -> this host's latency table ->
 # search three budgets -> export each winner with its parity gate -> one summary table.
 demo: setup
 	$(BIN)/qnas train --quant none --space small --steps 200 --warmup-steps 20 --num-random 1 --out $(DEMO)/float
