@@ -22,12 +22,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from qnas_cli.checkpoint import write_bytes
+from qnas_cli.checkpoint import versions, write_bytes
 from export.graph import IntegerGraph
 from export.onnx_export import export_onnx, onnx_name
 from export.reference import dequantize
@@ -78,9 +77,6 @@ class TFLiteExport:
     seconds: dict[str, float] = field(default_factory=dict)  # onnx, onnx2tf, rewrite, total
     versions: dict[str, str] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        return {"tflite": str(self.tflite), "onnx": str(self.onnx), "log": str(self.log),
-                "input_layout": "NHWC", "seconds": self.seconds, "versions": self.versions}
 
 
 def calibration_nhwc(graph: IntegerGraph, images_int8: np.ndarray) -> np.ndarray:
@@ -97,21 +93,13 @@ def sample_data(calib_nhwc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(calib_nhwc[np.arange(20) % n][:, rows][:, :, cols], np.float32)
 
 
-def _versions() -> dict[str, str]:
-    names = ("onnx2tf", "tensorflow", "onnx", "onnxruntime", "onnxsim", "ai-edge-litert", "numpy")
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "missing"
-    return out
+CONVERTER_PACKAGES = ("onnx2tf", "tensorflow", "onnx", "onnxruntime", "onnxsim", "ai-edge-litert", "numpy")
 
 
 def run_onnx2tf(onnx_path: Path, graph: IntegerGraph, images_int8: np.ndarray, work: Path,
                 log_path: Path, timeout_s: float = 1200) -> bytes:
     """Convert `onnx_path` with onnx2tf inside `work`; return the full-integer .tflite bytes."""
-    found = _versions()["onnx2tf"]
+    found = versions("onnx2tf")["onnx2tf"]
     if found != ONNX2TF_VERSION:  # its quirks (module docstring) are version-specific
         raise ExportError(f"export needs onnx2tf=={ONNX2TF_VERSION}, found {found}; "
                           f"install it with: pip install onnx2tf=={ONNX2TF_VERSION}")
@@ -167,4 +155,4 @@ def export_tflite(graph: IntegerGraph, calib_inputs_int8: np.ndarray, out_dir: P
     tflite_path = write_bytes(out_dir / f"{name}_int8.tflite", ours)
     seconds["rewrite"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    return TFLiteExport(tflite_path, onnx_path, log_path, seconds, _versions())
+    return TFLiteExport(tflite_path, onnx_path, log_path, seconds, versions(*CONVERTER_PACKAGES))

@@ -69,10 +69,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def versions() -> dict[str, str]:
+def versions(*packages: str) -> dict[str, str]:
+    """qnas, torch and Python versions, plus those of the installed ``packages`` ("missing" if absent)."""
+    from importlib import metadata
+
     import qnas_cli
 
-    return {"qnas": qnas_cli.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    out = {"qnas": qnas_cli.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
 
 
 def save_weights(path: Path, payload: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,6 @@ Exit codes: 0 success, 2 user error (one line on stderr; ``--debug`` shows the t
 """
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import typer
@@ -71,6 +70,3 @@ app.command("search")(search_cmd.search)
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    sys.exit(main())
