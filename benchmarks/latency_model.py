@@ -86,15 +86,13 @@ def op_breakdown(space, arch, model: bytes, in_ch, classes, rounds) -> dict:
     cutter = Cutter(model)
     ops = {}
     for op in graph.ops:
-        src = op.inputs[0] if isinstance(op, Add) else op.input
+        if isinstance(op, Add):  # its two inputs cannot come from a cut's one input: timed with its block
+            continue
         kind = type(op).__name__
         if kind == "Conv":
-            kind = "depthwise conv" if op.groups > 1 else ("1x1 conv" if op.weight.shape[-1] == 1 else "conv kxk")
-            if op.groups > 1:
-                kind += f" {op.weight.shape[-1]}x{op.weight.shape[-1]}"
-        if isinstance(op, Add):  # both inputs must come from the cut's one input: time it with its block
-            continue
-        ops[(op.name, kind)] = cutter.cut(src, op.output)
+            k = op.weight.shape[-1]
+            kind = f"depthwise conv {k}x{k}" if op.groups > 1 else ("1x1 conv" if k == 1 else "conv kxk")
+        ops[(op.name, kind)] = cutter.cut(op.input, op.output)
     t = measure_models({f"{n}|{k}": m for (n, k), m in ops.items()}, RUNTIMES, rounds=rounds)
     per_kind: dict[str, dict[str, float]] = defaultdict(lambda: {rt: 0.0 for rt in RUNTIMES})
     for (name, kind) in ops:

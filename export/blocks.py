@@ -101,21 +101,21 @@ class _Builder:
                                spec.stride if j == 0 else 1, residual=j > 0)
         return self.head(p, x, space, num_classes)
 
-    def graph(self, outputs: list[str], meta: dict) -> IntegerGraph:
+    def graph(self, meta: dict, output: str | None = None) -> IntegerGraph:
+        """The graph with every leaf as an output; ``output``, when given, must be the only leaf."""
         consumed = {t for op in self.ops for t in (op.inputs if isinstance(op, Add) else (op.input,))}
         leaves = [op.output for op in self.ops if op.output not in consumed]
-        missing = sorted(set(leaves) - set(outputs))
-        if missing:
-            raise ValueError(f"graph leaves not declared as outputs: {missing[:3]}")
-        return IntegerGraph("input", self.input_shape, outputs[0], self.ops,
-                            {k: self.qparams[k] for k in self.channels}, meta, tuple(outputs[1:]))
+        if output is not None and leaves != [output]:
+            raise ValueError(f"graph leaves {leaves[:3]} are not just {output!r}")
+        return IntegerGraph("input", self.input_shape, leaves[0], self.ops,
+                            {k: self.qparams[k] for k in self.channels}, meta, tuple(leaves[1:]))
 
 
 def arch_graph(space: SearchSpace, arch: Arch, in_channels: int, num_classes: int, seed: int = 0) -> IntegerGraph:
     """The integer graph of ``arch`` with random weights: what `qnas export` converts, less the training."""
     b = _Builder(in_channels, arch.resolution, seed)
     out = b.subnet("", space, arch, num_classes)
-    return b.graph([out], {"arch": arch.key, "synthetic": True})
+    return b.graph({"arch": arch.key, "synthetic": True}, output=out)
 
 
 def cover_graph(space: SearchSpace, resolution: int, in_channels: int, num_classes: int,
@@ -164,7 +164,5 @@ def cover_graph(space: SearchSpace, resolution: int, in_channels: int, num_class
     if got != set(wanted):  # the walk above and space_part_keys must describe one set of parts
         raise AssertionError(f"cover graph parts differ from the space's: {sorted(set(wanted) ^ got)[:3]}")
     spans = list({s.key: s for s in spans}.values())  # identical shapes at one size: keep one
-    consumed = {t for op in b.ops for t in (op.inputs if isinstance(op, Add) else (op.input,))}
-    outputs = [op.output for op in b.ops if op.output not in consumed]
-    return b.graph(outputs, {"cover": space.name, "resolution": resolution}), spans, whole_out
+    return b.graph({"cover": space.name, "resolution": resolution}), spans, whole_out
 

@@ -106,11 +106,3 @@ class Cutter:
             model.metadata.append(kept)
         model.signatureDefs = []
         return bytes(fbu.convert_object_to_bytearray(model))
-
-    def op_kinds(self, input_name: str, output_name: str) -> list[str]:
-        """The TFLite op types in the span, in execution order (for reports and tests)."""
-        from .tflite_rewrite import OP_NAMES
-
-        sg = self.model.subgraphs[0]
-        return [OP_NAMES[fbu.get_builtin_code_from_operator_code(self.model.operatorCodes[sg.operators[o].opcodeIndex])]
-                for o in self.op_span(input_name, output_name)]

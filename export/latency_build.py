@@ -26,8 +26,8 @@ import numpy as np
 
 from qnas_cli.checkpoint import write_json
 from qnas_cli.errors import UserError
-from qnas_cli.latency import (Fit, LatencyTable, cache_dir, check_table_fits, fit_correction, host_device,
-                              host_table_path, key_text, load_table, part_keys)
+from qnas_cli.latency import (Fit, LatencyTable, cache_dir, fit_correction, host_device, host_table_path, key_text,
+                              load_table, part_keys)
 from qnas_cli.space import Arch, SearchSpace, sample
 
 from .blocks import PartSpan, cover_graph
@@ -45,7 +45,7 @@ class Cover:
 
     parts: dict[str, bytes]  # key_text -> single-part int8 TFLite
     wholes: list[tuple[Arch, bytes]]  # whole subnets (for the fit) -> their int8 TFLite
-    seconds: float  # conversion wall time (0 when reused from the cache)
+    seconds: float  # wall time of converting (or reusing) and cutting
     folder: Path
 
 
@@ -147,7 +147,7 @@ def build_tables(space: SearchSpace, in_channels: int, num_classes: int, runtime
         tables[rt] = make_table(
             space, in_channels, num_classes, entries, [a for a, _ in cover.wholes], measured, spread=spread,
             header={"runtime": rt, "runtime_version": runtime_version(), "threads": threads, "device": host_device(),
-                    "method": method(threads, rounds, round_ms, 5),
+                    "method": method(threads, rounds, round_ms),
                     "conversion": conversion_header(cover),
                     "seconds": {"convert": round(cover.seconds, 1), "measure": round(measure_s, 1),
                                 "total": round(time.perf_counter() - t0, 1)}})
@@ -186,7 +186,6 @@ def save_table(table: LatencyTable, path: Path) -> None:
     write_json(path, table.to_dict())
 
 
-
 def table_outputs(out: Path | None, space: SearchSpace, in_channels: int, num_classes: int,
                   runtimes: tuple[str, ...], threads: int) -> dict[str, Path]:
     """Where each runtime's table goes: ``out`` for one runtime, ``out`` with the runtime in its
@@ -205,9 +204,7 @@ def ensure_host_table(space: SearchSpace, in_channels: int, num_classes: int, ru
     path = host_table_path(space, in_channels, num_classes, runtime, threads)
     if path.is_file():
         try:
-            table = load_table(path)
-            check_table_fits(table, space, in_channels, num_classes, str(path))
-            return table, path
+            return load_table(path, space, in_channels, num_classes), path
         except UserError as e:
             log(f"rebuilding the cached latency table: {e}")
     log(f"no host latency table for {space.name} ({runtime}, {threads} thread(s)) yet: building it once, "

@@ -25,10 +25,13 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from qnas_cli.checkpoint import versions
+
+WARMUP = 5  # invokes per (model, runtime) before timing: XNNPACK packs weights on the first
 
 
 @dataclass
@@ -47,10 +50,7 @@ class Timing:
 
 
 def runtime_version() -> str:
-    try:
-        return f"ai-edge-litert {metadata.version('ai-edge-litert')}"
-    except metadata.PackageNotFoundError:
-        return "ai-edge-litert (version unknown)"
+    return f"ai-edge-litert {versions('ai-edge-litert')['ai-edge-litert']}"
 
 
 def interpreter(model: bytes | Path, runtime: str, threads: int = 1):
@@ -81,13 +81,11 @@ def _captured_stderr():
     saved = os.dup(2)
     with tempfile.TemporaryFile() as tmp:
         os.dup2(tmp.fileno(), 2)
-        text: list[str] = []
 
         def said() -> str:
             os.fsync(tmp.fileno())
             tmp.seek(0)
             lines = [ln for ln in tmp.read().decode(errors="replace").splitlines() if "XNNPACK delegate" not in ln]
-            text[:] = lines
             return " ".join(lines)[-300:]
         try:
             yield said
@@ -124,7 +122,7 @@ def _time(it, n: int) -> list[int]:
 
 def measure_models(models: Mapping[str, bytes | Path], runtimes: tuple[str, ...] = ("xnnpack",), threads: int = 1,
                    rounds: int = 10, round_ms: float = 3.0, min_invokes: int = 3, max_invokes: int = 200,
-                   warmup: int = 5, seed: int = 0,
+                   warmup: int = WARMUP, seed: int = 0,
                    progress: Callable[[int, int], None] | None = None) -> dict[tuple[str, str], Timing]:
     """Time every model on every runtime, interleaved; returns {(name, runtime): Timing}.
 
@@ -165,7 +163,7 @@ def _summary(rows: list[list[int]]) -> Timing:
                   rounds=len(rows), invokes=int(every.size))
 
 
-def method(threads: int, rounds: int, round_ms: float, warmup: int) -> dict:
+def method(threads: int, rounds: int, round_ms: float, warmup: int = WARMUP) -> dict:
     """How the figures were taken, for headers and reports."""
     return {"threads": threads, "rounds": rounds, "round_ms": round_ms, "warmup_invokes": warmup,
             "statistic": "median over interleaved rounds of each round's median invoke time",
@@ -204,5 +202,5 @@ def measure_file(path: Path, runtimes: tuple[str, ...] = ("xnnpack",), threads: 
         "model": str(path), "size_bytes": len(data), "input_dtypes": dtypes[0], "output_dtypes": dtypes[1],
         "int8_in_out": dtypes == (["int8"], ["int8"]),
         "runtimes": {rt: {**timings[("model", rt)].to_dict(), **info[rt]} for rt in runtimes},
-        "method": method(threads, rounds, round_ms, 5),
+        "method": method(threads, rounds, round_ms),
     }

@@ -21,7 +21,7 @@ from .cost import arch_cost
 from .data import load_dataset
 from .errors import UserError, check_count
 from .fitness import Fitness
-from .latency import LatencyTable, Predictor, check_table_fits, load_table
+from .latency import LatencyTable, Predictor, load_table
 from .search import PAPER, PARENT_RATIO, Generation, evolve, pareto_front
 from .space import Arch, sample
 from .supernet import load_supernet
@@ -107,18 +107,20 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
                      seed=cfg.seed + i, on_generation=(lambda g, b=budget: on_generation(b, g)) if on_generation else None,
                      seeds=tuple(seeds))
         winners[budget] = res.best
+    if not d.main:
+        return None
     # A budget's winner is the best subnet evaluated by any budget's evolution that fits it:
     # a tighter budget's winner often fits a looser one, and its score is already known.
     for budget in winners:
         fits = [a for a in archs.values() if pred.predict(a) <= budget and within_others(a)]
         winners[budget] = max(fits, key=lambda a: (fitness.scores[a.key], -pred.predict(a)))
-    if not d.main:
-        return None
-    rows = []
-    for key, a in archs.items():
+
+    def figures(a: Arch) -> dict[str, float]:
         c = cost(a)
-        rows.append({"arch": key, "latency_ms": pred.predict(a), "mflops": c.mflops, "params_k": c.params / 1e3,
-                     "weight_kb": c.weight_bytes / 1024, "search_top1": fitness.scores[key]})
+        return {"latency_ms": pred.predict(a), "search_top1": fitness.scores[a.key], "mflops": c.mflops,
+                "params_k": c.params / 1e3}
+
+    rows = [{"arch": key, **figures(a), "weight_kb": cost(a).weight_bytes / 1024} for key, a in archs.items()]
     for j in pareto_front([(r["latency_ms"], r["search_top1"]) for r in rows]):
         rows[j]["pareto"] = True
     rel = lambda p: os.path.relpath(Path(p).resolve(), out.resolve())  # noqa: E731
@@ -128,15 +130,12 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
                             "device": table.header["device"]}}
     chosen = []
     for budget, a in winners.items():
-        c = cost(a)
         doc = {**a.to_dict(space), "supernet": {"path": rel(cfg.supernet), "sha256": meta["weights"]["sha256"]},
-               "search": {"budget_ms": budget, "latency_ms": pred.predict(a), "runtime": table.header["runtime"],
-                          "threads": table.header["threads"], "search_top1": fitness.scores[a.key],
-                          "mflops": c.mflops, "params_k": c.params / 1e3}}
+               "search": {"budget_ms": budget, "runtime": table.header["runtime"], "threads": table.header["threads"],
+                          **figures(a)}}
         name = f"subnet_{budget:g}ms.json"
         write_json(out / name, doc)
-        chosen.append({"budget_ms": budget, "file": name, "arch": a.key, "latency_ms": pred.predict(a),
-                       "search_top1": fitness.scores[a.key], "mflops": c.mflops, "params_k": c.params / 1e3})
+        chosen.append({"budget_ms": budget, "file": name, "arch": a.key, **figures(a)})
     result = {"format": "qnas.search/1", "config": asdict(cfg), **provenance, "chosen": chosen,
               "evaluations": {"count": len(fitness.scores), "new": fitness.evaluations, "cache_hits": fitness.hits,
                               "evaluation_seconds": round(fitness.seconds, 1)},
@@ -149,9 +148,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
 
 def _table(cfg: SearchConfig, net, log, world: int) -> tuple[LatencyTable, Path]:
     if cfg.table:
-        table = load_table(Path(cfg.table))
-        check_table_fits(table, net.space, net.in_channels, net.num_classes, f"--table {cfg.table}")
-        return table, Path(cfg.table)
+        return load_table(Path(cfg.table), net.space, net.in_channels, net.num_classes), Path(cfg.table)
     if world > 1:
         raise UserError("under torchrun, pass --table (build it first with `qnas latency build`): "
                         "timing a table while other processes evaluate would measure their load")
