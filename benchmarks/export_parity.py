@@ -1,16 +1,15 @@
-"""Export parity: our export (onnx2tf structure + qnas parameters) vs plain onnx2tf full-integer.
+"""Export parity: is the int8 TFLite bit-exact on each runtime, and what does verification cost?
 
-For each subnet, on the same held-out test images, both int8 TFLite models are compared with
-the fake-quant PyTorch subnet's int8 logits, in OUR output LSBs:
-- qnas: `qnas export` (export.pipeline.export_subnet); numbers read from its export_report.json;
-- plain onnx2tf: the same IntegerGraph -> ONNX -> onnx2tf full-integer quantization with its own
-  calibration (export.tflite.run_onnx2tf, first MAX_CALIB_IMAGES of the same calibration images),
-  no parameters rewritten. It has its own input/output qparams: our int8 images are dequantized
-  with our input qparams and requantized with its own; its int8 logits are dequantized with its
-  output qparams and requantized into ours (round half to even, saturate).
-Columns: max |Δ| LSB, fraction within 1 LSB / exact, top-1 agreement (XNNPACK and built-in
-kernels), test top-1 of the TFLite model (XNNPACK), float tensors, QUANTIZE+DEQUANTIZE ops,
-conversion seconds (ONNX + onnx2tf [+ our rewrite]).
+For each subnet (`--subnets`, of one `--supernet`), on the same held-out test images:
+- qnas: `qnas export` (export.pipeline.export_subnet, target XNNPACK); per runtime (XNNPACK,
+  TFLite reference kernels, optimized built-in kernels) the share of int8 logits exactly equal
+  to the calibrated subnet's exact forward for that runtime (built-in: vs the reference
+  arithmetic, the closest; it is not emulated), and "before": the same outputs against the
+  fake-quant forward, which is what the gate compared with before the exact forward existed;
+- plain onnx2tf: the same IntegerGraph -> ONNX -> onnx2tf full-integer quantization with its
+  own calibration and scales, scored against the exact XNNPACK forward in our output LSBs;
+- cost: the export's wall time split by stage, and the exact forward's time relative to the
+  fake-quant one (same images, same batches).
 
     python -m benchmarks.export_parity [--supernet runs/q8/supernet.pt] [--subnets largest,smallest,random:1]
                                        [--images 500] [--out runs/bench/export_parity]
@@ -33,10 +32,10 @@ from ai_edge_litert.interpreter import Interpreter
 from export.fold import quantize_input, to_integer_graph
 from export.graph import QParams
 from export.onnx_export import export_onnx
-from export.pipeline import ONNX2TF_CALIB_IMAGES, int8_images, export_subnet, prepare
+from export.pipeline import ONNX2TF_CALIB_IMAGES, export_subnet, int8_images, prepare, subnet_outputs
 from export.reference import dequantize, quantize
 from export.tflite import MAX_CALIB_IMAGES, run_onnx2tf
-from export.verify import BACKENDS, op_census, parity, run_tflite
+from export.verify import CHECKED, arithmetic, op_census, parity, run_tflite
 from qnas_cli.calibrate import CALIB_IMAGES
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.data import calibration_indices, to_input
@@ -62,7 +61,8 @@ def plain_onnx2tf(path: Path, folder: Path, n_images: int) -> dict:
     graph = to_integer_graph(sub, {"arch": sub.arch.key})
     calib = quantize_input(sub, to_input(data.train.get(calibration_indices(data.train, ONNX2TF_CALIB_IMAGES, 2))[0],
                                          data, sub.arch.resolution))
-    images, labels, expected = int8_images(sub, data, data.test, n_images)
+    images, labels = int8_images(sub, data, data.test, n_images)
+    expected = subnet_outputs(sub, images, "xnnpack")
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     onnx_path = export_onnx(graph, folder / "model.onnx")
@@ -78,23 +78,71 @@ def plain_onnx2tf(path: Path, folder: Path, n_images: int) -> dict:
     row = {"parity": {}, "census": op_census(model), "seconds": seconds, "calib_images": min(len(calib), MAX_CALIB_IMAGES),
            "qparams": {"input": [s_in, z_in], "output": [s_out, z_out],
                        "ours_input": [ours_in.scale, ours_in.zero_point], "ours_output": [ours_out.scale, ours_out.zero_point]}}
-    for b in BACKENDS:
-        got = quantize(dequantize(run_tflite(model, fed, b), QParams(s_out, z_out)), ours_out)
-        row["parity"][b] = parity(got, expected)
-        row[f"top1_{b}"] = float(np.mean(got.argmax(1) == labels))
-    row["fake_quant_top1"] = float(np.mean(expected.argmax(1) == labels))
+    got = quantize(dequantize(run_tflite(model, fed, "xnnpack"), QParams(s_out, z_out)), ours_out)
+    row["parity"]["xnnpack"] = parity(got, expected)
+    row["top1_xnnpack"] = float(np.mean(got.argmax(1) == labels))
     return row
 
 
-def cells(r: dict) -> list[str]:
-    if "error" in r:
-        return [r["error"][:100]]
-    out = []
-    for b in ("xnnpack", "builtin"):
-        p = r["parity"][b]
-        out += [f"{p['max_abs_lsb']}", f"{p['within_1lsb']:.4f}", f"{p['exact']:.4f}", f"{p['top1_agreement']:.3f}"]
-    c = r["census"]
-    return out + [f"{r['top1_xnnpack']:.3f}", f"{c['float_tensors']}", f"{c['quantize_ops']}/{c['dequantize_ops']}", f"{r['seconds']:.1f}"]
+def exactness(path: Path, tflite: Path, n_images: int) -> dict:
+    """Per runtime: the file's outputs vs the exact forward (after) and vs fake-quant (before),
+    and what the exact forward costs relative to the fake-quant one."""
+    sub, _, data = prepare(path, None, None, CALIB_IMAGES)
+    sub.eval()
+    images, labels = int8_images(sub, data, data.test, n_images)
+    row: dict = {"ops": None, "runtimes": {}, "forward_seconds": {}}
+    for runtime in (None, "xnnpack", "reference"):
+        subnet_outputs(sub, images[:50], runtime)  # warm-up
+        t = time.perf_counter()
+        out = subnet_outputs(sub, images, runtime)
+        row["forward_seconds"][runtime or "fake_quant"] = time.perf_counter() - t
+        row[f"outputs_{runtime or 'fake_quant'}"] = out
+    for runtime in CHECKED:
+        got = run_tflite(tflite, images, runtime)
+        row["runtimes"][runtime] = {"after": parity(got, row[f"outputs_{arithmetic(runtime)}"]) | {"compared_with": arithmetic(runtime)},
+                                    "before": parity(got, row["outputs_fake_quant"]),
+                                    "top1": float(np.mean(got.argmax(1) == labels))}
+    for k in [k for k in row if k.startswith("outputs_")]:
+        del row[k]
+    f = row["forward_seconds"]
+    row["exact_cost_vs_fake_quant"] = {r: f[r] / f["fake_quant"] for r in ("xnnpack", "reference")}
+    row["ops"] = sum(op_census(tflite)["ops"].values())
+    return row
+
+
+def table(results: list[dict], images: int) -> None:
+    head = ["subnet", "ops", "runtime", "exact after", "max LSB", "exact before", "max LSB before", "top-1 agree before", "TFLite top-1"]
+    rows = []
+    for r in results:
+        for runtime, x in r.get("exactness", {}).get("runtimes", {}).items():
+            a, b = x["after"], x["before"]
+            rows.append([r["subnet"], str(r["exactness"]["ops"]), runtime + ("" if runtime in ("xnnpack", "reference") else " (vs ref)"),
+                         f"{100 * a['exact']:.2f}%", str(a["max_abs_lsb"]), f"{100 * b['exact']:.2f}%", str(b["max_abs_lsb"]),
+                         f"{100 * b['top1_agreement']:.2f}%", f"{100 * x['top1']:.2f}%"])
+    _print(head, rows, f"\n{images} test images; int8 logits of the exported file on each runtime vs the exact forward for "
+                       f"that runtime (after) and vs the fake-quant forward (before: what parity meant until now)")
+    head = ["subnet", "arch", "export s", "calibrate", "convert", "pytorch", "tflite target", "checks", "latency",
+            "exact xnn / fq", "exact ref / fq", "plain onnx2tf max LSB", "plain exact"]
+    rows = []
+    for r in results:
+        q, e, p = r.get("qnas", {}), r.get("exactness", {}), r.get("plain_onnx2tf", {})
+        sec = q.get("seconds_detail", {})
+        stage = lambda k: f"{sec.get(k, float('nan')):.1f}"  # noqa: E731
+        rows.append([r["subnet"], r.get("arch", "?")[:28], f"{sec.get('total_with_verification', float('nan')):.1f}",
+                     stage("stage_calibrate"), stage("stage_convert"), stage("stage_pytorch"), stage("stage_tflite_xnnpack"),
+                     stage("stage_tflite_checks"), stage("stage_latency"),
+                     f"{e.get('exact_cost_vs_fake_quant', {}).get('xnnpack', float('nan')):.2f}x",
+                     f"{e.get('exact_cost_vs_fake_quant', {}).get('reference', float('nan')):.2f}x",
+                     str(p.get("parity", {}).get("xnnpack", {}).get("max_abs_lsb", p.get("error", "?"))[:30]),
+                     f"{100 * p.get('parity', {}).get('xnnpack', {}).get('exact', float('nan')):.2f}%"])
+    _print(head, rows, "\nwall seconds of `qnas export` by stage; exact forward time relative to fake-quant; plain onnx2tf vs exact XNNPACK")
+
+
+def _print(head: list[str], rows: list[list[str]], title: str) -> None:
+    print(title)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    for row in [head, *rows]:
+        print("  ".join(x.rjust(w) for x, w in zip(row, widths)))
 
 
 def main() -> None:
@@ -118,9 +166,10 @@ def main() -> None:
         try:
             rep = export_subnet(path, path.parent / "qnas", eval_images=args.images, log=lambda m: print(f"  {m}"))
             export_versions, row["arch"] = rep["versions"], rep["arch_key"]
-            row["qnas"] = {k: rep[k] for k in ("parity", "census", "accuracy", "passed", "problems")}
-            row["qnas"].update(seconds=rep["seconds"]["total"], seconds_detail=rep["seconds"],
-                               top1_xnnpack=rep["accuracy"]["tflite_top1"])
+            row["qnas"] = {k: rep[k] for k in ("parity", "census", "accuracy", "passed", "problems", "xnnpack_coverage")}
+            row["qnas"].update(seconds_detail=rep["seconds"])
+            print(f"[{spec}] exactness per runtime, before and after")
+            row["exactness"] = exactness(path, path.parent / "qnas" / rep["files"]["tflite"], args.images)
         except Exception as e:  # noqa: BLE001 - one failing subnet must not hide the others
             row["qnas"] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
         print(f"[{spec}] plain onnx2tf")
@@ -131,14 +180,7 @@ def main() -> None:
         results.append(row)
     write_json(args.out / "export_parity.json", {"supernet": str(supernet), "images": args.images,
                                                   "results": results, "versions": {**versions(), **export_versions}})
-    head = ["subnet", "export", "xnn max|Δ|", "xnn ≤1LSB", "xnn exact", "xnn top1=", "bi max|Δ|", "bi ≤1LSB", "bi exact",
-            "bi top1=", "acc", "float T", "Q/DQ ops", "conv s"]
-    rows = [[r["subnet"], name, *cells(r[key])] for r in results for name, key in (("qnas", "qnas"), ("plain onnx2tf", "plain_onnx2tf"))]
-    widths = [max(len(x) for x in col) for col in zip(head, *[row for row in rows if len(row) == len(head)])]
-    print(f"\n{args.images} test images; |Δ| in our output LSBs vs the fake-quant PyTorch subnet; "
-          f"xnn = XNNPACK, bi = built-in kernels;\ntop1= is top-1 agreement, acc the TFLite model's test top-1 (XNNPACK)")
-    for row in [head, *rows]:
-        print("  ".join(x.rjust(w) for x, w in zip(row, widths)) if len(row) == len(head) else "  ".join(row))
+    table(results, args.images)
     print(f"wrote {args.out / 'export_parity.json'}")
 
 

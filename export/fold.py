@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from qnas_cli.layers import ActQuant, QConvBN, QLinear
+from qnas_cli.quant import BIAS_QMAX
 from qnas_cli.supernet import Subnet
 
 from .graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, QParams
@@ -61,12 +62,15 @@ def to_integer_graph(sub: Subnet, meta: dict | None = None) -> IntegerGraph:
     if sub.feature is not None:
         x, s = linear("feature", sub.feature, x, s), sub.feature.out_q.scale
     out = linear("logits", sub.classifier, x, s)
+    # An int32 bias at the edge of its range was clamped (in integers: never wrapped): the layer
+    # still runs, with a bias off by what did not fit. Reachable when a weight scale sits at its floor.
+    saturated = [op.name for op in ops if isinstance(op, (Conv, Linear)) and np.abs(op.bias.astype(np.int64)).max(initial=0) >= BIAS_QMAX]
     bad = [op.name for op in ops if isinstance(op, (Conv, Linear)) and not op.weight_scale > 0]
     bad += [name for name, qp in qparams.items() if not qp.scale > 0]
     if bad:
         raise ValueError(f"non-positive scales in {', '.join(bad[:5])}: this subnet has no valid int8 form")
     r = sub.arch.resolution
-    return IntegerGraph("input", (1, sub.in_channels, r, r), out, ops, qparams, meta or {})
+    return IntegerGraph("input", (1, sub.in_channels, r, r), out, ops, qparams, {**(meta or {}), "saturated_biases": saturated})
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """``qnas export``: calibrated subnet -> integer graph -> int8 TFLite -> verified report.
 
 Writes ``model.onnx``, ``model_int8.tflite``, ``model.onnx2tf.log`` and ``export_report.json``
-into the output folder. Everything is checked against the fake-quant PyTorch subnet on held-out
-test images; the report says whether the model passed, and why not.
+into the output folder. The model is run on its target runtime over the held-out test images and
+must equal the calibrated subnet's exact forward for that runtime bit for bit; the other runtimes
+are compared with their own arithmetic on a subset, for information. The report says whether the
+model passed, and why not, and how long each stage took.
 """
 from __future__ import annotations
 
@@ -19,13 +21,17 @@ from qnas_cli.calibrate import (CALIB_IMAGES, EVAL_IMAGES_HINT, calibrate_file, 
 from qnas_cli.checkpoint import read_meta, sha256_file, versions, write_json
 from qnas_cli.data import Dataset, calibration_indices, load_dataset, ordered_batches, to_input
 from qnas_cli.errors import UserError, check_count
+from qnas_cli.kernels import check_target
+from qnas_cli.layers import set_runtime
 from qnas_cli.space import read_structured
 from qnas_cli.supernet import Subnet
 
 from .fold import quantize_input, quantize_output, to_integer_graph
 
-REPORT_SCHEMA = "qnas.export_report/1"  # bump when a documented key (README, "In a CI pipeline") changes meaning
-ONNX2TF_CALIB_IMAGES = 200  # onnx2tf's own calibration only has to produce a full-integer graph
+REPORT_SCHEMA = "qnas.export_report/2"  # bump when a documented key (README, "In a CI pipeline") changes meaning
+from .tflite import MAX_CALIB_IMAGES as ONNX2TF_CALIB_IMAGES  # onnx2tf's calibration only has to yield a full-integer graph
+INFO_IMAGES = 500  # the runtimes other than the target: enough to show their drift, at a fraction of the cost
+PER_OP_IMAGES = 50
 
 
 def prepare(subnet_file: Path, supernet: Path | None, data_spec: str | None, calib_images: int,
@@ -72,58 +78,93 @@ def _current_calibration(subnet_file: Path, supernet: Path | None, data_spec: st
     return sub, meta
 
 
-@torch.no_grad()
-def int8_images(sub: Subnet, data: Dataset, source, limit: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int8 inputs (NCHW), labels, and the fake-quant model's int8 logits on the first ``limit`` images of ``source``."""
-    xs, ys, outs = [], [], []
+def int8_images(sub: Subnet, data: Dataset, source, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """int8 inputs (NCHW) and labels of ``limit`` images of ``source`` (class-stratified; all when None)."""
+    xs, ys = [], []
     for x, y in ordered_batches(source, 500, limit):
-        z = to_input(x, data, sub.arch.resolution)
-        xs.append(quantize_input(sub, z))
-        outs.append(quantize_output(sub, sub(z)))
+        xs.append(quantize_input(sub, to_input(x, data, sub.arch.resolution)))
         ys.append(y.numpy())
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(outs)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+@torch.no_grad()
+def subnet_outputs(sub: Subnet, images: np.ndarray, runtime: str | None, batch: int = 500) -> np.ndarray:
+    """The subnet's int8 logits on int8 images, exact for ``runtime`` (None: the fake-quant
+    simulation training uses). Dequantized inputs re-quantize to the same integers."""
+    q = sub.input_q
+    set_runtime(sub, runtime)
+    try:
+        outs = [quantize_output(sub, sub((torch.from_numpy(images[i: i + batch]).float() - q.zero_point) * q.scale))
+                for i in range(0, len(images), batch)]
+    finally:
+        set_runtime(sub, "xnnpack")
+    return np.concatenate(outs)
+
+
+def spread(n: int, k: int) -> np.ndarray:
+    """``k`` indices evenly spread over ``n`` (a stratified split stays class-balanced)."""
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int))
 
 
 def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path | None = None,
                   data_spec: str | None = None, calib_images: int = CALIB_IMAGES, eval_images: int | None = None,
-                  log=print) -> dict[str, Any]:
+                  runtime: str = "xnnpack", log=print) -> dict[str, Any]:
     """Run the whole export; returns the report (also written to ``out_dir/export_report.json``)."""
     from .tflite import export_tflite
-    from .verify import BACKENDS, failures, run_tflite, verify_tflite
+    from .verify import CHECKED, arithmetic, failures, latency_ms, parity, run_tflite, verify_tflite
 
+    check_target(runtime)
     check_count("--calib-images", calib_images)
     check_count("--eval-images", eval_images, EVAL_IMAGES_HINT)
     out_dir = Path(out_dir) if out_dir else Path(subnet_file).parent
     check_writable(out_dir)
-    t0 = time.perf_counter()
+    clock = Clock()
     sub, meta, data = prepare(Path(subnet_file), supernet, data_spec, calib_images, eval_images=eval_images, log=log)
     sub.eval()
     if not sub.cfg.enabled:
         raise UserError("this subnet comes from a float supernet (--quant none): train an int8 supernet to export")
+    clock.lap("calibrate")
     _make_folder(out_dir)  # only now: a refused export leaves no empty folder behind
     graph = to_integer_graph(sub, {"arch": sub.arch.key})
+    if graph.meta.get("saturated_biases"):
+        log(f"warning: int32 biases saturated in {', '.join(graph.meta['saturated_biases'])} (a weight scale at its floor?)")
     calib = quantize_input(sub, to_input(data.train.get(calibration_indices(data.train, ONNX2TF_CALIB_IMAGES, 2))[0],
                                          data, sub.arch.resolution))
-    log(f"exporting {sub.arch.key} ({len(graph.ops)} int8 ops)")
+    log(f"exporting {sub.arch.key} ({len(graph.ops)} int8 ops) for {runtime}")
     result = export_tflite(graph, calib, out_dir, name="model")
+    clock.lap("convert")
 
-    log("verifying against the fake-quant PyTorch subnet")
-    images, labels, expected = int8_images(sub, data, data.test, eval_images)
-    outputs = {b: run_tflite(result.tflite, images, b) for b in BACKENDS}  # one pass per runtime, used twice
-    report = verify_tflite(result.tflite, graph, images, expected=expected, outputs=outputs)
-    tfl = outputs["xnnpack"]
+    log(f"verifying: {runtime} must equal the exact {runtime} forward bit for bit")
+    images, labels = int8_images(sub, data, data.test, eval_images)
+    info = spread(len(images), INFO_IMAGES)
+    exact = {runtime: subnet_outputs(sub, images, runtime)}
+    fake_quant = subnet_outputs(sub, images, None)
+    for other in {arithmetic(r) for r in CHECKED} - {runtime}:
+        exact[other] = subnet_outputs(sub, images[info], other)
+    clock.lap("pytorch")
+    tfl = run_tflite(result.tflite, images, runtime)
+    clock.lap(f"tflite_{runtime}")
+    runs = {r: (images, exact[runtime]) if r == runtime else
+            (images[info], exact[arithmetic(r)][info] if arithmetic(r) == runtime else exact[arithmetic(r)]) for r in CHECKED}
+    report = verify_tflite(result.tflite, graph, runs, outputs={runtime: tfl}, latency=False, per_op_images=PER_OP_IMAGES)
+    clock.lap("tflite_checks")
+    report["latency_ms"] = latency_ms(result.tflite)
+    clock.lap("latency")
     in_q, out_q = graph.qparams[graph.input], graph.qparams[graph.output]
-    report = {"schema": REPORT_SCHEMA, **report}
+    report = {"schema": REPORT_SCHEMA, "target": runtime, **report}
     report.update({
         "passed": None,
         "arch": meta.get("arch"),
         "arch_key": sub.arch.key,
         "source": {"calibrated": meta.get("weights", {}).get("file"), "supernet": meta.get("supernet")},
         "accuracy": {
-            "split": "test", "n_images": int(len(labels)),
-            "fake_quant_top1": float(np.mean(expected.argmax(1) == labels)),
+            "split": "test", "n_images": int(len(labels)), "runtime": runtime,
             "tflite_top1": float(np.mean(tfl.argmax(1) == labels)),
+            "exact_top1": float(np.mean(exact[runtime].argmax(1) == labels)),
+            "fake_quant_top1": float(np.mean(fake_quant.argmax(1) == labels)),
         },
+        "fake_quant_vs_exact": parity(fake_quant, exact[runtime]),
+        "saturated_biases": graph.meta.get("saturated_biases", []),
         "io": {"input": {"layout": "NHWC", "shape": [1, sub.arch.resolution, sub.arch.resolution, sub.in_channels],
                          "dtype": "int8", "scale": in_q.scale, "zero_point": in_q.zero_point,
                          **data.preprocessing(sub.arch.resolution)},
@@ -131,14 +172,30 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
         "size_bytes": result.tflite.stat().st_size,
         "files": {"tflite": result.tflite.name, "onnx": result.onnx.name, "log": result.log.name,
                   "tflite_sha256": sha256_file(result.tflite)},
-        "seconds": {**result.seconds, "total_with_verification": time.perf_counter() - t0},
+        "seconds": {**result.seconds, **clock.laps, "total_with_verification": clock.total()},
         "versions": {**versions(), **result.versions},
     })
     report["accuracy"]["delta_pp"] = 100 * (report["accuracy"]["tflite_top1"] - report["accuracy"]["fake_quant_top1"])
-    problems = failures(report)
+    problems = failures(report, runtime)
     report["passed"], report["problems"] = not problems, problems
     write_json(out_dir / "export_report.json", report)
     return report
+
+
+class Clock:
+    """Wall time per stage of the export (``seconds`` in the report)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"stage_{name}"] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
 
 
 def check_writable(out_dir: Path) -> None:

@@ -16,7 +16,8 @@ from torch import nn
 from .checkpoint import load_weights, save_weights, sidecar
 from .data import Dataset, ImageSource, calibration_indices, load_dataset, ordered_batches, to_input
 from .errors import UserError, check_count
-from .layers import BN_MOMENTUM
+from .kernels import check_target
+from .layers import BN_MOMENTUM, set_runtime
 from .quant import INTEGER_CONTRACT_VERSION, QuantConfig
 from .space import Arch, SearchSpace
 from .supernet import Subnet, Supernet, load_supernet, reset_bn_stats, set_bn_momentum
@@ -56,9 +57,11 @@ def calibrated_subnet(supernet: Supernet, arch: Arch, data: Dataset, images: int
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source: ImageSource, data: Dataset, resolution: int, device: str = "cpu",
-             limit: int | None = None, batch_size: int = EVAL_BATCH) -> float:
-    """Top-1 accuracy (fraction) of ``model(x)`` on ``source`` in eval mode."""
+             limit: int | None = None, batch_size: int = EVAL_BATCH, runtime: str | None = "xnnpack") -> float:
+    """Top-1 accuracy (fraction) of ``model(x)`` on ``source`` in eval mode: for an int8 model, of
+    the exact integer forward for ``runtime`` (``kernels.TARGETS``; None: the fake-quant simulation)."""
     was_training = model.training
+    set_runtime(model, runtime)
     model.eval()
     correct = total = 0
     for x, y in ordered_batches(source, batch_size, limit):
@@ -127,10 +130,11 @@ def check_outputs(out: Path, inputs: list[Path]) -> None:
 
 def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: str | None = None,
                    calib_images: int = CALIB_IMAGES, out: Path | None = None, device: str = "cpu",
-                   eval_images: int | None = None) -> tuple[Subnet, dict[str, Any], Dataset]:
+                   eval_images: int | None = None, runtime: str = "xnnpack") -> tuple[Subnet, dict[str, Any], Dataset]:
     """``qnas calibrate``: subnet.json -> calibrated static int8 subnet, saved with its accuracy."""
     from .space import read_structured
 
+    check_target(runtime)
     check_count("--calib-images", calib_images)
     check_count("--eval-images", eval_images, EVAL_IMAGES_HINT)
     subnet_path = Path(subnet_path)
@@ -146,8 +150,8 @@ def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: s
         raise UserError(f"--data {data.spec}: {data.in_channels} channels / {data.num_classes} classes, but the supernet "
                         f"was trained for {net.in_channels} / {net.num_classes}")
     sub = calibrated_subnet(net, arch, data, calib_images, device)
-    acc = {"test_top1": evaluate(sub, data.test, data, arch.resolution, device, eval_images),
-           "search_top1": evaluate(sub, data.search, data, arch.resolution, device, eval_images)}
+    acc = {"test_top1": evaluate(sub, data.test, data, arch.resolution, device, eval_images, runtime=runtime),
+           "search_top1": evaluate(sub, data.search, data, arch.resolution, device, eval_images, runtime=runtime)}
     meta = save_weights(out, {
         "subnet": sub.state_dict(), "arch": arch.to_dict(net.space), "space": net.space.to_dict(),
         "in_channels": net.in_channels, "num_classes": net.num_classes, "quant": asdict(net.cfg),
@@ -156,7 +160,8 @@ def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: s
         "supernet": {"path": str(net_path), "sha256": net_meta["weights"]["sha256"]},
         "data": data.describe(), "calib_images": calib_images, "quant": asdict(net.cfg),
         "calibration": calibration_record(net_meta["weights"]["sha256"], spec, calib_images),
-        "accuracy": {**acc, "kind": "fake-quant" if net.cfg.enabled else "float", "eval_images": eval_images},
+        "accuracy": {**acc, "kind": f"exact int8 ({runtime})" if net.cfg.enabled else "float", "runtime": runtime,
+                     "eval_images": eval_images},
     })
     return sub, meta, data
 

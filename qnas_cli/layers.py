@@ -9,6 +9,11 @@ In int8 mode every Conv-BN simulates the folded int8 conv TFLite runs (QuantNAS 
 the BN is folded into the conv weights and bias, the folded weights are fake-quantized with a
 per-tensor scale, and the bias is quantized to int32 at ``s_in * s_w``. In training the fold
 uses this batch's statistics, computed so that it costs one conv backward (``_batch_folded``).
+
+In eval mode the int8 layers compute *exactly* what a target runtime computes (``Exact``): the
+same integers, accumulated exactly and requantized with that runtime's arithmetic
+(``kernels``), so an accuracy measured in PyTorch is the accuracy of the exported file there.
+Training keeps the fast, differentiable fake-quant; the two differ by rounding at near-ties only.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, inner, lsq_grad_scale, mse_optimal_scale, quantize, scale_grad
 
 BN_EPS = 1e-5
@@ -36,6 +42,28 @@ class QuantInit:
 
     def scale_params(self) -> list[nn.Parameter]:
         return [getattr(self, n) for n in ("scale", "theta", "w_scale") if hasattr(self, n)]
+
+
+class Exact:
+    """Mixin: modules whose eval-mode int8 forward is bit-exact for a target runtime.
+
+    ``runtime`` is one of ``kernels.TARGETS``, or None for the fake-quant simulation (float
+    arithmetic, round half to even): faster to reason about, within one LSB at near-ties.
+    """
+
+    runtime: str | None = "xnnpack"
+
+    def exact(self) -> bool:
+        return not self.training and self.runtime is not None
+
+
+def set_runtime(model: nn.Module, runtime: str | None) -> None:
+    """Make ``model``'s eval-mode forward exact for ``runtime`` (None: fake-quant)."""
+    if runtime is not None:
+        kernels.check_target(runtime)
+    for m in model.modules():
+        if isinstance(m, Exact):
+            m.runtime = runtime
 
 
 @torch.no_grad()
@@ -88,8 +116,25 @@ class ActQuant(nn.Module, QuantInit):
             return F.relu(x) if self.relu else x
         if self.observe:
             self.scale.fill_(mse_optimal_scale(F.relu(x) if self.relu else x, self.zero_point, A_QMIN, A_QMAX))
-        qmin = max(A_QMIN, self.zero_point) if self.relu else A_QMIN  # the real value 0
-        return fake_quant(x, self.scale, self.zero_point, qmin, A_QMAX, lsq_grad_scale(x[0].numel(), A_QMAX))
+        return fake_quant(x, self.scale, self.zero_point, self.qmin, A_QMAX, lsq_grad_scale(x[0].numel(), A_QMAX))
+
+    @property
+    def qmin(self) -> int:
+        """The lowest int8 value: the real value 0 after a ReLU."""
+        return max(A_QMIN, self.zero_point) if self.relu else A_QMIN
+
+    def from_grid(self, x: Tensor) -> Tensor:
+        """Real values on this quantizer's grid -> their int8 values (int64)."""
+        return torch.round(x / self.scale).to(torch.int64) + self.zero_point
+
+    def to_grid(self, q: Tensor) -> Tensor:
+        """int8 values -> the real values they stand for (float32)."""
+        return (q - self.zero_point) * self.scale.detach()
+
+    def requantize(self, acc: Tensor, rq: kernels.Requant) -> Tensor:
+        """Exact int32 accumulators -> this quantizer's grid, with the fused ReLU, as the runtime rounds."""
+        zp = self.zero_point
+        return kernels.requantize(acc, rq, 0, self.qmin - zp, A_QMAX - zp).mul_(self.scale.detach())
 
     def extract(self) -> ActQuant:
         return _copy_module(self)
@@ -140,7 +185,7 @@ class _WeightQuantError(torch.autograd.Function):
         return None, None, (grad_s * ctx.g).reshape(s.shape), None, None, None
 
 
-class QConvBN(nn.Module, QuantInit):
+class QConvBN(nn.Module, QuantInit, Exact):
     """Elastic Conv2d + BatchNorm (+ ReLU), simulated as the folded int8 conv in int8 mode.
 
     ``forward(x, s_in, out_channels, kernel)``: x is (N, C_in, H, W) with C_in <= max input;
@@ -212,10 +257,20 @@ class QConvBN(nn.Module, QuantInit):
         The very expressions of ``forward`` (same tensors, same order), so the fake-quant
         network and the integer graph hold the same integers.
         """
-        out, k = self.out_max, self.kernel_max
-        w = self.sliced_weight(self.weight.shape[1], out, k)
-        w_fold, bias, s_w = self._fold(w, self.running_mean, self.running_var)
+        w = self.sliced_weight(self.weight.shape[1], self.out_max, self.kernel_max)
+        return self._integers(w, self.running_mean, self.running_var, s_in)
+
+    def _integers(self, w: Tensor, mean: Tensor, var: Tensor, s_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        w_fold, bias, s_w = self._fold(w, mean, var)
         return (quantize(w_fold, s_w, 0, -W_QMAX, W_QMAX), quantize(bias, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX), s_w)
+
+    def _exact(self, x: Tensor, s_in: Tensor, w: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """Eval mode: the int8 conv as the target runtime computes it, on ``out_q``'s grid."""
+        q_w, q_b, s_w = self._integers(w, mean, var, s_in)
+        groups = x.shape[1] if self.depthwise else 1
+        acc = kernels.conv_accumulate(torch.div(x, s_in).round_(), q_w, q_b, self.stride, groups)  # x/s_in: q - zero point
+        rq = kernels.conv_requant(self.runtime, s_in.item(), s_w.item(), self.out_q.scale.item())
+        return self.out_q.requantize(acc, rq)
 
     def _fold(self, w: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Folded weight and bias, and the predicted weight scale, for these statistics."""
@@ -256,6 +311,8 @@ class QConvBN(nn.Module, QuantInit):
             if self.training:  # moving-statistics folding: the batch only updates the running averages
                 with torch.no_grad():
                     F.batch_norm(self._conv(x, w), rm, rv, None, None, True, self._bn_factor(), BN_EPS)
+            elif self.exact():
+                return self._exact(x, s_in, w, rm, rv)
             w_fold, bias, s_w = self._fold(w, rm.clone(), rv.clone())
             w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
             y = self._conv(x, w_q, _bias_quant(bias, s_in, s_w))
@@ -298,11 +355,11 @@ class QConvBN(nn.Module, QuantInit):
             if hasattr(self, "w_scale"):
                 m.w_scale.copy_(self.w_scale)
             m.out_q.scale.copy_(self.out_q.scale)
-        m.bn_momentum = self.bn_momentum
+        m.bn_momentum, m.runtime = self.bn_momentum, self.runtime
         return m
 
 
-class QLinear(nn.Module, QuantInit):
+class QLinear(nn.Module, QuantInit, Exact):
     """Fully connected layer (+ ReLU) with an LSQ weight scale and int32 bias. Not elastic."""
 
     def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, relu: bool) -> None:
@@ -318,6 +375,11 @@ class QLinear(nn.Module, QuantInit):
             return self.out_q(self.fc(x))
         if self.observe:
             self.w_scale.fill_(mse_optimal_scale(self.fc.weight, 0, -W_QMAX, W_QMAX))
+        if self.exact():
+            q_w, q_b, s_w = self.integer_params(s_in)
+            acc = kernels.linear_accumulate(torch.div(x, s_in).round_(), q_w, q_b)
+            rq = kernels.conv_requant(self.runtime, s_in.item(), s_w.item(), self.out_q.scale.item(), fully_connected=True)
+            return self.out_q.requantize(acc, rq)
         w_q = fake_quant(self.fc.weight, self.w_scale, 0, -W_QMAX, W_QMAX, lsq_grad_scale(self.fc.weight.numel(), W_QMAX))
         y = F.linear(x, w_q, _bias_quant(self.fc.bias, s_in, self.w_scale))
         return self.out_q(y)
@@ -330,3 +392,10 @@ class QLinear(nn.Module, QuantInit):
 
     def extract(self) -> QLinear:
         return _copy_module(self)
+
+
+def exact_add(a: Tensor, qa: ActQuant, b: Tensor, qb: ActQuant, out: ActQuant, runtime: str) -> Tensor:
+    """Eval mode: the int8 residual ADD of two tensors on their grids, as ``runtime`` computes it."""
+    q = kernels.add(qa.from_grid(a), qb.from_grid(b), (qa.scale.item(), qa.zero_point), (qb.scale.item(), qb.zero_point),
+                    (out.scale.item(), out.zero_point), runtime)
+    return out.to_grid(q)

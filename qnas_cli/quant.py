@@ -6,8 +6,9 @@ Real value of an int8 tensor: ``real = scale * (q - zero_point)``.
 - Biases: int32, scale = s_in * s_w, zero point 0.
 - Activations: int8 per-tensor, q in [-128, 127]. Zero point 0 ("symmetric", the paper's
   scheme) or -128 for non-negative tensors ("full-range": all 256 levels after a ReLU).
-- Rounding: round half to even (``torch.round``) in PyTorch. TFLite rounds ties away from zero
-  and requantizes with fixed-point multipliers, hence the one-LSB parity budget at export.
+- Rounding: fake quantization rounds half to even (``torch.round``) in float32. How each
+  deployment runtime requantizes (float32 or fixed-point, which ties go where) is stated once, in
+  ``kernels``; the eval-mode forward uses it to be exact (``layers.Exact``).
 
 Scales are learned with LSQ (Esser et al. 2019): a straight-through estimator for rounding and
 the LSQ gradient scale ``1/sqrt(numel * q_max)`` on the step size.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import kernels
 from .errors import choice_error
 
 W_QMAX = 127  # weights: [-127, 127] (TFLite's int8 weight spec)
@@ -122,8 +124,13 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: int, qmin: int, qmax: int, 
 
 
 def quantize(x: Tensor, scale: Tensor | float, zero_point: int, qmin: int, qmax: int) -> Tensor:
-    """The integer values (as an integer tensor) that ``fake_quant`` represents."""
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int64)
+    """The integer values (as an int64 tensor) that ``fake_quant`` represents.
+
+    Clamped in integers: float32 has no 2**31 - 1, so clamping an int32 bias in float would give
+    2**31, which wraps to -2**31 in int32 (``fake_quant`` may hold 2**31 there; exact paths use this).
+    """
+    q = torch.round(x / scale).clamp_(-(2.0**62), 2.0**62).to(torch.int64)
+    return (q + zero_point).clamp_(qmin, qmax)
 
 
 def lsq_grad_scale(numel: int, qmax: int) -> float:
@@ -154,18 +161,18 @@ def mse_optimal_scale(x: Tensor, zero_point: int, qmin: int, qmax: int, grid: in
     return best_s
 
 
-def global_avg_pool(x: Tensor, scale: Tensor, zero_point: int) -> Tensor:
+def global_avg_pool(x: Tensor, scale: Tensor, zero_point: int, runtime: str = "xnnpack") -> Tensor:
     """Mean over H, W of an int8 tensor, output on the input's grid (TFLite ties their parameters).
 
-    In integers, as XNNPACK does it: the raw int8 values (zero point included) are summed and the
-    mean is rounded half away from zero. Exact ties are common here (1 in H*W), so round-half-even
-    would disagree with the deployed model. Backward: the plain mean's gradient (straight-through).
+    Forward: ``runtime``'s integer MEAN (``kernels.mean``) of the int8 values, exactly on the
+    grid; exact ties are common here (1 in H*W), so float rounding would disagree with the
+    deployed model. Backward: the plain mean's gradient (straight-through).
     x: (N, C, H, W) on the grid of ``scale``/``zero_point`` -> (N, C).
     """
-    mean = x.mean(dim=(2, 3))
     with torch.no_grad():
-        n = x.shape[2] * x.shape[3]
-        total = (torch.round(x / scale) + zero_point).sum(dim=(2, 3))  # exact: integers well below 2**24
-        q = torch.sign(total) * torch.floor((2 * total.abs() + n) / (2 * n))
-        value = (torch.clamp(q, A_QMIN, A_QMAX) - zero_point) * scale
-    return mean + (value - mean).detach()
+        q = quantize(x, scale, zero_point, A_QMIN, A_QMAX)
+        value = (kernels.mean(q, zero_point, runtime) - zero_point) * scale
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return value
+    mean = x.mean(dim=(2, 3))
+    return value + (mean - mean.detach())  # adds exactly 0: the value stays on the grid

@@ -15,7 +15,7 @@ import random
 
 from torch import Tensor, nn
 
-from .layers import ActQuant, QConvBN, QLinear
+from .layers import ActQuant, Exact, QConvBN, QLinear, exact_add
 from .quant import QuantConfig, global_avg_pool
 from .space import Arch, Block, SearchSpace, make_divisible, sample
 
@@ -24,7 +24,7 @@ def mid_channels(in_channels: int, expand: int) -> int:
     return in_channels if expand == 1 else make_divisible(in_channels * expand)
 
 
-class MBBlock(nn.Module):
+class MBBlock(nn.Module, Exact):
     """Inverted residual: 1x1 expand (ReLU) -> kxk depthwise (ReLU) -> 1x1 project (linear) [+ x].
 
     Only blocks after the first of each stage have the residual (stride 1, equal widths).
@@ -39,14 +39,19 @@ class MBBlock(nn.Module):
         self.project = QConvBN(mid_max, out_max, 1, 1, cfg, relu=False)
         self.add_q = ActQuant(cfg, relu=False) if residual else None
 
-    def forward(self, x: Tensor, s_in: Tensor | None, width: int, block: Block) -> Tensor:
-        h, s = x, s_in
+    def forward(self, x: Tensor, q_in: ActQuant, width: int, block: Block) -> Tensor:
+        """``x`` on the grid of ``q_in`` (the previous layer's output quantizer)."""
+        h, s = x, q_in.scale
         if block.expand > 1:
             h = self.expand(h, s, mid_channels(x.shape[1], block.expand), 1)
             s = self.expand.out_q.scale
         h = self.depthwise(h, s, h.shape[1], block.kernel)
         h = self.project(h, self.depthwise.out_q.scale, width, 1)
-        return self.add_q(h + x) if self.add_q is not None else h
+        if self.add_q is None:
+            return h
+        if self.exact() and self.add_q.enabled:
+            return exact_add(h, self.project.out_q, x, q_in, self.add_q, self.runtime)
+        return self.add_q(h + x)
 
     @property
     def out_q(self) -> ActQuant:
@@ -60,10 +65,11 @@ class MBBlock(nn.Module):
         m.depthwise = self.depthwise.extract(mid, mid, block.kernel)
         m.project = self.project.extract(mid, width, 1)
         m.add_q = self.add_q.extract() if self.add_q is not None else None
+        m.runtime = self.runtime
         return m
 
 
-class _Net(nn.Module):
+class _Net(nn.Module, Exact):
     """The forward pass shared by ``Supernet`` and ``Subnet`` (they differ only in sizes)."""
 
     input_q: ActQuant
@@ -79,11 +85,11 @@ class _Net(nn.Module):
         out_q = self.stem.out_q
         for blocks, stage in zip(self.stages, arch.stages):
             for block, choice in zip(blocks, stage.blocks):
-                x = block(x, out_q.scale, stage.width, choice)
+                x = block(x, out_q, stage.width, choice)
                 out_q = block.out_q
         x = self.head(x, out_q.scale, self.head.out_max, 1)
         q = self.head.out_q  # TFLite's pooling keeps its input's scale and zero point
-        x = global_avg_pool(x, q.scale, q.zero_point) if q.enabled else x.mean(dim=(2, 3))  # (N, C)
+        x = global_avg_pool(x, q.scale, q.zero_point, self.runtime or "xnnpack") if q.enabled else x.mean(dim=(2, 3))
         s = q.scale
         if self.feature is not None:
             x = self.feature(x, s)
@@ -145,6 +151,7 @@ class Subnet(_Net):
         self.head = supernet.head.extract(c_in, supernet.head.out_max, 1)
         self.feature = supernet.feature.extract() if supernet.feature is not None else None
         self.classifier = supernet.classifier.extract()
+        self.runtime = supernet.runtime
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run(x, self.arch)

@@ -6,7 +6,8 @@ import pytest
 
 from export.graph import Conv, GlobalAvgPool, Linear, QParams
 from export.onnx_export import onnx_name, tensor_shapes, to_onnx
-from export.reference import dequantize, global_avg_pool, quantize, run_reference_tensors
+from export.reference import real_output, run_reference_tensors
+from qnas_cli.kernels import TARGETS
 from tests.graph_factory import mobilenet_like
 
 
@@ -15,34 +16,31 @@ def graph_and_images(request):
     return mobilenet_like(*request.param, n_images=16)
 
 
-def test_convs_match_torch_float64(graph_and_images):
-    """Each conv/linear equals torch's float64 op on the dequantized tensors, requantized
-    (the integer accumulation is exact, so only exact ties could differ, and none occur)."""
-    torch = pytest.importorskip("torch")
-    import torch.nn.functional as F
-
+@pytest.mark.parametrize("runtime", TARGETS)
+def test_each_op_rounds_the_ideal_value(graph_and_images, runtime):
+    """Every op of every target lands on a rounding of the ideal real value (within 1 LSB, as
+    any rounding must), and on the nearest one almost everywhere. The reference kernels' double
+    rounding widens a tie into a window 2**-(right shift + 1) LSB wide: up to ~6% of values in a
+    layer whose multiplier needs only a 3-bit right shift."""
     graph, images = graph_and_images
-    t = run_reference_tensors(graph, images)
-    qp = graph.qparams
+    t = run_reference_tensors(graph, images, runtime)
     for op in graph.ops:
-        if not isinstance(op, (Conv, Linear)):
-            continue
-        x = torch.from_numpy(dequantize(t[op.input], qp[op.input]))
-        w = torch.from_numpy(op.weight.astype(np.float64) * op.weight_scale)
-        b = torch.from_numpy(op.bias.astype(np.float64) * qp[op.input].scale * op.weight_scale)
-        if isinstance(op, Conv):
-            y = F.conv2d(x, w, b, stride=op.stride, padding=op.weight.shape[-1] // 2, groups=op.groups)
-        else:
-            y = F.linear(x, w, b)
-        y = torch.relu(y) if op.relu else y
-        np.testing.assert_array_equal(quantize(y.numpy(), qp[op.output]), t[op.output], err_msg=op.name)
+        ideal = real_output(op, t, graph.qparams)
+        qp = graph.qparams[op.output]
+        q = t[op.output].astype(np.float64)
+        unclipped = (q > -128) & (q < 127)
+        dist = np.abs(ideal / qp.scale + qp.zero_point - q)[unclipped]
+        assert dist.max() <= 1.0 + 1e-9, (op.name, dist.max())
+        assert np.mean(dist <= 0.5 + 1e-9) > 0.9, op.name
 
 
-def test_global_avg_pool_rounds_ties_away_from_zero_in_raw_int8():
-    """Ties follow XNNPACK: the raw int8 mean, half away from zero."""
-    q = np.array([[[[-125, -126]], [[2, 3]], [[-2, -3]], [[7, 7]]]], np.int8)  # (1, 4, 1, 2)
-    out = global_avg_pool(q, QParams(0.1, -128))
-    assert out.tolist() == [[-126, 3, -3, 7]]
+def test_targets_differ_only_by_rounding(graph_and_images):
+    graph, images = graph_and_images
+    a = run_reference_tensors(graph, images, "xnnpack")
+    b = run_reference_tensors(graph, images, "reference")
+    first = graph.ops[0].output  # same inputs: any difference is requantization
+    diff = np.abs(a[first].astype(int) - b[first])
+    assert diff.max() <= 1
 
 
 def test_pool_output_must_share_input_qparams(graph_and_images):

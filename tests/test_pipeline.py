@@ -72,26 +72,30 @@ def test_calibrate_saves_a_static_int8_subnet_that_reloads_exactly(trained):
         torch.testing.assert_close(again(x), sub(x), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("how, seed", [("largest", 0), ("smallest", 0), ("random", 1), ("random", 2)])
-def test_export_parity(trained, how, seed, runner):
+@pytest.mark.parametrize("how, seed, runtime", [("largest", 0, "xnnpack"), ("smallest", 0, "reference"),
+                                                ("random", 1, "xnnpack"), ("random", 2, "reference")])
+def test_export_parity(trained, how, seed, runtime, runner):
     root, data = trained
     if data != "fashion-mnist" and how == "random" and seed == 2:
         pytest.skip("one random subnet per 3-channel run keeps the suite short")
     path = _subnet_file(root, how, seed)
-    r = runner.invoke(app, ["export", str(path), "--calib-images", "256", "--eval-images", "300", "--json"])
+    r = runner.invoke(app, ["export", str(path), "--calib-images", "256", "--eval-images", "300", "--runtime", runtime, "--json"])
     assert r.exit_code == 0, r.output
     report = json.loads((path.parent / "export_report.json").read_text())
     assert report["passed"], report["problems"]
-    x = report["parity"]["xnnpack"]
-    # the export gate: 1 LSB apart at most, so only a near-tie can flip (the contract rounds ties to
-    # even, TFLite away from zero); a flip in 300 images happens on some trainings
-    assert x["max_abs_lsb"] <= 1 and x["top1_agreement"] >= 0.99 and x["n_images"] == 300
-    for backend in ("builtin", "xnnpack"):
-        assert max(o["max_abs_lsb"] for o in report["per_op"][backend].values()) <= 1
+    assert report["target"] == runtime
+    for target in ("xnnpack", "reference", "micro"):  # every target bit-exact, whichever the gate was for
+        p = report["parity"][target]
+        assert p["exact"] == 1.0 and p["compared_with"] == target, (target, p)
+        assert all(o["exact"] == 1.0 for o in report["per_op"][target].values()), target
+    assert report["parity"][runtime]["n_images"] == 300 and report["accuracy"]["n_images"] == 300
+    assert report["accuracy"]["tflite_top1"] == report["accuracy"]["exact_top1"]
+    assert report["xnnpack_coverage"]["undelegated_ops"] == []
     c = report["census"]
     assert c["float_tensors"] == 0 and (c["input_dtype"], c["output_dtype"]) == ("int8", "int8")
     assert c["quantize_ops"] == 0 and c["dequantize_ops"] == 0
-    assert abs(report["accuracy"]["delta_pp"]) <= 0.34  # at most one image of 300
+    assert report["fake_quant_vs_exact"]["within_1lsb"] > 0.9  # training's float simulation: near, not exact
+    assert set(report["seconds"]) >= {"stage_calibrate", "stage_convert", "stage_pytorch", "stage_tflite_checks"}
     for name in ("model_int8.tflite", "model.onnx", "export_report.json"):
         assert (path.parent / name).is_file()
     assert not list(path.parent.glob(".*.tmp"))
