@@ -47,7 +47,7 @@ from .data import Dataset, augment, calibration_indices, epoch_batches, load_dat
 from .errors import UserError, check_count
 from .diagnostics import grad_norms, layer_diagnostics
 from .guard import CollapseGuard, TrainingCollapsed, scales_finite
-from .layers import QConvBN, QLinear, QuantInit, init_scales
+from .layers import QConvBN, QLinear, QuantInit, init_scales, keep_scales_positive
 from .quant import QuantConfig
 from .space import Arch, SearchSpace, load_space, sample
 from .supernet import Supernet, load_supernet
@@ -209,8 +209,10 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     outputs its bias alone, a constant); and the momentum still points down, so it stays there
     for steps. On a layer every path goes through (the stem, a stage's first block, the head)
     the logits become constant and the loss is exactly ln(classes) until momentum turns.
-    A multiplicative bound keeps every step size positive by construction, and where the bound
-    holds the parameter's momentum is dropped, so no stale velocity keeps pushing it.
+    A multiplicative bound keeps every step size positive (and far from the floor within a few
+    steps), and where the bound holds the parameter's momentum is dropped, so no stale velocity
+    keeps pushing it. The 1e-8 floor stays for what the bound alone allows: a theta_i pushed down
+    for hundreds of steps (a channel whose sigma_i is tiny) halves its way to a float underflow.
     """
     scales = [p for p in step_sizes(model) if p.grad is not None]  # a float supernet's are unused
     before = [p.detach().clone() for p in scales]
@@ -222,6 +224,7 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
         buf = opt.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             buf.masked_fill_(held, 0.0)
+    keep_scales_positive(model)  # halving step after step still underflows: a theta_i of a channel with a tiny sigma_i reached 0
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -71,7 +71,8 @@ def test_resume_across_the_float_to_int8_boundary(tmp_path, crash_at):
     assert json.loads((tmp_path / "b" / "float_supernet.json").read_text())["phase"] == "float"
 
 
-def test_momentum_drives_a_step_size_through_zero_and_the_bound_stops_it():
+@pytest.mark.parametrize("SEED", [0, 1, 2])
+def test_momentum_drives_a_step_size_through_zero_and_the_bound_stops_it(SEED):
     """The collapse mechanism, on the tiny supernet: a few large gradients on the stem's weight
     scale (as from-scratch training gives them in its first hundred steps) and momentum carry the
     scale through zero. Plain SGD + projection to the floor leaves it at 1e-8, where every folded
@@ -80,7 +81,7 @@ def test_momentum_drives_a_step_size_through_zero_and_the_bound_stops_it():
     (``optimizer_step``) keeps the scale within 2x per step and drops its momentum: the network
     keeps telling images apart."""
     arch = sample(PRESETS["tiny"], "largest")
-    x = torch.randn(16, 1, arch.resolution, arch.resolution)
+    x = torch.randn(16, 1, arch.resolution, arch.resolution, generator=torch.Generator().manual_seed(SEED))
 
     def push_then_coast(step):
         torch.manual_seed(0)
@@ -162,14 +163,27 @@ def test_guard_is_quiet_on_a_healthy_run(tmp_path, float_tiny):
     assert not [r for r in rows if "event" in r] and summary["collapse_events"] == 0
 
 
-def test_guard_stops_on_a_non_finite_loss(runner, tmp_path):
-    """A learning rate far too large: the loss or a scale goes non-finite and the run stops at
-    once, exit code 4, one message naming the cause."""
-    r = runner.invoke(app, ["train", "--space", "tiny", "--steps", "30", "--float-steps", "0", "--batch-size", "16",
-                            "--lr", "1e6", "--warmup-steps", "1", "--eval-images", "100", "--calib-images", "32",
-                            "--out", str(tmp_path)])
+def test_guard_stops_on_a_non_finite_loss(runner, tmp_path, monkeypatch):
+    """A NaN in the weights (poisoned after step 2): the run stops at once, exit code 4, one
+    message naming the cause, and the event row in metrics.jsonl. (A huge --lr does not do it:
+    gradient clipping and the bounded step sizes keep everything finite.)"""
+    real_step = train_module.optimizer_step
+    calls = []
+
+    def poison(model, opt):
+        real_step(model, opt)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                model.stem.weight[0, 0, 0, 0] = float("nan")
+
+    monkeypatch.setattr(train_module, "optimizer_step", poison)
+    r = runner.invoke(app, ["train", "--space", "tiny", "--steps", "8", "--float-steps", "0", "--batch-size", "16",
+                            "--warmup-steps", "1", "--eval-images", "100", "--calib-images", "32", "--out", str(tmp_path)])
     assert r.exit_code == 4, r.output
-    assert "training collapsed at step" in r.output and "non-finite" in r.output and "Traceback" not in r.output
+    assert "training collapsed at step 3: non-finite" in r.output and "Traceback" not in r.output
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "event" in line]
+    assert [e["event"] for e in events] == ["non-finite"] and events[0]["layers"]["stem.out_q"]["act_finite"] == 0.0
 
 
 def test_int8_training_lowers_the_loss(tmp_path):
