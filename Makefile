@@ -28,12 +28,12 @@ data:
 	fi
 
 # The whole job on the embedded default (Fashion-MNIST, small space), sized for a 2-core laptop
-# (about 14 minutes): float warm start -> fully int8 supernet -> this host's latency table ->
-# search three budgets -> export each winner with its parity gate -> one summary table.
+# (about 14 minutes): one short training run (float warm start -> fully int8 supernet, 200 + 100
+# steps) -> this host's latency table -> search three budgets -> export each winner with its
+# parity gate -> one summary table.
 demo: setup
-	$(BIN)/qnas train --quant none --space small --steps 200 --warmup-steps 20 --num-random 1 --out $(DEMO)/float
-	$(BIN)/qnas train --space small --init $(DEMO)/float/supernet.pt --steps 100 --warmup-steps 20 --num-random 1 --out $(DEMO)/int8
-	$(BIN)/python -m qnas_cli.demo $(DEMO)/int8/supernet.pt --out $(DEMO)
+	$(BIN)/qnas train --space small --steps 300 --float-steps 200 --batch-size 128 --kd-ratio 0.9 --out $(DEMO)/train
+	$(BIN)/python -m qnas_cli.demo $(DEMO)/train/supernet.pt --out $(DEMO)
 
 test: setup
 	$(BIN)/python -m pytest -q -rs
@@ -44,6 +44,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python -m benchmarks.train_throughput
 	$(BIN)/python -m benchmarks.supernet_accuracy
+	$(BIN)/python -m benchmarks.train_stability --quick
 	$(BIN)/python -m benchmarks.fold_ablation
 	$(BIN)/python -m benchmarks.export_parity
 	$(BIN)/python -m benchmarks.latency_model

@@ -5,7 +5,10 @@ in ``--bn-fold``: ``batch`` (QuantNAS §4.1: fold the statistics of the current 
 ``moving`` (the stand-alone QAT recipe: fold the supernet's moving statistics, which are shared
 by all subnets and match none of them). Writes the loss curves (JSON + PNG) and prints a verdict.
 
-    python -m benchmarks.fold_ablation [--steps 150] [--space small] [--out runs/bench/fold_ablation]
+Both start, as in the paper, from one float supernet (trained first for ``--float-steps``, or
+given with ``--init``); ``--from-scratch`` starts both int8 runs from random weights instead.
+
+    python -m benchmarks.fold_ablation [--steps 150] [--float-steps 150] [--from-scratch] [--space small] [--out runs/bench/fold_ablation]
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from qnas_cli.train import TrainConfig, train
 
 
 def curve(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "event" not in r]  # the guard's event rows are not points of the curve
 
 
 def main() -> None:
@@ -30,17 +34,29 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--eval-images", type=int, default=2000)
-    ap.add_argument("--init", type=Path, default=None, help="start both runs from this float supernet.pt (the paper's setting)")
+    ap.add_argument("--float-steps", type=int, default=150, help="steps of the float supernet both int8 runs start from")
+    ap.add_argument("--init", type=Path, default=None, help="start both runs from this float supernet.pt instead of training one")
+    ap.add_argument("--from-scratch", action="store_true", help="start both int8 runs from random weights (not the paper's setting)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/fold_ablation"))
     args = ap.parse_args()
 
+    common = dict(space=args.space, batch_size=args.batch_size, lr=args.lr, num_random=1, calib_images=1000,
+                  ckpt_every=10**9, log_every=5)
+    init = None
+    if args.from_scratch and args.init:
+        ap.error("--from-scratch and --init exclude each other")
+    if args.init:
+        init = str(args.init)
+    elif not args.from_scratch:
+        print(f"training the float supernet both start from ({args.float_steps} steps)", flush=True)
+        train(TrainConfig(out=str(args.out / "float"), quant=QuantConfig(mode="none"), steps=args.float_steps,
+                          warmup_steps=args.float_steps // 10, eval_images=1000, **common), log=lambda *a, **k: None)
+        init = str(args.out / "float" / "supernet.pt")
     runs = {}
     for fold in ("batch", "moving"):
         out = args.out / fold
-        cfg = TrainConfig(space=args.space, out=str(out), quant=QuantConfig(bn_fold=fold), steps=args.steps,
-                          batch_size=args.batch_size, lr=args.lr, num_random=1, warmup_steps=args.steps // 10,
-                          eval_images=args.eval_images, calib_images=1000, ckpt_every=10**9, log_every=5,
-                          init=str(args.init) if args.init else None)
+        cfg = TrainConfig(out=str(out), quant=QuantConfig(bn_fold=fold), steps=args.steps, warmup_steps=args.steps // 10,
+                          eval_images=args.eval_images, init=init, float_steps=None if init else 0, **common)
         print(f"training with --bn-fold {fold} ({args.steps} steps)", flush=True)
         summary = train(cfg, log=lambda *a, **k: None)
         rows = curve(out)
@@ -52,9 +68,12 @@ def main() -> None:
     b, m = runs["batch"], runs["moving"]
     verdict = ("batch-statistics folding converges better" if b["final_loss_largest"] < m["final_loss_largest"]
                else "no advantage for batch-statistics folding at this scale")
-    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": runs, "verdict": verdict, "versions": versions()}
+    start = "random weights" if args.from_scratch else f"the float supernet {init}"
+    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "start": start, "runs": runs,
+              "verdict": verdict, "versions": versions()}
     write_json(args.out / "fold_ablation.json", result)
     _plot(runs, args.out / "fold_ablation.png")
+    print(f"both int8 runs start from {start}")
     print(f"{'fold':8}{'final loss (largest)':>22}{'test top-1 largest':>20}{'smallest':>10}")
     for fold, r in runs.items():
         print(f"{fold:8}{r['final_loss_largest']:>22.4f}{100 * r['test_top1']['largest']:>19.2f}%{100 * r['test_top1']['smallest']:>9.2f}%")

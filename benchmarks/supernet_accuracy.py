@@ -1,20 +1,15 @@
-"""Accuracy of the fully int8 supernet within a CPU time budget (issue 3: 85% in 30 minutes).
+"""Accuracy of the fully int8 supernet within a CPU time budget, for two recipes and their targets.
 
-The paper's recipe at small scale: a float supernet (``--quant none``), then the fully int8
-supernet initialised from it (``--init``), both with the sandwich rule and in-place
-distillation on Fashion-MNIST. Reports the wall time of each phase (final evaluations
-included) and the test top-1 of the largest and smallest int8 subnets after BN calibration,
-on the whole test split. The same as these two commands:
+- ``default``: plain ``qnas train`` (float phase then int8 phase, 1600 steps at batch 64).
+  Target (issue 14): int8 test top-1 >= 88% largest / >= 86% smallest within 30 minutes on 2 cores.
+- ``strong``: ``qnas train --steps 4400`` (1100 float + 3300 int8 steps), the longer-schedule
+  candidate for the stretch target >= 92% / >= 90% within 60 minutes. Not yet measured to meet it:
+  this benchmark is how to check.
 
-    qnas train --quant none --batch-size 64 --lr 0.05 --steps 400 --warmup-steps 30 --num-random 1 --kd-ratio 0.5 --eval-images 1000 --out OUT/float
-    qnas train --init OUT/float/supernet.pt --batch-size 64 --lr 0.05 --steps 1150 --warmup-steps 20 --num-random 1 --kd-ratio 0.5 --out OUT/int8
+Each recipe is one ``train`` call (the same as the command), on Fashion-MNIST `small`, evaluated on
+the whole test split after BN calibration; wall time includes the final evaluation.
 
-``--kd-ratio 0.5`` rather than 0.9: in a run this short the largest subnet is still a weak
-teacher (about 85% on its training batches), and the smallest subnet gains from the labels.
-Measured on this 2-core CPU: with 0.9 (and 500 + 1000 steps) the smallest reached 84.40%; with
-0.5 (400 + 1150 steps) 85.91%.
-
-    python -m benchmarks.supernet_accuracy [--float-steps 400] [--int8-steps 1150] [--out runs/bench/supernet_accuracy]
+    python -m benchmarks.supernet_accuracy [--recipe default|strong|both] [--out runs/bench/supernet_accuracy]
 """
 from __future__ import annotations
 
@@ -23,51 +18,43 @@ import time
 from pathlib import Path
 
 from qnas_cli.checkpoint import versions, write_json
-from qnas_cli.quant import QuantConfig
 from qnas_cli.train import TrainConfig, train
 
-TARGET_TOP1, BUDGET_MIN = 0.85, 30.0
+RECIPES = {
+    "default": {"options": {}, "command": "qnas train", "target": {"largest": 0.88, "smallest": 0.86, "minutes": 30.0}},
+    "strong": {"options": {"steps": 4400}, "command": "qnas train --steps 4400",
+               "target": {"largest": 0.92, "smallest": 0.90, "minutes": 60.0}},
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--space", default="small")
-    ap.add_argument("--float-steps", type=int, default=400)
-    ap.add_argument("--int8-steps", type=int, default=1150)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--num-random", type=int, default=1)
-    ap.add_argument("--kd-ratio", type=float, default=0.5)
+    ap.add_argument("--recipe", default="default", choices=[*RECIPES, "both"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench/supernet_accuracy"))
     args = ap.parse_args()
 
-    common = dict(space=args.space, batch_size=args.batch_size, lr=args.lr, num_random=args.num_random, kd_ratio=args.kd_ratio)
-    phases = {
-        # the float phase is only a warm start: a short evaluation is enough
-        "float": TrainConfig(out=str(args.out / "float"), quant=QuantConfig(mode="none"), steps=args.float_steps,
-                             warmup_steps=30, eval_images=1000, **common),
-        "int8": TrainConfig(out=str(args.out / "int8"), init=str(args.out / "float" / "supernet.pt"),
-                            steps=args.int8_steps, warmup_steps=20, **common),
-    }
-    result: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "phases": {}}
-    for name, cfg in phases.items():
-        print(f"{name} phase: {cfg.steps} steps", flush=True)
+    result: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "recipes": {}}
+    for name in RECIPES if args.recipe == "both" else [args.recipe]:
+        recipe = RECIPES[name]
+        print(f"{name}: {recipe['command']} --space {args.space}", flush=True)
         t = time.perf_counter()
-        summary = train(cfg, log=lambda *a, **k: None)
-        result["phases"][name] = {"wall_s": time.perf_counter() - t,
-                                  "test_top1": {k: v["test_top1"] for k, v in summary["metrics"].items()}}
-    total_min = sum(p["wall_s"] for p in result["phases"].values()) / 60
-    top1 = result["phases"]["int8"]["test_top1"]
-    result.update(total_min=total_min, target={"top1": TARGET_TOP1, "minutes": BUDGET_MIN},
-                  met=min(top1.values()) > TARGET_TOP1 and total_min <= BUDGET_MIN, versions=versions())
+        summary = train(TrainConfig(space=args.space, out=str(args.out / name), **recipe["options"]), log=lambda *a, **k: None)
+        minutes = (time.perf_counter() - t) / 60
+        top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}
+        target = recipe["target"]
+        met = top1["largest"] >= target["largest"] and top1["smallest"] >= target["smallest"] and minutes <= target["minutes"]
+        result["recipes"][name] = {"command": recipe["command"], "minutes": minutes, "test_top1": top1, "target": target,
+                                   "met": met, "collapse_events": summary.get("collapse_events", 0)}
+    result["versions"] = versions()
     write_json(args.out / "supernet_accuracy.json", result)
 
-    print(f"{'phase':8}{'minutes':>9}{'largest':>10}{'smallest':>10}")
-    for name, p in result["phases"].items():
-        t1 = p["test_top1"]
-        print(f"{name:8}{p['wall_s'] / 60:>9.1f}{100 * t1['largest']:>9.2f}%{100 * t1['smallest']:>9.2f}%")
-    print(f"total {total_min:.1f} min; int8 largest and smallest > {100 * TARGET_TOP1:.0f}% within {BUDGET_MIN:.0f} min: "
-          f"{'met' if result['met'] else 'NOT met'}")
+    print(f"{'recipe':9}{'minutes':>9}{'largest':>10}{'smallest':>10}   target")
+    for name, r in result["recipes"].items():
+        t1, tg = r["test_top1"], r["target"]
+        print(f"{name:9}{r['minutes']:>9.1f}{100 * t1['largest']:>9.2f}%{100 * t1['smallest']:>9.2f}%   "
+              f">= {100 * tg['largest']:.0f}% / {100 * tg['smallest']:.0f}% within {tg['minutes']:.0f} min: "
+              f"{'met' if r['met'] else 'NOT met'}")
     print(f"wrote {args.out / 'supernet_accuracy.json'}")
 
 

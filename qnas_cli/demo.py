@@ -1,6 +1,6 @@
 """The rest of `make demo` after training: latency table -> search -> export -> one summary.
 
-    python -m qnas_cli.demo runs/demo/int8/supernet.pt --out runs/demo
+    python -m qnas_cli.demo runs/demo/train/supernet.pt --out runs/demo
 
 Builds (or reuses) this host's XNNPACK latency table for the supernet's space, picks three
 budgets across the table's range (fast, middle, slow), runs a demo-sized search (the paper's

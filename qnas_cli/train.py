@@ -4,9 +4,21 @@ Each step trains the largest subnet on the labels, then the smallest and ``num_r
 subnets on ``(1-β)·CE + β·T²·KL`` against the largest's logits, accumulating gradients, then takes
 one SGD step. In int8 mode every subnet is the fully quantized network (see ``layers``).
 
+An int8 run is the paper's recipe in two phases of one run (QuantNAS §4.2): a float supernet for
+``float_steps``, then the fully int8 supernet initialised from it (weights, BN, and the scale
+predictor's theta from the float gamma and the batch sigma) for the rest of ``steps``. Each phase
+has its own warm-up and cosine schedule and its own optimizer; the step count, the data order and
+the checkpoints run through both. ``init`` (a float supernet from elsewhere) skips the float phase.
+
 Determinism is by construction: the data order, the augmentation and the sampled subnets of a
 step are pure functions of (seed, step, rank) and the learning rate is a function of the step,
-so a resumed run replays exactly what an uninterrupted one would have done.
+so a resumed run replays exactly what an uninterrupted one would have done, across the phase
+boundary too (the int8 phase's initialisation is a pure function of the float weights).
+
+Step sizes take bounded steps (``optimizer_step``): a step size that SGD with momentum drives
+through zero leaves its layer's weights all clipped to +-127 * 1e-8, i.e. a layer that outputs
+its bias alone; that is how the int8-from-scratch runs collapsed to chance. See ``guard`` for the
+check that stops a run that collapses anyway.
 
 Multi-process (``torchrun``): gradients are averaged with one all-reduce per step (any backend,
 gloo on CPU included); the same subnets are trained on every rank, each on its own data shard.
@@ -20,7 +32,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +45,19 @@ from .calibrate import EVAL_IMAGES_HINT, calibrated_subnet, evaluate
 from .checkpoint import atomic_write, load_weights, save_weights
 from .data import Dataset, augment, calibration_indices, epoch_batches, load_dataset, to_input
 from .errors import UserError, check_count
-from .layers import QConvBN, QLinear, init_scales, keep_scales_positive
+from .diagnostics import grad_norms, layer_diagnostics
+from .guard import CollapseGuard, TrainingCollapsed, scales_finite
+from .layers import QConvBN, QLinear, QuantInit, init_scales, keep_scales_positive
 from .quant import QuantConfig
 from .space import Arch, SearchSpace, load_space, sample
 from .supernet import Supernet, load_supernet
 
 KEEP_CHECKPOINTS = 2
+# The default run, measured on Fashion-MNIST `small` (2 CPU cores): 400 float steps then 1200 int8
+# steps at batch 64 reach 88-89% / 86-87% int8 test top-1 (largest / smallest) in about 20 minutes.
+DEFAULT_STEPS = 1600
+FLOAT_SHARE = 0.25  # of --steps, the float phase's default length
+SCALE_STEP_LIMIT = 2.0  # an optimizer step changes a step size by at most this factor (see optimizer_step)
 
 
 @dataclass
@@ -47,17 +66,18 @@ class TrainConfig:
     data: str = "fashion-mnist"
     out: str = "runs/default"
     quant: QuantConfig = field(default_factory=QuantConfig)
-    epochs: int = 3
-    steps: int | None = None  # overrides epochs when given
-    batch_size: int = 128  # per process
+    epochs: int | None = None  # the run's length in passes over the training split (instead of steps)
+    steps: int | None = None  # the run's length in steps, both phases together (default DEFAULT_STEPS)
+    float_steps: int | None = None  # int8 runs: float steps first (None: FLOAT_SHARE of the steps; 0: int8 from scratch)
+    batch_size: int = 64  # per process
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-5  # not applied to BN parameters, biases or scales
     label_smoothing: float = 0.1
-    num_random: int = 2  # random subnets per step besides the largest and the smallest
-    kd_ratio: float = 0.9  # β
+    num_random: int = 1  # random subnets per step besides the largest and the smallest
+    kd_ratio: float = 0.5  # β (0.9 lost 1.5 pp on the smallest subnet: a short run's largest is a weak teacher)
     kd_temperature: float = 1.0  # T
-    warmup_steps: int = 100
+    warmup_steps: int = 20  # per phase
     clip_grad: float = 5.0
     seed: int = 0
     device: str = "auto"
@@ -66,12 +86,25 @@ class TrainConfig:
     eval_images: int | None = None  # limit the final test evaluation (None: whole test split)
     calib_images: int = 2000
     log_every: int = 10
+    collapse_patience: int = 3  # logged steps at chance that make a collapse event
+    collapse_give_up: int = 10  # logged steps at chance after which the run stops
 
     def __post_init__(self) -> None:
         if isinstance(self.quant, dict):
             self.quant = QuantConfig(**self.quant)
-        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "calib_images", "steps"):
+        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "calib_images", "steps", "collapse_patience",
+                     "collapse_give_up"):
             check_count(f"--{name.replace('_', '-')}", getattr(self, name))
+        if self.steps is not None and self.epochs is not None:
+            raise UserError("--steps and --epochs both set the run's length: give one of them")
+        if self.float_steps is not None:
+            if isinstance(self.float_steps, bool) or not isinstance(self.float_steps, int) or self.float_steps < 0:
+                raise UserError(f"--float-steps must be an integer >= 0, got {self.float_steps}")
+            if self.float_steps and (self.init or not self.quant.enabled):
+                raise UserError("--float-steps: " + ("--init already gives the float start; drop one of them" if self.init
+                                                     else "--quant none trains float only; set its length with --steps"))
+            if self.steps is not None and self.float_steps >= self.steps:
+                raise UserError(f"--float-steps {self.float_steps} leaves no int8 steps of --steps {self.steps}")
         if self.num_random < 0 or self.warmup_steps < 0:
             raise UserError("--num-random and --warmup-steps must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -88,8 +121,34 @@ class TrainConfig:
         return asdict(self)
 
     # Fields that must match for --resume to continue the same run.
-    RESUME_KEYS = ("space", "data", "quant", "epochs", "steps", "batch_size", "lr", "momentum", "weight_decay",
+    RESUME_KEYS = ("space", "data", "quant", "epochs", "steps", "float_steps", "batch_size", "lr", "momentum", "weight_decay",
                    "label_smoothing", "num_random", "kd_ratio", "kd_temperature", "warmup_steps", "clip_grad", "seed", "init")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Steps ``[start, start + steps)`` of a run, trained with ``quant``."""
+
+    name: str  # "float" | "int8"
+    quant: QuantConfig
+    start: int
+    steps: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def phase_plan(cfg: TrainConfig, steps_per_epoch: int) -> list[Phase]:
+    """The phases of a run: float then int8 (the default), int8 alone (--init, --float-steps 0), or float alone."""
+    total = cfg.steps or (cfg.epochs * steps_per_epoch if cfg.epochs else DEFAULT_STEPS)
+    if not cfg.quant.enabled:
+        return [Phase("float", cfg.quant, 0, total)]
+    n_float = 0 if cfg.init else (int(FLOAT_SHARE * total) if cfg.float_steps is None else cfg.float_steps)
+    if n_float >= total:
+        raise UserError(f"--float-steps {n_float} leaves no int8 steps of the run's {total}")
+    int8 = Phase("int8", cfg.quant, n_float, total - n_float)
+    return [Phase("float", replace(cfg.quant, mode="none"), 0, n_float), int8] if n_float else [int8]
 
 
 @dataclass
@@ -128,6 +187,44 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to zero."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+
+
+def step_sizes(model: nn.Module) -> list[nn.Parameter]:
+    """The learned quantization scales: activation and weight step sizes, the scale predictor's theta."""
+    return [p for m in model.modules() if isinstance(m, QuantInit) for p in m.scale_params()]
+
+
+@torch.no_grad()
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """``opt.step()``, with each step size moving by at most a factor SCALE_STEP_LIMIT.
+
+    Why: a step size is a positive number of the order of its tensor's range / 127, often 1e-3,
+    while SGD moves it by ``lr * grad`` plus momentum: from scratch, in the first hundred steps,
+    that is as large as the step size itself, and momentum carries it through zero. Projected
+    back to a 1e-8 floor, a weight scale makes every folded weight clip to +-127e-8 (the layer
+    outputs its bias alone, a constant); and the momentum still points down, so it stays there
+    for steps. On a layer every path goes through (the stem, a stage's first block, the head)
+    the logits become constant and the loss is exactly ln(classes) until momentum turns.
+    A multiplicative bound keeps every step size positive (and far from the floor within a few
+    steps), and where the bound holds the parameter's momentum is dropped, so no stale velocity
+    keeps pushing it. The 1e-8 floor stays for what the bound alone allows: a theta_i pushed down
+    for hundreds of steps (a channel whose sigma_i is tiny) halves its way to a float underflow.
+    """
+    scales = [p for p in step_sizes(model) if p.grad is not None]  # a float supernet's are unused
+    before = [p.detach().clone() for p in scales]
+    opt.step()
+    for p, old in zip(scales, before):
+        lo, hi = old / SCALE_STEP_LIMIT, old * SCALE_STEP_LIMIT
+        held = (p < lo) | (p > hi)
+        p.copy_(torch.minimum(torch.maximum(p, lo), hi))
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            buf.masked_fill_(held, 0.0)
+    keep_scales_positive(model)  # halving step after step still underflows: a theta_i of a channel with a tiny sigma_i reached 0
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -225,10 +322,14 @@ def _ckpt_dir(out: Path) -> Path:
     return out / "ckpt"
 
 
-def _save_checkpoint(out: Path, model: Supernet, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> Path:
+def _save_checkpoint(out: Path, model: Supernet, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+                     guard: CollapseGuard | None = None) -> Path:
+    """The model of the phase it belongs to (float or int8: ``phase``), its optimizer, the step."""
     path = _ckpt_dir(out) / f"step_{step:08d}.pt"
-    payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
-    save_weights(path, payload, {"kind": "qnas.checkpoint", "step": step, "config": cfg.to_dict(),
+    phase = "int8" if model.cfg.enabled else "float"
+    payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "phase": phase,
+               "guard": guard.state_dict() if guard else None}
+    save_weights(path, payload, {"kind": "qnas.checkpoint", "step": step, "phase": phase, "config": cfg.to_dict(),
                                  "space": model.space.to_dict()})
     old = sorted(_ckpt_dir(out).glob("step_*.pt"))[:-KEEP_CHECKPOINTS]
     for p in old:
@@ -299,7 +400,11 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train a supernet per ``cfg``; returns the summary also written to ``OUT/supernet.json``."""
+    """Train a supernet per ``cfg``; returns the summary also written to ``OUT/supernet.json``.
+
+    ``on_step(step, total, metrics)`` after every step; ``metrics["phase"]`` names the phase.
+    Raises ``Interrupted`` on SIGINT/SIGTERM (after a checkpoint) and ``TrainingCollapsed``.
+    """
     space = load_space(cfg.space)
     out = Path(cfg.out)
     d = setup_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -311,16 +416,14 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         if not resume:
             _start_afresh(out, log)
     data = load_dataset(cfg.data, load_size=max(space.resolutions))
-
-    torch.manual_seed(cfg.seed)
-    model = Supernet(space, data.in_channels, data.num_classes, cfg.quant).to(device)
-    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
     steps_per_epoch = len(data.train) // (cfg.batch_size * d.world)
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size} x {d.world} processes exceeds the {len(data.train)} training images")
-    total = cfg.steps or cfg.epochs * steps_per_epoch
+    plan = phase_plan(cfg, steps_per_epoch)
+    total = plan[-1].end
+    guard = CollapseGuard(data.num_classes, cfg.collapse_patience, cfg.collapse_give_up)
 
-    start = 0
+    start, first = 0, 0  # the step and the phase (index in plan) to continue from
     if resume:
         found = _latest_checkpoint(out, log)
         if found is None:
@@ -328,48 +431,76 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         payload, meta = found
         _check_resumable(meta, cfg, space)
         try:
+            start = int(payload["step"])
+            first = [ph.name for ph in plan].index(payload.get("phase", plan[-1].name))
+            model = _new_model(space, data, plan[first], cfg, device)
+            opt = make_optimizer(model, cfg)
             model.load_state_dict(payload["model"])
             opt.load_state_dict(payload["optimizer"])
-            start = int(payload["step"])
+            guard.load_state_dict(payload.get("guard"))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"--resume: {meta['weights']['file']} is not a checkpoint of this run: "
                             f"{str(e).splitlines()[0][:200]}") from None
         log(f"resuming from step {start} ({meta['weights']['file']})")
     else:
+        model = _new_model(space, data, plan[0], cfg, device)
         if cfg.init:
             _load_float_init(model, Path(cfg.init), space)
-        if cfg.quant.enabled:
+        if plan[0].quant.enabled:
             init_quant_scales(model, data, space, device)
+        opt = make_optimizer(model, cfg)
     _broadcast(model, d)
     if d.main and not resume:
         atomic_write(out / "metrics.jsonl", lambda f: None)
     elif d.main:
         _truncate_metrics(out / "metrics.jsonl", start)
+    if len(plan) > 1 and d.main and start == 0:
+        log(f"float phase: steps 1-{plan[0].end}; then the int8 supernet initialised from it: steps {plan[1].start + 1}-{total}")
 
-    model.train()
     cached_epoch, batches = -1, []
     t_last, seen = time.perf_counter(), 0
     with _StopFlag() as stop:
-        for step in range(start, total):
-            epoch, k = divmod(step, steps_per_epoch)
-            if epoch != cached_epoch:
-                batches, cached_epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world), epoch
-            metrics = train_step(model, opt, data, space, batches[k], step, total, cfg, d, device)
-            seen += cfg.batch_size * d.world
-            requested = _sync_flag(stop.requested, d)
-            if d.main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
-                now = time.perf_counter()
-                metrics["img_per_s"] = seen / max(now - t_last, 1e-9)
-                t_last, seen = now, 0
-                _append_metrics(out / "metrics.jsonl", {"step": step + 1, "epoch": epoch, **metrics})
-            if on_step and d.main:
-                on_step(step + 1, total, metrics)
-            if d.main and (((step + 1) % cfg.ckpt_every == 0 and step + 1 < total) or requested):
-                _save_checkpoint(out, model, opt, step + 1, cfg)
-            if requested:
-                if d.world > 1:
-                    dist.barrier()
-                raise Interrupted(step + 1, _ckpt_dir(out))
+        for i in range(first, len(plan)):
+            ph = plan[i]
+            if i > first:  # the phase boundary: the int8 supernet starts from the float one
+                model = int8_from_float(model, ph.quant, data, space, device)
+                _broadcast(model, d)
+                opt = make_optimizer(model, cfg)
+            model.train()
+            for step in range(max(start, ph.start), ph.end):
+                epoch, k = divmod(step, steps_per_epoch)
+                if epoch != cached_epoch:
+                    batches, cached_epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world), epoch
+                lr = lr_at(step - ph.start, ph.steps, cfg)
+                metrics = train_step(model, opt, data, space, batches[k], step, total, cfg, d, device, lr=lr)
+                metrics["phase"] = ph.name
+                seen += cfg.batch_size * d.world
+                requested = _sync_flag(stop.requested, d)
+                logged = (step + 1) % cfg.log_every == 0 or step + 1 == ph.end
+                verdict = None
+                if d.main and (logged or not math.isfinite(metrics["loss"])):
+                    verdict = guard.check(metrics, scales_finite(model))
+                if d.main and logged:
+                    now = time.perf_counter()
+                    metrics["img_per_s"] = seen / max(now - t_last, 1e-9)
+                    t_last, seen = now, 0
+                    _append_metrics(out / "metrics.jsonl", {"step": step + 1, "epoch": epoch, **metrics})
+                if verdict:
+                    _report_collapse(verdict, guard, model, data, space, batches[k], step + 1, metrics, out, device, log)
+                collapsed = _sync_flag(verdict in ("stop", "non-finite"), d)
+                if on_step and d.main:
+                    on_step(step + 1, total, metrics)
+                if collapsed:
+                    raise TrainingCollapsed(step + 1, guard.describe(verdict, metrics) if d.main else "on rank 0", str(out))
+                boundary = step + 1 == ph.end and i + 1 < len(plan)
+                if d.main and (((step + 1) % cfg.ckpt_every == 0 and step + 1 < total) or requested or boundary):
+                    _save_checkpoint(out, model, opt, step + 1, cfg, guard)
+                if d.main and boundary:
+                    _save_float_supernet(model, data, space, cfg, out, step + 1)
+                if requested:
+                    if d.world > 1:
+                        dist.barrier()
+                    raise Interrupted(step + 1, _ckpt_dir(out))
 
     if d.world > 1:
         check_replicas(model, d)
@@ -377,10 +508,48 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
             log(f"all {d.world} processes hold identical weights")
     summary: dict[str, Any] = {}
     if d.main:
-        summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world)
+        summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world, guard)
     if d.world > 1:
         dist.barrier()
     return summary
+
+
+def _new_model(space: SearchSpace, data: Dataset, phase: Phase, cfg: TrainConfig, device: str) -> Supernet:
+    torch.manual_seed(cfg.seed)
+    return Supernet(space, data.in_channels, data.num_classes, phase.quant).to(device)
+
+
+def int8_from_float(float_net: Supernet, quant: QuantConfig, data: Dataset, space: SearchSpace, device: str) -> Supernet:
+    """The int8 supernet that starts from ``float_net`` (QuantNAS §4.2): the same weights and BN,
+    and scales from data: activation steps, and theta_i = s_init * sigma_i with s_init the
+    MSE-optimal step of the weights folded with the float gamma and this batch's sigma."""
+    net = Supernet(space, float_net.in_channels, float_net.num_classes, quant).to(device)
+    _, unexpected = net.load_state_dict(float_net.state_dict(), strict=False)
+    assert not unexpected, unexpected  # a float supernet holds a subset of the int8 one's tensors
+    init_quant_scales(net, data, space, device)
+    return net
+
+
+def _save_float_supernet(model: Supernet, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, steps: int) -> None:
+    """The float phase's supernet, usable as another run's --init (not evaluated: it is a warm start)."""
+    save_weights(out / "float_supernet.pt", supernet_payload(model), {
+        "kind": "qnas.supernet", "space": space.to_dict(), "config": cfg.to_dict(), "data": data.describe(),
+        "steps": steps, "phase": "float", "quant": asdict(model.cfg)})
+
+
+def _report_collapse(verdict: str, guard: CollapseGuard, model: Supernet, data: Dataset, space: SearchSpace, idx: Tensor,
+                     step: int, metrics: dict[str, Any], out: Path, device: str, log: Callable[[str], None]) -> None:
+    """Say it, and write a metrics row ``{"event": verdict, ...}`` with the per-layer diagnostics."""
+    row: dict[str, Any] = {"step": step, "event": verdict, "phase": metrics.get("phase"),
+                           "loss_largest": metrics["loss_largest"], "acc_largest": metrics["acc_largest"]}
+    if verdict == "recovered":
+        log(f"step {step}: the largest subnet's loss left chance again ({metrics['loss_largest']:.3f}): recovered")
+    else:
+        arch = sample(space, "largest")
+        x, _ = data.train.get(idx)
+        row.update(grad_norms=grad_norms(model), layers=layer_diagnostics(model, to_input(x, data, arch.resolution).to(device), arch))
+        log(f"warning: step {step}: collapse: {guard.describe(verdict, metrics)}; per-layer diagnostics in {out / 'metrics.jsonl'}")
+    _append_metrics(out / "metrics.jsonl", row)
 
 
 def _sync_flag(flag: bool, d: Dist) -> bool:
@@ -393,9 +562,11 @@ def _sync_flag(flag: bool, d: Dist) -> bool:
 
 
 def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space: SearchSpace, idx: Tensor,
-               step: int, total: int, cfg: TrainConfig, d: Dist, device: str) -> dict[str, float]:
-    """One sandwich step on the training images ``idx``: the loop's unit of work (and of the throughput benchmark)."""
-    lr = lr_at(step, total, cfg)
+               step: int, total: int, cfg: TrainConfig, d: Dist, device: str, lr: float | None = None) -> dict[str, float]:
+    """One sandwich step on the training images ``idx``: the loop's unit of work (and of the throughput benchmark).
+
+    ``lr``: this step's learning rate (default: the schedule of a one-phase run of ``total`` steps)."""
+    lr = lr_at(step, total, cfg) if lr is None else lr
     for g in opt.param_groups:
         g["lr"] = lr
     x_u8, y = data.train.get(idx)
@@ -417,8 +588,7 @@ def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space
         losses.append(loss.item())
     _allreduce_grads(model, d)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf).item()
-    opt.step()
-    keep_scales_positive(model)
+    optimizer_step(model, opt)
     return {"lr": lr, "loss": sum(losses) / len(losses), "loss_largest": losses[0], "acc_largest": acc,
             "loss_smallest": losses[1], "grad_norm": grad_norm}
 
@@ -451,7 +621,7 @@ def _broadcast(model: nn.Module, d: Dist) -> None:
 
 def _load_float_init(model: Supernet, path: Path, space: SearchSpace) -> None:
     """Start from a float supernet (the paper reloads gamma etc. from one): same space, float mode."""
-    float_net, meta = load_supernet(path)
+    float_net, _ = load_supernet(path)
     if float_net.space.fingerprint != space.fingerprint:
         raise UserError(f"--init {path}: that supernet is of space {float_net.space.name!r}, not {space.name!r}")
     if float_net.cfg.enabled:
@@ -474,9 +644,9 @@ def init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device
 
 
 def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, total: int,
-            device: str, log: Callable[[str], None], world: int = 1) -> dict[str, Any]:
+            device: str, log: Callable[[str], None], world: int = 1, guard: CollapseGuard | None = None) -> dict[str, Any]:
     """Final weights + sidecar, and the test accuracy of the largest and smallest calibrated subnets."""
-    _save_checkpoint(out, model, opt, total, cfg)  # first: a kill during evaluation loses no training
+    _save_checkpoint(out, model, opt, total, cfg, guard)  # first: a kill during evaluation loses no training
     results = {}
     for how in ("largest", "smallest"):
         arch = sample(space, how)
@@ -486,6 +656,8 @@ def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainC
     meta = save_weights(out / "supernet.pt", supernet_payload(model), {
         "kind": "qnas.supernet", "space": space.to_dict(), "config": cfg.to_dict(), "data": data.describe(),
         "steps": total, "world_size": world, "metrics": results, "quant": asdict(cfg.quant),
+        "phases": [{"name": ph.name, "steps": ph.steps} for ph in phase_plan(cfg, len(data.train) // (cfg.batch_size * world))],
+        "collapse_events": guard.events if guard else 0,
     })
     return meta
 

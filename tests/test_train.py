@@ -1,4 +1,5 @@
-"""Training: exact resume, torchrun with two CPU processes, the CLI surface."""
+"""Training: exact resume (across the float -> int8 boundary too), the collapse and its guard,
+torchrun with two CPU processes, the CLI surface."""
 from __future__ import annotations
 
 import json
@@ -6,11 +7,18 @@ import os
 import subprocess
 import sys
 
-import pytest
+import math
 
+import pytest
+import torch
+
+import qnas_cli.train as train_module
 from qnas_cli.cli import app
+from qnas_cli.layers import SCALE_FLOOR, init_scales, keep_scales_positive
 from qnas_cli.quant import QuantConfig
-from qnas_cli.train import TrainConfig, train
+from qnas_cli.space import PRESETS, sample
+from qnas_cli.train import TrainConfig, make_optimizer, optimizer_step, train
+from qnas_cli.supernet import Supernet
 from tests.helpers import assert_same_weights, supernet_weights
 
 FAST = dict(space="tiny", batch_size=32, eval_images=200, calib_images=64, warmup_steps=2, log_every=1)
@@ -37,6 +45,145 @@ def test_resume_gives_identical_weights(tmp_path, mode):
     assert_same_weights(supernet_weights(tmp_path / "a"), supernet_weights(tmp_path / "b"))
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the lost step is logged once
+
+
+@pytest.mark.parametrize("crash_at", [3, 4])
+def test_resume_across_the_float_to_int8_boundary(tmp_path, crash_at):
+    """3 float + 3 int8 steps straight == the same run killed in the float phase (crash_at 3:
+    resumed from the float checkpoint of step 2, it crosses the boundary itself) or just after the
+    boundary (crash_at 4: resumed from the boundary's float checkpoint, it builds the int8
+    supernet from it): bit for bit."""
+    cfg = lambda out: TrainConfig(out=str(out), steps=6, float_steps=3, ckpt_every=2, **FAST)  # noqa: E731
+    train(cfg(tmp_path / "a"), log=lambda *a, **k: None)
+
+    def crash(step, total, metrics):
+        if step == crash_at:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(cfg(tmp_path / "b"), on_step=crash, log=lambda *a, **k: None)
+    train(cfg(tmp_path / "b"), resume=True, log=lambda *a, **k: None)
+    assert_same_weights(supernet_weights(tmp_path / "a"), supernet_weights(tmp_path / "b"))
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase"]) for r in rows] == [(1, "float"), (2, "float"), (3, "float"), (4, "int8"), (5, "int8"), (6, "int8")]
+    meta = json.loads((tmp_path / "b" / "supernet.json").read_text())
+    assert meta["quant"]["mode"] == "int8" and meta["phases"] == [{"name": "float", "steps": 3}, {"name": "int8", "steps": 3}]
+    assert json.loads((tmp_path / "b" / "float_supernet.json").read_text())["phase"] == "float"
+
+
+@pytest.mark.parametrize("SEED", [0, 1, 2])
+def test_momentum_drives_a_step_size_through_zero_and_the_bound_stops_it(SEED):
+    """The collapse mechanism, on the tiny supernet: a few large gradients on the stem's weight
+    scale (as from-scratch training gives them in its first hundred steps) and momentum carry the
+    scale through zero. Plain SGD + projection to the floor leaves it at 1e-8, where every folded
+    weight clips to +-127e-8: the stem outputs a constant, so do the logits, for every image (the
+    loss is at chance), and momentum keeps it there after the push stops. The bounded update
+    (``optimizer_step``) keeps the scale within 2x per step and drops its momentum: the network
+    keeps telling images apart."""
+    arch = sample(PRESETS["tiny"], "largest")
+    x = torch.randn(16, 1, arch.resolution, arch.resolution, generator=torch.Generator().manual_seed(SEED))
+
+    def push_then_coast(step):
+        torch.manual_seed(0)
+        net = Supernet(PRESETS["tiny"], 1, 10, QuantConfig())
+        with init_scales(net):
+            net(x, arch)
+        opt = make_optimizer(net, TrainConfig())
+        for g in opt.param_groups:
+            g["lr"] = 0.05
+        theta0 = net.stem.theta.detach().clone()
+        for i in range(8):
+            opt.zero_grad()
+            for p in net.parameters():
+                p.grad = torch.zeros_like(p)
+            if i < 3:  # three steps of a gradient that asks the scale to shrink by about its own size
+                net.stem.theta.grad = theta0 / 0.05
+            step(net, opt)
+        net.eval()
+        with torch.no_grad():
+            logits = net(x, arch)
+        return net.stem.theta.detach(), logits, theta0
+
+    def old_step(net, opt):
+        opt.step()
+        keep_scales_positive(net)
+
+    theta, logits, _ = push_then_coast(old_step)
+    assert theta.max().item() == torch.tensor(SCALE_FLOOR).item()  # at the floor, still there after 5 steps without a push
+    assert logits.std(0).max().item() < 1e-6  # the same logits for every image: the collapse
+
+    theta, logits, theta0 = push_then_coast(optimizer_step)
+    assert (theta >= theta0 / 8 * 0.999).all()  # three bounded steps down at most, then no momentum left
+    assert logits.std(0).max().item() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def float_tiny(tmp_path_factory):
+    """A tiny float supernet trained until its largest subnet is well below chance (loss < 0.8 ln 10)."""
+    out = tmp_path_factory.mktemp("float_tiny")
+    train(TrainConfig(out=str(out), quant=QuantConfig(mode="none"), steps=40, lr=0.2,
+                      **{**FAST, "warmup_steps": 2}), log=lambda *a, **k: None)
+    return out / "supernet.pt"
+
+
+def _guarded(out, init, **kw):
+    return TrainConfig(out=str(out), init=str(init), steps=10, ckpt_every=100, collapse_patience=2, collapse_give_up=4,
+                       **{**FAST, **kw})
+
+
+def test_guard_stops_a_run_forced_to_collapse(tmp_path, float_tiny, monkeypatch):
+    """From step 3 the stem's weight scale is pinned to the floor (the mechanism above, forced):
+    the guard logs a collapse with diagnostics that show it, then stops the run with exit 4."""
+    real_step = train_module.optimizer_step
+    calls = []
+
+    def pin_stem_scale(model, opt):
+        real_step(model, opt)
+        calls.append(1)
+        if len(calls) >= 2:
+            with torch.no_grad():
+                model.stem.theta.fill_(SCALE_FLOOR)
+
+    monkeypatch.setattr(train_module, "optimizer_step", pin_stem_scale)
+    with pytest.raises(train_module.TrainingCollapsed, match="collapsed at step 6: the largest subnet's loss is at chance"):
+        train(_guarded(tmp_path, float_tiny), log=lambda *a, **k: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in rows if "event" in r]
+    assert [e["event"] for e in events] == ["collapse", "stop"]
+    assert all(e["loss_largest"] >= 0.97 * math.log(10) for e in events)  # constant logits: at chance or worse
+    stem = events[0]["layers"]["stem"]
+    assert stem["w_clipped"] == 1.0 and stem["w_scale"] < 1e-7  # the diagnostics name the layer and the cause
+    assert "stem" in events[0]["grad_norms"]
+    assert not (tmp_path / "supernet.pt").exists()
+
+
+def test_guard_is_quiet_on_a_healthy_run(tmp_path, float_tiny):
+    summary = train(_guarded(tmp_path, float_tiny), log=lambda *a, **k: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if "event" in r] and summary["collapse_events"] == 0
+
+
+def test_guard_stops_on_a_non_finite_loss(runner, tmp_path, monkeypatch):
+    """A NaN in the weights (poisoned after step 2): the run stops at once, exit code 4, one
+    message naming the cause, and the event row in metrics.jsonl. (A huge --lr does not do it:
+    gradient clipping and the bounded step sizes keep everything finite.)"""
+    real_step = train_module.optimizer_step
+    calls = []
+
+    def poison(model, opt):
+        real_step(model, opt)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                model.stem.weight[0, 0, 0, 0] = float("nan")
+
+    monkeypatch.setattr(train_module, "optimizer_step", poison)
+    r = runner.invoke(app, ["train", "--space", "tiny", "--steps", "8", "--float-steps", "0", "--batch-size", "16",
+                            "--warmup-steps", "1", "--eval-images", "100", "--calib-images", "32", "--out", str(tmp_path)])
+    assert r.exit_code == 4, r.output
+    assert "training collapsed at step 3: non-finite" in r.output and "Traceback" not in r.output
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "event" in line]
+    assert [e["event"] for e in events] == ["non-finite"] and events[0]["layers"]["stem.out_q"]["act_finite"] == 0.0
 
 
 def test_int8_training_lowers_the_loss(tmp_path):

@@ -12,8 +12,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_GATE_FAILED = 3  # export ran, but the model failed verification: a CI job must not ship it
+EXIT_TRAINING_COLLAPSED = 4  # training collapsed and did not recover: no supernet was written
 EXIT_CODES = ("Exit codes: 0 success; 1 internal failure (a bug: run with --debug); 2 bad input (one line on stderr, "
-              "nothing written); 3 the exported model failed verification (qnas export); 130 interrupted.")
+              "nothing written); 3 the exported model failed verification (qnas export); 4 training collapsed and did not recover (qnas train); 130 interrupted.")
 
 
 def print_json(obj: Any) -> None:

@@ -1,0 +1,138 @@
+"""Does `qnas train` collapse? Seeds x {int8 from scratch, the default float -> int8 recipe}.
+
+Each run is `qnas train --seed S` (the default recipe) or `qnas train --seed S --float-steps 0`
+(int8 from scratch), everything else at its default (batch size, learning rate, schedule), on
+Fashion-MNIST `small`. Per run: collapse events (the guard's: the largest subnet's loss back at
+chance for 3 logged steps, or a non-finite loss or scale; a run the guard stopped counts as
+stopped), final int8 test top-1 of the largest and smallest subnets, wall time. Prints a table
+(mean and spread over seeds), writes JSON and a PNG of the largest subnet's loss curves.
+
+    python -m benchmarks.train_stability            # 3 seeds x 2 recipes x 1600 steps: about 2 h on 2 CPU cores
+    python -m benchmarks.train_stability --quick    # 3 seeds x 2 recipes x 200 steps, 1000 test images: about 15 min
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from qnas_cli.checkpoint import versions, write_json
+from qnas_cli.guard import TrainingCollapsed
+from qnas_cli.train import DEFAULT_STEPS, TrainConfig, train
+
+RECIPES = {"scratch": {"float_steps": 0}, "default": {}}  # int8 from scratch; the default float -> int8
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict:
+    out = args.out / f"{recipe}_seed{seed}"
+    cfg = TrainConfig(space=args.space, out=str(out), seed=seed, steps=args.steps, eval_images=args.eval_images,
+                      calib_images=args.calib_images, ckpt_every=10**9, **RECIPES[recipe])
+    t = time.perf_counter()
+    stopped, top1 = None, {}
+    try:
+        summary = train(cfg, log=lambda *a, **k: None)
+        top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}
+    except TrainingCollapsed as e:
+        stopped = str(e)
+    rows = metric_rows(out)
+    curve = [r for r in rows if "event" not in r]
+    return {"recipe": recipe, "seed": seed, "wall_s": time.perf_counter() - t, "stopped": stopped, "test_top1": top1,
+            "collapse_events": sum(r.get("event") in ("collapse", "non-finite") for r in rows),
+            "events": [{k: r[k] for k in ("step", "event", "loss_largest")} for r in rows if "event" in r],
+            "steps": [r["step"] for r in curve], "loss_largest": [r["loss_largest"] for r in curve],
+            "phase": [r.get("phase") for r in curve]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    def stats(values: list[float]) -> dict:
+        if not values:
+            return {"mean": None, "spread": None}
+        return {"mean": statistics.mean(values), "spread": max(values) - min(values), "min": min(values), "max": max(values)}
+
+    out = {}
+    for recipe in RECIPES:
+        rs = [r for r in runs if r["recipe"] == recipe]
+        done = [r for r in rs if not r["stopped"]]
+        out[recipe] = {"runs": len(rs), "collapse_events": sum(r["collapse_events"] for r in rs),
+                       "runs_with_collapse": sum(r["collapse_events"] > 0 for r in rs), "stopped": sum(bool(r["stopped"]) for r in rs),
+                       "largest": stats([r["test_top1"]["largest"] for r in done]),
+                       "smallest": stats([r["test_top1"]["smallest"] for r in done]),
+                       "wall_min": stats([r["wall_s"] / 60 for r in rs])}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="200 steps per run and 1000 test images (about 15 min)")
+    ap.add_argument("--space", default="small")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=None, help=f"steps per run (default {DEFAULT_STEPS}; 200 with --quick)")
+    ap.add_argument("--eval-images", type=int, default=None, help="test images (default all; 1000 with --quick)")
+    ap.add_argument("--calib-images", type=int, default=2000)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/train_stability"))
+    args = ap.parse_args()
+    args.steps = args.steps or (200 if args.quick else DEFAULT_STEPS)
+    args.eval_images = args.eval_images or (1000 if args.quick else None)
+    if args.quick:
+        args.calib_images = min(args.calib_images, 500)
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    runs = []
+    for seed in seeds:
+        for recipe in RECIPES:
+            print(f"{recipe} seed {seed}: {args.steps} steps", flush=True)
+            runs.append(run_one(recipe, seed, args))
+            r = runs[-1]
+            print(f"  {r['wall_s'] / 60:.1f} min, collapse events {r['collapse_events']}, "
+                  + (f"stopped: {r['stopped']}" if r["stopped"] else
+                     f"top-1 {100 * r['test_top1']['largest']:.2f}% / {100 * r['test_top1']['smallest']:.2f}%"), flush=True)
+    table = summarize(runs)
+    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "summary": table,
+              "runs": runs, "versions": versions()}
+    write_json(args.out / "train_stability.json", result)
+    _plot(runs, args.out / "train_stability.png")
+
+    def cell(s: dict) -> str:
+        return "-" if s["mean"] is None else f"{100 * s['mean']:.2f}% ± {100 * s['spread'] / 2:.2f}"
+
+    print(f"\n{len(seeds)} seeds x {args.steps} steps, {args.space}, test images: {args.eval_images or 'all'} (± half the range over seeds)")
+    print(f"{'recipe':10}{'collapse events':>17}{'runs stopped':>14}{'largest top-1':>18}{'smallest top-1':>18}{'min/run':>9}")
+    for recipe, s in table.items():
+        print(f"{recipe:10}{s['collapse_events']:>17}{s['stopped']:>14}{cell(s['largest']):>18}{cell(s['smallest']):>18}"
+              f"{s['wall_min']['mean']:>9.1f}")
+    print(f"wrote {args.out / 'train_stability.json'} and train_stability.png")
+
+
+def _plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = {"scratch": "tab:red", "default": "tab:blue"}
+    for r in runs:
+        label = f"{r['recipe']} (seed {r['seed']})"
+        ax.plot(r["steps"], r["loss_largest"], color=colors[r["recipe"]], alpha=0.4 + 0.2 * (r["seed"] % 3), lw=1, label=label)
+        for e in r["events"]:
+            ax.axvline(e["step"], color=colors[r["recipe"]], ls=":", lw=0.8)
+    ax.axhline(2.302585, color="grey", ls="--", lw=0.8, label="chance (ln 10)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss, largest subnet")
+    ax.set_title("int8 from scratch vs float -> int8 (default); dotted: collapse events", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
