@@ -120,7 +120,7 @@ def test_the_readme_ci_job_exports_a_subnet_and_reads_its_figures(trained, tmp_p
     r = run_ci_job(tmp_path, subnet, tmp_path / "dist")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "export.json").read_text())
-    assert report["schema"] == "qnas.export_report/1" and report["passed"] and report["problems"] == []
+    assert report["schema"] == "qnas.export_report/2" and report["passed"] and report["problems"] == []
     assert report == json.loads((tmp_path / "dist" / "export_report.json").read_text())
     a = report["accuracy"]
     assert f"{report['arch_key']}: top-1 {a['tflite_top1']:.4f}" in r.stdout
