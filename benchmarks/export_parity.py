@@ -38,6 +38,7 @@ from export.tflite import MAX_CALIB_IMAGES, run_onnx2tf
 from export.verify import CHECKED, arithmetic, op_census, parity, run_tflite
 from qnas_cli.calibrate import CALIB_IMAGES
 from qnas_cli.checkpoint import versions, write_json
+from qnas_cli.kernels import TARGETS
 from qnas_cli.data import calibration_indices, to_input
 from qnas_cli.space import sample
 from qnas_cli.supernet import load_supernet
@@ -91,7 +92,7 @@ def exactness(path: Path, tflite: Path, n_images: int) -> dict:
     sub.eval()
     images, labels = int8_images(sub, data, data.test, n_images)
     row: dict = {"ops": None, "runtimes": {}, "forward_seconds": {}}
-    for runtime in (None, "xnnpack", "reference"):
+    for runtime in (None, *TARGETS):
         subnet_outputs(sub, images[:50], runtime)  # warm-up
         t = time.perf_counter()
         out = subnet_outputs(sub, images, runtime)
@@ -105,7 +106,7 @@ def exactness(path: Path, tflite: Path, n_images: int) -> dict:
     for k in [k for k in row if k.startswith("outputs_")]:
         del row[k]
     f = row["forward_seconds"]
-    row["exact_cost_vs_fake_quant"] = {r: f[r] / f["fake_quant"] for r in ("xnnpack", "reference")}
+    row["exact_cost_vs_fake_quant"] = {r: f[r] / f["fake_quant"] for r in TARGETS}
     row["ops"] = sum(op_census(tflite)["ops"].values())
     return row
 
@@ -116,13 +117,13 @@ def table(results: list[dict], images: int) -> None:
     for r in results:
         for runtime, x in r.get("exactness", {}).get("runtimes", {}).items():
             a, b = x["after"], x["before"]
-            rows.append([r["subnet"], str(r["exactness"]["ops"]), runtime + ("" if runtime in ("xnnpack", "reference") else " (vs ref)"),
+            rows.append([r["subnet"], str(r["exactness"]["ops"]), runtime + ("" if runtime in TARGETS else " (vs ref)"),
                          f"{100 * a['exact']:.2f}%", str(a["max_abs_lsb"]), f"{100 * b['exact']:.2f}%", str(b["max_abs_lsb"]),
                          f"{100 * b['top1_agreement']:.2f}%", f"{100 * x['top1']:.2f}%"])
     _print(head, rows, f"\n{images} test images; int8 logits of the exported file on each runtime vs the exact forward for "
                        f"that runtime (after) and vs the fake-quant forward (before: what parity meant until now)")
     head = ["subnet", "arch", "export s", "calibrate", "convert", "pytorch", "tflite target", "checks", "latency",
-            "exact xnn / fq", "exact ref / fq", "plain onnx2tf max LSB", "plain exact"]
+            "exact xnn / fq", "exact ref / fq", "exact micro / fq", "plain onnx2tf max LSB", "plain exact"]
     rows = []
     for r in results:
         q, e, p = r.get("qnas", {}), r.get("exactness", {}), r.get("plain_onnx2tf", {})
@@ -133,7 +134,8 @@ def table(results: list[dict], images: int) -> None:
                      stage("stage_tflite_checks"), stage("stage_latency"),
                      f"{e.get('exact_cost_vs_fake_quant', {}).get('xnnpack', float('nan')):.2f}x",
                      f"{e.get('exact_cost_vs_fake_quant', {}).get('reference', float('nan')):.2f}x",
-                     str(p.get("parity", {}).get("xnnpack", {}).get("max_abs_lsb", p.get("error", "?"))[:30]),
+                     f"{e.get('exact_cost_vs_fake_quant', {}).get('micro', float('nan')):.2f}x",
+                     str(p.get("parity", {}).get("xnnpack", {}).get("max_abs_lsb", p.get("error", "?")))[:30],
                      f"{100 * p.get('parity', {}).get('xnnpack', {}).get('exact', float('nan')):.2f}%"])
     _print(head, rows, "\nwall seconds of `qnas export` by stage; exact forward time relative to fake-quant; plain onnx2tf vs exact XNNPACK")
 
@@ -168,10 +170,13 @@ def main() -> None:
             export_versions, row["arch"] = rep["versions"], rep["arch_key"]
             row["qnas"] = {k: rep[k] for k in ("parity", "census", "accuracy", "passed", "problems", "xnnpack_coverage")}
             row["qnas"].update(seconds_detail=rep["seconds"])
-            print(f"[{spec}] exactness per runtime, before and after")
-            row["exactness"] = exactness(path, path.parent / "qnas" / rep["files"]["tflite"], args.images)
         except Exception as e:  # noqa: BLE001 - one failing subnet must not hide the others
             row["qnas"] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
+        print(f"[{spec}] exactness per runtime, before and after")
+        try:
+            row["exactness"] = exactness(path, path.parent / "qnas" / "model_int8.tflite", args.images)
+        except Exception as e:  # noqa: BLE001
+            row["exactness"] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
         print(f"[{spec}] plain onnx2tf")
         try:
             row["plain_onnx2tf"] = plain_onnx2tf(path, path.parent / "plain", args.images)
