@@ -16,7 +16,7 @@ import pytest
 from export.graph import Conv
 from export.tflite import export_tflite
 from export.tflite_rewrite import MappingError, rewrite
-from export.verify import CHECKED, failures, op_census, per_op_parity, reference_runs, verify_tflite
+from export.verify import failures, op_census, per_op_parity, reference_runs, verify_tflite
 from qnas_cli.kernels import TARGETS
 from tests.graph_factory import mobilenet_like, sample_images
 
