@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import choice_error
+
 TARGETS = ("xnnpack", "reference", "micro")
 TARGET_HELP = ("xnnpack: LiteRT's default CPU delegate, what Android/iOS apps run; "
                "reference: TFLite's reference kernels (LiteRT's BUILTIN_REF resolver); "
@@ -52,8 +54,6 @@ TARGET_HELP = ("xnnpack: LiteRT's default CPU delegate, what Android/iOS apps ru
 
 def check_target(runtime: str) -> str:
     if runtime not in TARGETS:
-        from .errors import choice_error
-
         raise choice_error("--runtime", runtime, TARGETS)
     return runtime
 
