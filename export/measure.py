@@ -126,12 +126,26 @@ class MicroInterpreter:
         return self.it.get_output(index)
 
 
-def delegated_nodes(it) -> int | None:
-    """Delegate nodes in the execution plan (0: XNNPACK took nothing; None: unknown)."""
+def xnnpack_coverage(it) -> dict:
+    """Whether XNNPACK really runs an interpreter's model: its delegate nodes (0: it took nothing;
+    None: unknown) and every op left outside them, which run on the built-in kernels, whose
+    arithmetic differs, so "xnnpack" figures would silently be something else.
+
+    LiteRT lists the model's original nodes and the delegate nodes that replaced them
+    (``_get_ops_details``, a private API present in 2.1); an original op runs outside the
+    delegate when it feeds a delegate node or reads one's result (at least one op of any
+    undelegated stretch does), or when there is no delegate node at all.
+    """
     try:
-        return sum(1 for d in it._get_ops_details() if d["op_name"] == "DELEGATE")
-    except AttributeError:  # private LiteRT API; only informative
-        return None
+        details = it._get_ops_details()
+    except AttributeError:  # private LiteRT API: unknown
+        return {"delegate_nodes": None, "undelegated_ops": []}
+    delegates = [d for d in details if d["op_name"] == "DELEGATE"]
+    d_in = {int(t) for d in delegates for t in d["inputs"]}
+    d_out = {int(t) for d in delegates for t in d["outputs"]}
+    outside = [d["op_name"] for d in details if d["op_name"] != "DELEGATE" and
+               (not delegates or d_in & {int(t) for t in d["outputs"]} or d_out & {int(t) for t in d["inputs"]})]
+    return {"delegate_nodes": len(delegates), "undelegated_ops": sorted(set(outside))}
 
 
 def _fill_inputs(it, seed: int) -> None:
@@ -224,7 +238,7 @@ def measure_file(path: Path, runtimes: tuple[str, ...] = ("xnnpack",), threads: 
         except (ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"{path} cannot be run by LiteRT ({rt}): {first}") from None
-        info[rt] = {"delegated_nodes": delegated_nodes(it) if rt == "xnnpack" else None}
+        info[rt] = {"delegated_nodes": xnnpack_coverage(it)["delegate_nodes"] if rt == "xnnpack" else None}
         if rt == "xnnpack" and info[rt]["delegated_nodes"] == 0:
             info[rt]["warning"] = "XNNPACK took no ops: these figures are the built-in kernels'"
         dtypes = ([str(d["dtype"].__name__) for d in it.get_input_details()],

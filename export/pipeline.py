@@ -27,9 +27,9 @@ from qnas_cli.space import read_structured
 from qnas_cli.supernet import Subnet
 
 from .fold import quantize_input, quantize_output, to_integer_graph
+from .tflite import MAX_CALIB_IMAGES as ONNX2TF_CALIB_IMAGES  # onnx2tf's calibration only has to yield a full-integer graph
 
 REPORT_SCHEMA = "qnas.export_report/2"  # bump when a documented key (README, "In a CI pipeline") changes meaning
-from .tflite import MAX_CALIB_IMAGES as ONNX2TF_CALIB_IMAGES  # onnx2tf's calibration only has to yield a full-integer graph
 INFO_IMAGES = 500  # the runtimes other than the target: enough to show their drift, at a fraction of the cost
 PER_OP_IMAGES = 50
 
@@ -91,13 +91,13 @@ def int8_images(sub: Subnet, data: Dataset, source, limit: int | None) -> tuple[
 def subnet_outputs(sub: Subnet, images: np.ndarray, runtime: str | None, batch: int = 500) -> np.ndarray:
     """The subnet's int8 logits on int8 images, exact for ``runtime`` (None: the fake-quant
     simulation training uses). Dequantized inputs re-quantize to the same integers."""
-    q = sub.input_q
+    q, found = sub.input_q, sub.runtime
     set_runtime(sub, runtime)
     try:
         outs = [quantize_output(sub, sub((torch.from_numpy(images[i: i + batch]).float() - q.zero_point) * q.scale))
                 for i in range(0, len(images), batch)]
     finally:
-        set_runtime(sub, "xnnpack")
+        set_runtime(sub, found)
     return np.concatenate(outs)
 
 

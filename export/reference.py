@@ -29,15 +29,20 @@ def _int(t: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(t).astype(np.int64))
 
 
+def _accumulators(op: Conv | Linear, tensors: dict[str, np.ndarray], qparams: dict[str, QParams]) -> torch.Tensor:
+    """The exact int32 accumulators (bias included) of a conv or FC on its int8 inputs."""
+    x = (_int(tensors[op.input]) - qparams[op.input].zero_point).to(torch.float32)
+    w, b = _int(op.weight).to(torch.float32), _int(op.bias).to(torch.float64)
+    if isinstance(op, Conv):
+        return kernels.conv_accumulate(x, w, b, op.stride, op.groups)
+    return kernels.linear_accumulate(x, w, b)
+
+
 def real_output(op: Op, tensors: dict[str, np.ndarray], qparams: dict[str, QParams]) -> np.ndarray:
     """The ideal real value an op computes from its int8 inputs, before any rounding (float64):
     what every runtime approximates; tests use it to choose scales and to bound the rounding."""
     if isinstance(op, (Conv, Linear)):
-        qp_in = qparams[op.input]
-        x = torch.from_numpy(tensors[op.input].astype(np.float64) - qp_in.zero_point)
-        w, b = torch.from_numpy(op.weight.astype(np.float64)), torch.from_numpy(op.bias.astype(np.float64))
-        acc = kernels.conv_accumulate(x, w, b, op.stride, op.groups) if isinstance(op, Conv) else kernels.linear_accumulate(x, w, b)
-        y = acc.numpy().astype(np.float64) * (qp_in.scale * op.weight_scale)
+        y = _accumulators(op, tensors, qparams).numpy().astype(np.float64) * (qparams[op.input].scale * op.weight_scale)
         return np.maximum(y, 0.0) if op.relu else y
     if isinstance(op, Add):
         a, b = op.inputs
@@ -52,12 +57,7 @@ def run_op(op: Op, tensors: dict[str, np.ndarray], qparams: dict[str, QParams], 
     kernels.check_target(runtime)
     if isinstance(op, (Conv, Linear)):
         qi, qo = qparams[op.input], qparams[op.output]
-        x = (_int(tensors[op.input]) - qi.zero_point).to(torch.float32)
-        w, b = _int(op.weight).to(torch.float32), _int(op.bias).to(torch.float64)
-        if isinstance(op, Conv):
-            acc = kernels.conv_accumulate(x, w, b, op.stride, op.groups)
-        else:
-            acc = kernels.linear_accumulate(x, w, b)
+        acc = _accumulators(op, tensors, qparams)
         rq = kernels.conv_requant(runtime, qi.scale, op.weight_scale, qo.scale, fully_connected=isinstance(op, Linear))
         out = kernels.requantize(acc, rq, qo.zero_point, qo.zero_point if op.relu else -128, 127)
     elif isinstance(op, Add):

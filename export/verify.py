@@ -20,7 +20,7 @@ from ai_edge_litert import schema_py_generated as fb
 from ai_edge_litert.tools import flatbuffer_utils as fbu
 
 from export.graph import Conv, IntegerGraph, Linear
-from export.measure import interpreter, measure_models
+from export.measure import interpreter, measure_models, xnnpack_coverage
 from export.onnx_export import tensor_shapes
 from export.reference import run_op
 from export.tflite_rewrite import ALIAS_ROLES, OP_NAMES, TYPE_NAMES, tflite_layout
@@ -117,25 +117,6 @@ def run_tflite(path: Path | bytes, images_nchw: np.ndarray, runtime: str = "xnnp
     return np.stack(results)
 
 
-def xnnpack_coverage(path: Path | bytes) -> dict:
-    """Whether XNNPACK really ran the model: its delegate nodes and every op left outside them
-    (those run on the built-in kernels, whose arithmetic differs, so 'xnnpack' figures would
-    silently measure something else).
-
-    LiteRT lists the model's original nodes and the delegate nodes that replaced them
-    (``_get_ops_details``, a private API present in 2.1); an original op runs outside the
-    delegate when it feeds a delegate node or reads one's result (at least one op of any
-    undelegated stretch does), or when there is no delegate node at all.
-    """
-    details = interpreter(path, "xnnpack")._get_ops_details()
-    delegates = [d for d in details if d["op_name"] == "DELEGATE"]
-    d_in = {int(t) for d in delegates for t in d["inputs"]}
-    d_out = {int(t) for d in delegates for t in d["outputs"]}
-    outside = [d["op_name"] for d in details if d["op_name"] != "DELEGATE" and
-               (not delegates or d_in & {int(t) for t in d["outputs"]} or d_out & {int(t) for t in d["inputs"]})]
-    return {"delegate_nodes": len(delegates), "undelegated_ops": sorted(set(outside))}
-
-
 def parity(got: np.ndarray, expected: np.ndarray) -> dict:
     """Agreement of int8 outputs (N, classes), in output LSBs."""
     diff = np.abs(got.astype(np.int32) - expected.astype(np.int32))
@@ -201,7 +182,7 @@ def verify_tflite(path: Path, graph: IntegerGraph, runs: dict[str, tuple[np.ndar
         got = outputs[runtime] if runtime in outputs else run_tflite(path, images, runtime)
         report["parity"][runtime] = parity(got, want) | {"compared_with": arithmetic(runtime)}
         report["per_op"][runtime] = per_op_parity(path, graph, images[:per_op_images], runtime)
-    report["xnnpack_coverage"] = xnnpack_coverage(path)
+    report["xnnpack_coverage"] = xnnpack_coverage(interpreter(path, "xnnpack"))
     report["census"] = op_census(path)
     report["scales"] = stored_scales(path, graph)
     if latency:

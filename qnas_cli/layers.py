@@ -125,7 +125,7 @@ class ActQuant(nn.Module, QuantInit):
 
     def from_grid(self, x: Tensor) -> Tensor:
         """Real values on this quantizer's grid -> their int8 values (int64)."""
-        return torch.round(x / self.scale).to(torch.int64) + self.zero_point
+        return quantize(x, self.scale, self.zero_point, A_QMIN, A_QMAX)
 
     def to_grid(self, q: Tensor) -> Tensor:
         """int8 values -> the real values they stand for (float32)."""

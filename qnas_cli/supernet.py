@@ -89,7 +89,7 @@ class _Net(nn.Module, Exact):
                 out_q = block.out_q
         x = self.head(x, out_q.scale, self.head.out_max, 1)
         q = self.head.out_q  # TFLite's pooling keeps its input's scale and zero point
-        x = global_avg_pool(x, q.scale, q.zero_point, self.runtime or "xnnpack") if q.enabled else x.mean(dim=(2, 3))
+        x = global_avg_pool(x, q.scale, q.zero_point, self.runtime if self.exact() else "xnnpack") if q.enabled else x.mean(dim=(2, 3))
         s = q.scale
         if self.feature is not None:
             x = self.feature(x, s)

@@ -16,7 +16,8 @@ from conftest import make_supernet
 from export.fold import to_integer_graph
 from export.pipeline import int8_images, subnet_outputs
 from export.tflite import export_tflite
-from export.verify import run_tflite, xnnpack_coverage
+from export.measure import interpreter, xnnpack_coverage
+from export.verify import run_tflite
 from qnas_cli.calibrate import calibrated_subnet
 from qnas_cli.data import load_dataset
 from qnas_cli.kernels import TARGETS
@@ -34,7 +35,7 @@ def _exact_everywhere(sub, data, folder, n_images=60):
     graph = to_integer_graph(sub)
     images, _ = int8_images(sub, data, data.test, n_images)
     result = export_tflite(graph, images[:16], folder)
-    assert xnnpack_coverage(result.tflite)["undelegated_ops"] == []
+    assert xnnpack_coverage(interpreter(result.tflite, "xnnpack"))["undelegated_ops"] == []
     for runtime in TARGETS:
         got, want = run_tflite(result.tflite, images, runtime), subnet_outputs(sub, images, runtime)
         np.testing.assert_array_equal(got, want, err_msg=f"{sub.arch.key} on {runtime}")

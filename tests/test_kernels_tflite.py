@@ -15,7 +15,8 @@ import pytest
 from export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, QParams
 from export.reference import real_output, run_reference_tensors
 from export.tflite import export_tflite
-from export.verify import per_op_parity, xnnpack_coverage
+from export.measure import interpreter, xnnpack_coverage
+from export.verify import per_op_parity
 from qnas_cli.kernels import TARGETS
 
 pytestmark = pytest.mark.slow
@@ -102,7 +103,7 @@ def test_every_op_bit_exact(converted, runtime):
 
 def test_xnnpack_took_every_op(converted):
     _, path, _ = converted
-    cov = xnnpack_coverage(path)
+    cov = xnnpack_coverage(interpreter(path, "xnnpack"))
     assert cov["undelegated_ops"] == [] and cov["delegate_nodes"] >= 1, cov
 
 
@@ -118,4 +119,4 @@ def test_coverage_check_sees_an_op_xnnpack_declines(converted, tmp_path):
     tensor.quantization.scale = [float(tensor.quantization.scale[0]) / 1e4]
     declined = tmp_path / "declined.tflite"
     declined.write_bytes(bytes(fbu.convert_object_to_bytearray(model)))
-    assert "ADD" in xnnpack_coverage(declined)["undelegated_ops"]
+    assert "ADD" in xnnpack_coverage(interpreter(declined, "xnnpack"))["undelegated_ops"]
