@@ -15,7 +15,7 @@ SubnetArg = Annotated[Path, typer.Argument(help="subnet.json (from `qnas space s
 SupernetOpt = Annotated[Path, typer.Option(help="supernet.pt (default: the one named in the subnet file).")]
 DataOpt = Annotated[str, typer.Option(help="Dataset spec (default: the one the supernet was trained on).")]
 CalibOpt = Annotated[int, typer.Option(help="Training images for BN re-estimation: a fixed, seeded, class-stratified set.")]
-RuntimeOpt = Annotated[str, typer.Option(help=f"Target runtime whose int8 arithmetic the accuracy is exact for. {TARGET_HELP}.")]
+RuntimeOpt = Annotated[str, typer.Option(help=f"Target runtime: the int8 arithmetic the reported accuracy (and export's bit-exact gate) is for. {TARGET_HELP}.")]
 
 
 def calibrate(
