@@ -48,6 +48,8 @@ bench: setup
 	$(BIN)/python -m benchmarks.fold_ablation
 	$(BIN)/python -m benchmarks.export_parity
 	$(BIN)/python -m benchmarks.latency_model
+	$(BIN)/python -m benchmarks.search_cost
+	$(BIN)/python -m benchmarks.search_quality
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

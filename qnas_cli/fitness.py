@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .calibrate import calibrated_subnet, evaluate
-from .data import Dataset
+from torch import Tensor
+
+from .calibrate import EVAL_BATCH, calibrated_subnet, calibration_images, top1
+from .data import Dataset, ordered_batches, to_input
 from .errors import UserError
 from .space import Arch
 from .supernet import Supernet
@@ -34,7 +36,8 @@ class Fitness:
         self.path = Path(path)
         self.rank, self.world = rank, world  # under torchrun each rank evaluates its share; rank 0 writes
         self.scores: dict[str, float] = {}
-        self.seconds = 0.0
+        self.inputs = SearchInputs(data, calib_images, eval_images)
+        self.seconds = {"calibrate": 0.0, "score": 0.0}  # this search's evaluations (all ranks)
         self.evaluations = self.hits = 0
         header = {"format": CACHE_FORMAT, **identity}
         exists = self.path.is_file()
@@ -72,10 +75,7 @@ class Fitness:
             os.fsync(f.fileno())
 
     def evaluate_one(self, arch: Arch) -> dict[str, Any]:
-        t = time.perf_counter()
-        sub = calibrated_subnet(self.net, arch, self.data, self.calib_images, self.device)
-        acc = evaluate(sub, self.data.search, self.data, arch.resolution, self.device, self.eval_images)
-        return {"arch": arch.key, "accuracy": acc, "seconds": round(time.perf_counter() - t, 3)}
+        return evaluate_arch(self.net, arch, self.inputs, self.device)
 
     def __call__(self, archs: list[Arch], on_each: Callable[[], None] | None = None) -> list[float]:
         new = list({a.key: a for a in archs if a.key not in self.scores}.values())
@@ -94,9 +94,54 @@ class Fitness:
                     self._append(row)
         for row in rows:
             self.scores[row["arch"]] = row["accuracy"]
-            self.seconds += row["seconds"]
+            for part in self.seconds:
+                self.seconds[part] += row.get(f"{part}_seconds", 0.0)
         self.evaluations += len(rows)
         return [self.scores[a.key] for a in archs]
+
+
+def evaluate_arch(net: Supernet, arch: Arch, inputs: SearchInputs, device: str = "cpu") -> dict[str, Any]:
+    """One fitness evaluation, timed: extract, calibrate BN, score on the search subset."""
+    t0 = time.perf_counter()
+    sub = calibrated_subnet(net, arch, inputs.data, device=device, batches=inputs.calibration(arch.resolution))
+    t1 = time.perf_counter()
+    acc = top1(sub, inputs.search(arch.resolution), device)
+    t2 = time.perf_counter()
+    return {"arch": arch.key, "accuracy": acc, "seconds": round(t2 - t0, 3),
+            "calibrate_seconds": round(t1 - t0, 3), "score_seconds": round(t2 - t1, 3)}
+
+
+class SearchInputs:
+    """The calibration images and the search-split subset, decoded once and kept; network
+    inputs made once per resolution (an image folder is never decoded twice, and the 8,000
+    evaluations of a paper-sized search never resize an image again). Exactly the images and
+    batches ``qnas calibrate`` and ``calibrate.evaluate`` use for the same sizes."""
+
+    CACHE_BYTES = 1 << 29  # float inputs of every resolution kept up to 512 MiB; beyond, made per use
+
+    def __init__(self, data: Dataset, calib_images: int, eval_images: int | None) -> None:
+        self.data = data
+        # uint8 images at the decode size: the calibration set's ``calibration_batches`` ...
+        self.calib_u8 = list(calibration_images(data, calib_images))
+        # ... and the search split's seeded class-stratified subset, in ``evaluate``'s batches
+        self.search_u8 = list(ordered_batches(data.search, EVAL_BATCH, eval_images))
+        self._float: dict[int, tuple[list[Tensor], list[tuple[Tensor, Tensor]]]] = {}
+
+    def calibration(self, resolution: int) -> list[Tensor]:
+        return self._inputs(resolution)[0]
+
+    def search(self, resolution: int) -> list[tuple[Tensor, Tensor]]:
+        return self._inputs(resolution)[1]
+
+    def _inputs(self, resolution: int) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+        if resolution in self._float:
+            return self._float[resolution]
+        made = ([to_input(x, self.data, resolution) for x in self.calib_u8],
+                [(to_input(x, self.data, resolution), y) for x, y in self.search_u8])
+        size = sum(t.numel() * 4 for t in made[0]) + sum(x.numel() * 4 for x, _ in made[1])
+        if size * (len(self._float) + 1) <= self.CACHE_BYTES:
+            self._float[resolution] = made
+        return made
 
 
 def _barrier(world: int) -> None:

@@ -52,9 +52,32 @@ class Exact:
     """
 
     runtime: str | None = "xnnpack"
+    _fixed: dict | None = None  # inside ``fixed_integers``: the integers computed so far
 
     def exact(self) -> bool:
         return not self.training and self.runtime is not None
+
+    def integers_once(self, make):
+        """``make()``, computed once per ``fixed_integers`` block (every call outside one)."""
+        if self._fixed is None:
+            return make()
+        if "value" not in self._fixed:
+            self._fixed["value"] = make()
+        return self._fixed["value"]
+
+
+@contextlib.contextmanager
+def fixed_integers(model: nn.Module) -> Iterator[None]:
+    """Within this block each layer's integer weights, bias and requantization are computed once
+    and reused: scoring a static subnet on many batches. The model must not change inside."""
+    mods = [m for m in model.modules() if isinstance(m, Exact)]
+    for m in mods:
+        m._fixed = {}
+    try:
+        yield
+    finally:
+        for m in mods:
+            m._fixed = None
 
 
 def set_runtime(model: nn.Module, runtime: str | None) -> None:
@@ -266,10 +289,13 @@ class QConvBN(nn.Module, QuantInit, Exact):
 
     def _exact(self, x: Tensor, s_in: Tensor, w: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """Eval mode: the int8 conv as the target runtime computes it, on ``out_q``'s grid."""
-        q_w, q_b, s_w = self._integers(w, mean, var, s_in)
+        def make():
+            q_w, q_b, s_w = self._integers(w, mean, var, s_in)
+            return q_w, q_b, kernels.conv_requant(self.runtime, s_in.item(), s_w.item(), self.out_q.scale.item())
+
+        q_w, q_b, rq = self.integers_once(make)
         groups = x.shape[1] if self.depthwise else 1
         acc = kernels.conv_accumulate(torch.div(x, s_in).round_(), q_w, q_b, self.stride, groups)  # x/s_in: q - zero point
-        rq = kernels.conv_requant(self.runtime, s_in.item(), s_w.item(), self.out_q.scale.item())
         return self.out_q.requantize(acc, rq)
 
     def _fold(self, w: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -376,9 +402,13 @@ class QLinear(nn.Module, QuantInit, Exact):
         if self.observe:
             self.w_scale.fill_(mse_optimal_scale(self.fc.weight, 0, -W_QMAX, W_QMAX))
         if self.exact():
-            q_w, q_b, s_w = self.integer_params(s_in)
+            def make():
+                q_w, q_b, s_w = self.integer_params(s_in)
+                return q_w, q_b, kernels.conv_requant(self.runtime, s_in.item(), s_w.item(), self.out_q.scale.item(),
+                                                      fully_connected=True)
+
+            q_w, q_b, rq = self.integers_once(make)
             acc = kernels.linear_accumulate(torch.div(x, s_in).round_(), q_w, q_b)
-            rq = kernels.conv_requant(self.runtime, s_in.item(), s_w.item(), self.out_q.scale.item(), fully_connected=True)
             return self.out_q.requantize(acc, rq)
         w_q = fake_quant(self.fc.weight, self.w_scale, 0, -W_QMAX, W_QMAX, lsq_grad_scale(self.fc.weight.numel(), W_QMAX))
         y = F.linear(x, w_q, _bias_quant(self.fc.bias, s_in, self.w_scale))

@@ -120,6 +120,9 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: int, qmin: int, qmax: int, 
     Gradients follow LSQ: straight-through inside the range, zero outside for ``x``; the step
     size gets ``round(x/s) - x/s`` inside and the clip bound outside, times ``g``.
     """
+    if not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+        # inference (BN calibration, evaluation): _FakeQuant's forward arithmetic, without the mask it keeps for backward
+        return (x / scale).clamp_(qmin - zero_point, qmax - zero_point).round_().mul_(scale)
     return _FakeQuant.apply(x, scale, zero_point, qmin, qmax, g)
 
 

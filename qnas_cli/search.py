@@ -13,11 +13,14 @@ crossovers of two random parents (each gene taken from the second parent with
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .accuracy_predictor import AccuracyPredictor
 from .errors import UserError
+from .ranking import kendall_tau
 from .space import Arch, Block, SearchSpace, Stage, sample
 
 PAPER = {"population": 512, "generations": 20, "mutate_prob": 0.2, "crossover_prob": 0.25}
@@ -65,6 +68,7 @@ class Generation:
     best: tuple[Arch, float]
     evaluated: int  # new evaluations this generation
     cache_hits: int
+    predictor_tau: float | None = None  # screening: Kendall tau of predicted vs measured, evaluated children
 
 
 @dataclass
@@ -79,7 +83,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
            mutate_prob: float = PAPER["mutate_prob"], crossover_prob: float = PAPER["crossover_prob"],
            parent_ratio: float = PARENT_RATIO, seed: int = 0,
            on_generation: Callable[[Generation], None] | None = None,
-           seeds: tuple[Arch, ...] = ()) -> EvolutionResult:
+           seeds: tuple[Arch, ...] = (), screen: float = 1.0) -> EvolutionResult:
     """Maximise ``fitness`` over the feasible subnets of ``space``.
 
     ``fitness`` scores a list of architectures at once (batched, cached by the caller); it may
@@ -87,6 +91,9 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
     ``seeds``: feasible subnets known in advance (e.g. the fastest). Under a tight budget few
     random subnets are feasible; the first population is then filled with mutants of the
     feasible ones found so far instead of failing.
+    ``screen`` < 1: of each generation's new children only this share is evaluated, the ones an
+    accuracy predictor fitted on every subnet evaluated so far ranks highest (the others are
+    dropped, unscored); the first population is always evaluated in full.
     """
     for name, v in (("population", population), ("generations", generations)):
         if v < 1:
@@ -94,6 +101,8 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
     for name, v in (("mutate-prob", mutate_prob), ("crossover-prob", crossover_prob), ("parent ratio", parent_ratio)):
         if not 0.0 <= v <= 1.0:
             raise UserError(f"--{name} must be in [0, 1], got {v}")
+    if not 0.0 < screen <= 1.0:
+        raise UserError(f"--screen must be in (0, 1], got {screen}")
     rng = random.Random(seed)
 
     def draw(make: Callable[[], Arch]) -> Arch:
@@ -113,6 +122,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
                 raise
             pop.append(draw(lambda: mutate(space, rng.choice(pop), max(mutate_prob, 0.2), rng)))
     scores = dict(zip((a.key for a in pop), fitness(pop)))
+    seen = {a.key: a for a in pop}  # every evaluated subnet: what the accuracy predictor learns from
     history: list[Generation] = []
     n_parents = max(1, int(round(parent_ratio * population)))
     for g in range(generations):
@@ -123,10 +133,20 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
         children += [draw(lambda: crossover(space, rng.choice(parents), rng.choice(parents), crossover_prob, rng))
                      for _ in range(population - n_parents - n_mut)]
         new = [c for c in dict((c.key, c) for c in children).values() if c.key not in scores]
-        scores.update(zip((a.key for a in new), fitness(new)))
+        tau = None
+        if screen < 1.0 and new:  # evaluate only the children the predictor ranks highest
+            predictor = AccuracyPredictor(space).fit(list(seen.values()), [scores[k] for k in seen])
+            guess = dict(zip((a.key for a in new), predictor.predict(new)))
+            new = sorted(new, key=lambda a: guess[a.key], reverse=True)[: max(1, math.ceil(screen * len(new)))]
+            children = [c for c in children if c.key in scores or c.key in {a.key for a in new}]
+        measured = fitness(new)
+        if screen < 1.0 and len(new) > 1:
+            tau = kendall_tau([guess[a.key] for a in new], measured)
+        scores.update(zip((a.key for a in new), measured))
+        seen.update((a.key, a) for a in new)
         pop = parents + children
         best = max(pop, key=lambda a: scores[a.key])
-        gen = Generation(g + 1, (best, scores[best.key]), len(new), len(children) - len(new))
+        gen = Generation(g + 1, (best, scores[best.key]), len(new), len(children) - len(new), tau)
         history.append(gen)
         if on_generation:
             on_generation(gen)

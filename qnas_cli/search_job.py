@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class SearchConfig:
     budgets_ms: list[float] = field(default_factory=list)  # one evolution per budget
     flops_m: float | None = None  # every candidate also within these
     params_k: float | None = None
+    size_kb: float | None = None  # predicted int8 .tflite size (cost.Cost.tflite_kb)
     data: str | None = None  # default: the supernet's
     table: str | None = None  # default: the host table, built on first use
     runtime: str = "xnnpack"
@@ -41,7 +43,11 @@ class SearchConfig:
     generations: int = PAPER["generations"]
     mutate_prob: float = PAPER["mutate_prob"]
     crossover_prob: float = PAPER["crossover_prob"]
-    calib_images: int = 500  # BN re-estimation per candidate
+    # Measured by benchmarks/search_cost.py (README "Search: what it costs"): 250 calibration
+    # images rank subnets as 500 or 2,000 do; the scored images set the ranking noise; the
+    # predictor evaluates the quarter of the children it ranks highest (the share that breeds).
+    screen: float = 0.25  # share of each generation's new children evaluated (predictor-ranked); 1: all
+    calib_images: int = 250  # BN re-estimation per candidate
     eval_images: int | None = 2000  # search-split images per candidate (None: all)
     seed: int = 0
     out: str | None = None  # default: <supernet folder>/search
@@ -53,10 +59,12 @@ class SearchConfig:
         for b in self.budgets_ms:
             if not b > 0:
                 raise UserError(f"--latency-ms: budgets must be positive milliseconds, got {b}")
-        for name in ("flops_m", "params_k"):
+        for name in ("flops_m", "params_k", "size_kb"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if not 0.0 < self.screen <= 1.0:
+            raise UserError(f"--screen must be in (0, 1], got {self.screen}")
         for name in ("calib_images", "threads", "eval_images", "population", "generations"):
             check_count(f"--{name.replace('_', '-')}", getattr(self, name))
 
@@ -67,6 +75,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
     """The search; returns pareto.json's content on rank 0 (None on the other torchrun ranks)."""
     from .train import setup_distributed  # torchrun: each rank evaluates its share of every generation
 
+    t_start = time.perf_counter()
     d = setup_distributed("cpu")
     net, meta = load_supernet(cfg.supernet)
     if not net.cfg.enabled:
@@ -81,7 +90,8 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
 
     def within_others(a: Arch) -> bool:
         c = cost(a)
-        return (cfg.flops_m is None or c.mflops <= cfg.flops_m) and (cfg.params_k is None or c.params / 1e3 <= cfg.params_k)
+        return ((cfg.flops_m is None or c.mflops <= cfg.flops_m) and (cfg.params_k is None or c.params / 1e3 <= cfg.params_k)
+                and (cfg.size_kb is None or c.tflite_kb <= cfg.size_kb))
 
     seeds = _check_feasible(cfg, space, pred, cost, within_others, table)
     data = load_dataset(cfg.data or meta.get("config", {}).get("data", "fashion-mnist"), load_size=max(space.resolutions))
@@ -99,14 +109,24 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
         archs.update((a.key, a) for a in batch)
         return fitness(batch, on_evaluation)
 
-    winners = {}
+    predict_s = [0.0]  # time in constraint checks: latency prediction and FLOPs/params from shapes
+
+    def feasible(a: Arch, budget: float) -> bool:
+        t = time.perf_counter()
+        ok = pred.predict(a) <= budget and within_others(a)
+        predict_s[0] += time.perf_counter() - t
+        return ok
+
+    winners, history = {}, {}
     for i, budget in enumerate(sorted(cfg.budgets_ms)):
         log(f"budget {budget:g} ms: population {cfg.population}, {cfg.generations} generations")
-        res = evolve(space, scored, lambda a, b=budget: pred.predict(a) <= b and within_others(a),
+        res = evolve(space, scored, lambda a, b=budget: feasible(a, b),
                      cfg.population, cfg.generations, cfg.mutate_prob, cfg.crossover_prob, PARENT_RATIO,
                      seed=cfg.seed + i, on_generation=(lambda g, b=budget: on_generation(b, g)) if on_generation else None,
-                     seeds=tuple(seeds))
+                     seeds=tuple(seeds), screen=cfg.screen)
         winners[budget] = res.best
+        history[budget] = [{"generation": g.index, "best_top1": g.best[1], "evaluated": g.evaluated,
+                            "cache_hits": g.cache_hits, "predictor_tau": g.predictor_tau} for g in res.history]
     if not d.main:
         return None
     # A budget's winner is the best subnet evaluated by any budget's evolution that fits it:
@@ -118,9 +138,9 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
     def figures(a: Arch) -> dict[str, float]:
         c = cost(a)
         return {"latency_ms": pred.predict(a), "search_top1": fitness.scores[a.key], "mflops": c.mflops,
-                "params_k": c.params / 1e3}
+                "params_k": c.params / 1e3, "tflite_kb": c.tflite_kb}
 
-    rows = [{"arch": key, **figures(a), "weight_kb": cost(a).weight_bytes / 1024} for key, a in archs.items()]
+    rows = [{"arch": key, **figures(a)} for key, a in archs.items()]
     for j in pareto_front([(r["latency_ms"], r["search_top1"]) for r in rows]):
         rows[j]["pareto"] = True
     rel = lambda p: os.path.relpath(Path(p).resolve(), out.resolve())  # noqa: E731
@@ -137,13 +157,24 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
         write_json(out / name, doc)
         chosen.append({"budget_ms": budget, "file": name, "arch": a.key, **figures(a)})
     result = {"format": "qnas.search/1", "config": asdict(cfg), **provenance, "chosen": chosen,
-              "evaluations": {"count": len(fitness.scores), "new": fitness.evaluations, "cache_hits": fitness.hits,
-                              "evaluation_seconds": round(fitness.seconds, 1)},
+              "evaluations": {"count": len(fitness.scores), "new": fitness.evaluations,
+                              # children already scored (this evolution's or another budget's) or in a resumed cache
+                              "cache_hits": fitness.hits + sum(g["cache_hits"] for h in history.values() for g in h)},
+              "seconds": _seconds(time.perf_counter() - t_start, fitness.seconds, predict_s[0], d.world),
+              "generations": {f"{b:g}": h for b, h in history.items()},
               "subnets": sorted(rows, key=lambda r: r["latency_ms"]), "versions": versions()}
     write_json(out / "pareto.json", result)
     plot_pareto(result, out / "pareto.png")
     result["out"] = str(out)
     return result
+
+
+def _seconds(wall: float, evaluation: dict[str, float], predict: float, world: int) -> dict[str, float]:
+    """Where the search's wall time went. Evaluation seconds are summed over ranks (CPU-process
+    seconds); per rank they overlap, so ``other`` counts them divided by the ranks."""
+    spent = sum(evaluation.values()) / world + predict
+    return {"wall": round(wall, 1), **{k: round(v, 1) for k, v in evaluation.items()}, "latency_prediction": round(predict, 2),
+            "other": round(max(wall - spent, 0.0), 1), "ranks": world}
 
 
 def _table(cfg: SearchConfig, net, log, world: int) -> tuple[LatencyTable, Path]:
@@ -169,14 +200,14 @@ def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table) -> 
     where = f"on {h['runtime']}, {h['threads']} thread(s), {h['device'].get('cpu', h['device'].get('kind'))}"
     if not ok:
         c = cost(sample(space, "smallest"))
-        raise UserError(f"--flops-m/--params-k: no subnet of space {space.name!r} fits; the smallest has "
-                        f"{c.mflops:.2f} MFLOPs and {c.params / 1e3:.1f} k parameters")
+        raise UserError(f"--flops-m/--params-k/--size-kb: no subnet of space {space.name!r} fits; the smallest has "
+                        f"{c.mflops:.2f} MFLOPs, {c.params / 1e3:.1f} k parameters and {c.tflite_kb:.1f} KiB as int8 TFLite")
     for budget in cfg.budgets_ms:
         if budget < fast_ms:
             c = cost(fastest)
             raise UserError(f"--latency-ms {budget:g}: no subnet of space {space.name!r} is predicted that fast {where}; "
                             f"the fastest takes about {fast_ms:.4f} ms ({fastest.key}: {c.mflops:.2f} MFLOPs, "
-                            f"{c.params / 1e3:.1f} k parameters)")
+                            f"{c.params / 1e3:.1f} k parameters, {c.tflite_kb:.1f} KiB)")
     return sorted(ok, key=pred.predict)[:8]
 
 

@@ -91,7 +91,7 @@ def test_cost_counts_what_the_integer_graph_holds(how):
     macs = sum(op.weight.size * (int(np.prod(shapes[op.output][2:])) if isinstance(op, Conv) else 1)
                for op in g.ops if isinstance(op, (Conv, Linear)))
     cost = arch_cost(space, arch, 3, 10)
-    assert (cost.params, cost.macs) == (params, macs)
+    assert (cost.params, cost.macs, cost.ops) == (params, macs, len(g.ops))
 
 
 def test_a_tight_but_feasible_budget_starts_from_the_seeds():
@@ -105,3 +105,32 @@ def test_a_tight_but_feasible_budget_starts_from_the_seeds():
     with pytest.raises(UserError, match="relax the budget"):  # without a seed it cannot start
         evolve(space, lambda archs: [_toy_fitness(a) for a in archs], lambda a: _budget(a) <= limit,
                population=12, generations=2)
+
+
+def test_screening_evaluates_a_share_of_the_children_and_still_finds_the_toy_optimum_region():
+    """``screen``: the accuracy predictor picks which children are evaluated; every score the
+    result holds was measured, and with a quarter of the evaluations it does about as well."""
+    space = PRESETS["small"]
+    limit = 0.5 * _budget(sample(space, "largest"))
+    counts = {}
+
+    def run(screen):
+        calls = []
+
+        def fitness(archs):
+            calls.extend(archs)
+            return [_toy_fitness(a) for a in archs]
+
+        res = evolve(space, fitness, lambda a: _budget(a) <= limit, population=40, generations=8, seed=0, screen=screen)
+        counts[screen] = len({a.key for a in calls})
+        assert all(_budget(a) <= limit for a in calls) and res.fitness == _toy_fitness(res.best)
+        assert res.best.key in {a.key for a in calls}  # the winner was evaluated, not predicted
+        return res
+
+    full, screened = run(1.0), run(0.25)
+    assert counts[0.25] < 0.5 * counts[1.0]
+    assert screened.fitness >= 0.97 * full.fitness
+    taus = [g.predictor_tau for g in screened.history]  # on the ~7 children it chose: a restricted, noisy range
+    assert None not in taus and sum(taus) / len(taus) > 0.25
+    with pytest.raises(UserError, match="--screen"):
+        evolve(space, lambda archs: [0.0] * len(archs), lambda a: True, screen=0.0)

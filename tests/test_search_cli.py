@@ -119,3 +119,43 @@ def test_a_looser_budget_never_gets_a_worse_winner(setup, runner):
     chosen = json.loads((out / "pareto.json").read_text())["chosen"]
     scores = [c["search_top1"] for c in sorted(chosen, key=lambda c: c["budget_ms"])]
     assert scores == sorted(scores)
+
+
+@pytest.mark.slow
+def test_a_winner_exports_with_its_gate_passing_and_calibrate_reproduces_its_fitness(setup, runner):
+    """The search's subnet file goes straight to `qnas export`; its search top-1 is exactly what
+    `qnas calibrate` gives with the same calibration and scoring sizes (the same procedure)."""
+    from qnas_cli.calibrate import calibrate_file
+
+    root, table = setup
+    budgets, _ = _budgets(table)
+    out = root / "winner"
+    r = runner.invoke(app, ["search", "--supernet", str(root / "run" / "supernet.pt"), "--table", str(root / "table.json"),
+                            "--latency-ms", f"{budgets[1]:.6f}", "--out", str(out), *SMALL_SEARCH])
+    assert r.exit_code == 0, r.output
+    chosen = json.loads((out / "pareto.json").read_text())["chosen"][0]
+    subnet = out / chosen["file"]
+    _, meta, _ = calibrate_file(subnet, calib_images=64, eval_images=200, out=out / "check.qnas.pt")
+    assert meta["accuracy"]["search_top1"] == chosen["search_top1"]
+    r = runner.invoke(app, ["export", str(subnet), "--out", str(out / "export"), "--eval-images", "200", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "export" / "export_report.json").read_text())
+    assert report["passed"] and report["arch_key"] == chosen["arch"]
+    assert report["size_bytes"] / 1024 == pytest.approx(chosen["tflite_kb"], rel=0.01)  # what --size-kb constrains
+
+
+def test_size_kb_constrains_the_predicted_file_size_and_an_impossible_one_exits_2(setup, runner):
+    from qnas_cli.cost import arch_cost
+
+    root, table = setup
+    budgets, _ = _budgets(table)
+    sizes = sorted(arch_cost(SPACE, sample(SPACE, "random", random.Random(s)), 1, 10).tflite_kb for s in range(50))
+    limit = sizes[len(sizes) // 4]  # a quarter of random subnets fit
+    base = ["search", "--supernet", str(root / "run" / "supernet.pt"), "--table", str(root / "table.json"),
+            "--latency-ms", f"{budgets[2]:.6f}", *SMALL_SEARCH]
+    r = runner.invoke(app, [*base, "--size-kb", f"{limit:.3f}", "--out", str(root / "size")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((root / "size" / "pareto.json").read_text())
+    assert all(s["tflite_kb"] <= limit for s in doc["subnets"]) and doc["chosen"][0]["tflite_kb"] <= limit
+    r = runner.invoke(app, [*base, "--size-kb", "1", "--out", str(root / "size2")])
+    assert r.exit_code == 2 and "KiB" in r.output and "--size-kb" in r.output, r.output

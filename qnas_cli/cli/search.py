@@ -29,6 +29,7 @@ def search(
     data: Annotated[str, typer.Option(help="Dataset spec (default: the one the supernet was trained on). Fitness uses its held-out search split, never the test set.")] = None,
     flops_m: Annotated[float, typer.Option("--flops-m", help="Also at most this many million multiply-adds.")] = None,
     params_k: Annotated[float, typer.Option("--params-k", help="Also at most this many thousand parameters.")] = None,
+    size_kb: Annotated[float, typer.Option("--size-kb", help="Also at most this many KiB of int8 .tflite file (predicted from the shapes: weights, biases and 374 bytes per op; within 0.3% of real exports).")] = None,
     table: Annotated[Path, typer.Option(help="Latency table (`qnas latency build`/`import`; default: this host's, built on first use).")] = None,
     runtime: Annotated[str, typer.Option(help="Runtime of the default host table: xnnpack (LiteRT's default on phones) | builtin.")] = D.runtime,
     threads: Annotated[int, typer.Option(help="Threads of the default host table.")] = D.threads,
@@ -38,8 +39,11 @@ def search(
                                                     f"Each generation the best {int(100 * PARENT_RATIO)}% breed; half the "
                                                     "children are mutants, half crossovers.")] = PAPER["mutate_prob"],
     crossover_prob: Annotated[float, typer.Option(help="Crossover: each gene taken from the second parent with this probability (paper: 0.25).")] = PAPER["crossover_prob"],
-    calib_images: Annotated[int, typer.Option(help="Training images for each candidate's BN re-estimation (seeded, class-stratified, as `qnas calibrate`).")] = D.calib_images,
-    eval_images: Annotated[int, typer.Option(help="Search-split images scored per candidate: a seeded, class-stratified subset, the same for every candidate.")] = D.eval_images,
+    screen: Annotated[float, typer.Option(help="Share of each generation's new children evaluated: the ones an accuracy predictor "
+                                               "(ridge regression on the architecture, fitted on every subnet evaluated so far) "
+                                               "ranks highest; 1 evaluates every child. Every accuracy reported was measured.")] = D.screen,
+    calib_images: Annotated[int, typer.Option(help="Training images for each candidate's BN re-estimation (seeded, class-stratified, as `qnas calibrate`; 250 ranks subnets as 2,000 do, see README).")] = D.calib_images,
+    eval_images: Annotated[int, typer.Option(help="Search-split images scored per candidate: a seeded, class-stratified subset, the same for every candidate (the ranking noise: about 1 pp at 2,000).")] = D.eval_images,
     seed: Annotated[int, typer.Option(help="Seed of the evolution (budget i uses seed + i).")] = D.seed,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (default: SUPERNET's folder/search).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search in --out: evaluated subnets are not evaluated again.")] = False,
@@ -53,10 +57,10 @@ def search(
     Many processes share the evaluations, with the same result as one:
     torchrun --nproc_per_node 2 -m qnas_cli search --table TABLE.json --latency-ms 1.0
     """
-    cfg = SearchConfig(supernet=str(supernet), budgets_ms=_budgets(latency_ms), flops_m=flops_m, params_k=params_k,
+    cfg = SearchConfig(supernet=str(supernet), budgets_ms=_budgets(latency_ms), flops_m=flops_m, params_k=params_k, size_kb=size_kb,
                        data=data, table=str(table) if table else None, runtime=runtime, threads=threads,
                        population=population, generations=generations, mutate_prob=mutate_prob,
-                       crossover_prob=crossover_prob, calib_images=calib_images, eval_images=eval_images, seed=seed,
+                       crossover_prob=crossover_prob, screen=screen, calib_images=calib_images, eval_images=eval_images, seed=seed,
                        out=str(out) if out else None, resume=resume)
     log = logger(err_console if json_out else console)
     if interactive() and not json_out:
@@ -69,20 +73,21 @@ def search(
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return
     if json_out:
-        print_json({k: result[k] for k in ("chosen", "evaluations", "table", "supernet", "out")})
+        print_json({k: result[k] for k in ("chosen", "evaluations", "seconds", "table", "supernet", "out")})
         return
     t = Table(title=f"qnas search ({result['table']['runtime']}, {result['table']['threads']} thread(s))")
-    for col in ("budget", "predicted ms", "search top-1", "MFLOPs", "k params", "file"):
+    for col in ("budget", "predicted ms", "search top-1", "MFLOPs", "k params", "KiB", "file"):
         t.add_column(col, overflow="fold")
     for c in result["chosen"]:
         t.add_row(f"{c['budget_ms']:g} ms", f"{c['latency_ms']:.4f}", f"{100 * c['search_top1']:.2f}%",
-                  f"{c['mflops']:.2f}", f"{c['params_k']:.1f}", escape(c["file"]))
+                  f"{c['mflops']:.2f}", f"{c['params_k']:.1f}", f"{c['tflite_kb']:.0f}", escape(c["file"]))
     console.print(t)
     for c in result["chosen"]:
         say(console, f"{c['budget_ms']:g} ms: {c['arch']}")
-    e = result["evaluations"]
-    say(console, f"{e['count']} subnets evaluated ({e['new']} now, {e['cache_hits']} cache hits, "
-                 f"{e['evaluation_seconds']:.0f} s); wrote pareto.json, pareto.png and the subnet files to {result['out']}")
+    e, s = result["evaluations"], result["seconds"]
+    say(console, f"{e['count']} subnets evaluated ({e['new']} now, {e['cache_hits']} cache hits) in {s['wall']:.0f} s "
+                 f"(calibration {s['calibrate']:.0f} s, scoring {s['score']:.0f} s, latency prediction "
+                 f"{s['latency_prediction']:.1f} s); wrote pareto.json, pareto.png and the subnet files to {result['out']}")
 
 
 def _with_progress(cfg: SearchConfig, log) -> dict:
