@@ -36,8 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("supernet", type=Path)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--population", type=int, default=16)
-    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--population", type=int, default=32)
+    ap.add_argument("--generations", type=int, default=5)
     ap.add_argument("--eval-images", type=int, default=2000, help="test images for each export's parity and accuracy")
     args = ap.parse_args()
     from export.latency_build import ensure_host_table
