@@ -28,7 +28,7 @@ data:
 	fi
 
 # The whole job on the embedded default (Fashion-MNIST, small space), sized for a 2-core laptop
-# (about 14 minutes): one short training run (float warm start -> fully int8 supernet, 200 + 100
+# (about 11 minutes): one short training run (float warm start -> fully int8 supernet, 200 + 100
 # steps) -> this host's latency table -> search three budgets -> export each winner with its
 # parity gate -> one summary table.
 demo: setup
