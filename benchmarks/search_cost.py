@@ -35,12 +35,11 @@ from pathlib import Path
 
 import torch
 
-from qnas_cli.calibrate import CALIB_IMAGES, calibrated_subnet
+from qnas_cli.calibrate import CALIB_IMAGES, calibrated_subnet, correct
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.fitness import SearchInputs
 from qnas_cli.latency import Predictor
 from qnas_cli.data import load_dataset, stratified_indices
-from qnas_cli.layers import fixed_integers, set_runtime
 from qnas_cli.ranking import kendall_tau
 from qnas_cli.space import sample
 from qnas_cli.supernet import load_supernet
@@ -49,15 +48,13 @@ CALIB_SIZES = (CALIB_IMAGES, 500, 250, 125)  # the first is the reference (qnas 
 EVAL_SIZES = (None, 2000, 1000, 500)  # None: the whole search split (the reference)
 
 
-@torch.no_grad()
 def per_image_correct(net, arch, inputs: SearchInputs) -> tuple[torch.Tensor, float, float]:
-    """Exact int8 (XNNPACK) correctness of every scored image, calibration and scoring seconds."""
+    """The search's evaluation (``fitness.evaluate_arch``) image by image: exact int8 (XNNPACK)
+    correctness of every scored image, calibration and scoring seconds."""
     t0 = time.perf_counter()
     sub = calibrated_subnet(net, arch, inputs.data, batches=inputs.calibration(arch.resolution))
     t1 = time.perf_counter()
-    set_runtime(sub, "xnnpack")
-    with fixed_integers(sub):
-        hits = torch.cat([sub(x).argmax(1) == y for x, y in inputs.search(arch.resolution)])
+    hits = correct(sub, inputs.search(arch.resolution))
     return hits, t1 - t0, time.perf_counter() - t1
 
 

@@ -71,21 +71,27 @@ def calibrated_subnet(supernet: Supernet, arch: Arch, data: Dataset, images: int
 
 
 @torch.no_grad()
-def top1(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: str = "cpu",
-         runtime: str | None = "xnnpack") -> float:
-    """Top-1 accuracy (fraction) of ``model`` in eval mode on (input, label) ``batches``: for an
+def correct(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: str = "cpu",
+            runtime: str | None = "xnnpack") -> Tensor:
+    """Per image, in batch order, whether ``model``'s top-1 in eval mode is the label: for an
     int8 model, of the exact integer forward for ``runtime`` (``kernels.TARGETS``; None: the
     fake-quant simulation)."""
     was_training = model.training
     set_runtime(model, runtime)
     model.eval()
-    correct = total = 0
+    hits = [torch.zeros(0, dtype=torch.bool)]
     with fixed_integers(model):  # the model is static here: its integers are computed once, not per batch
         for x, y in batches:
-            correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-            total += len(y)
+            hits.append(model(x.to(device)).argmax(1).cpu() == y)
     model.train(was_training)
-    return correct / max(total, 1)
+    return torch.cat(hits)
+
+
+def top1(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: str = "cpu",
+         runtime: str | None = "xnnpack") -> float:
+    """Top-1 accuracy (fraction) of ``model`` on (input, label) ``batches`` (see ``correct``)."""
+    hits = correct(model, batches, device, runtime)
+    return int(hits.sum()) / max(len(hits), 1)
 
 
 def evaluate(model: nn.Module, source: ImageSource, data: Dataset, resolution: int, device: str = "cpu",

@@ -31,12 +31,10 @@ class Fitness:
 
     def __init__(self, net: Supernet, data: Dataset, identity: dict[str, Any], path: Path, resume: bool,
                  calib_images: int, eval_images: int | None, device: str = "cpu", rank: int = 0, world: int = 1) -> None:
-        self.net, self.data, self.device = net, data, device
-        self.calib_images, self.eval_images = calib_images, eval_images
+        self.net, self.device = net, device
         self.path = Path(path)
         self.rank, self.world = rank, world  # under torchrun each rank evaluates its share; rank 0 writes
         self.scores: dict[str, float] = {}
-        self.inputs = SearchInputs(data, calib_images, eval_images)
         self.seconds = {"calibrate": 0.0, "score": 0.0}  # this search's evaluations (all ranks)
         self.evaluations = self.hits = 0
         header = {"format": CACHE_FORMAT, **identity}
@@ -50,6 +48,7 @@ class Fitness:
         elif rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._append(header)
+        self.inputs = SearchInputs(data, calib_images, eval_images)  # decoded once the cache is known usable
 
     def _load(self, header: dict) -> None:
         lines = self.path.read_text().splitlines()

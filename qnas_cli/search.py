@@ -138,7 +138,8 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
             predictor = AccuracyPredictor(space).fit(list(seen.values()), [scores[k] for k in seen])
             guess = dict(zip((a.key for a in new), predictor.predict(new)))
             new = sorted(new, key=lambda a: guess[a.key], reverse=True)[: max(1, math.ceil(screen * len(new)))]
-            children = [c for c in children if c.key in scores or c.key in {a.key for a in new}]
+            kept = {a.key for a in new}
+            children = [c for c in children if c.key in scores or c.key in kept]
         measured = fitness(new)
         if screen < 1.0 and len(new) > 1:
             tau = kendall_tau([guess[a.key] for a in new], measured)
