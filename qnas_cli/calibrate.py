@@ -29,6 +29,7 @@ CALIB_SUBSET = "stratified/1"  # how that subset is drawn (data.stratified_indic
 EVAL_BATCH = 100  # the exact forward gives the same results at any batch size; measured fastest on CPU (activations stay in cache): 500 is 1.3x slower
 CALIB_BATCH = 250  # part of the calibration recipe: the batch-statistics fold sees one batch at a time
 EVAL_IMAGES_HINT = " (leave it out to evaluate the whole split)"
+VERIFY_IMAGES = 2000  # test images an exported file itself runs on for its gate (the exact forward scores them all)
 
 
 def calibration_images(data: Dataset, images: int = CALIB_IMAGES, batch_size: int = CALIB_BATCH,
@@ -103,6 +104,12 @@ def evaluate(model: nn.Module, source: ImageSource, data: Dataset, resolution: i
 
 # ---- the calibrated subnet artifact (subnet.qnas.pt + subnet.qnas.json) --------------------------
 
+def subnet_document(arch: Arch, space: SearchSpace, supernet: Path | str, sha256: str) -> dict[str, Any]:
+    """A subnet.json: the architecture and the supernet it is taken from (path, sha256), which
+    ``resolve_supernet`` reads back; a relative path is relative to the subnet file."""
+    return {**arch.to_dict(space), "supernet": {"path": str(supernet), "sha256": sha256}}
+
+
 def resolve_supernet(raw: dict, subnet_path: Path, supernet: Path | None) -> tuple[Path, str | None]:
     """The supernet a subnet file names (path relative to the file), or ``--supernet``; and its sha256."""
     ref = raw.get("supernet") if isinstance(raw.get("supernet"), dict) else {}
@@ -159,8 +166,10 @@ def check_outputs(out: Path, inputs: list[Path]) -> None:
 
 def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: str | None = None,
                    calib_images: int = CALIB_IMAGES, out: Path | None = None, device: str = "cpu",
-                   eval_images: int | None = None, runtime: str = "xnnpack") -> tuple[Subnet, dict[str, Any], Dataset]:
-    """``qnas calibrate``: subnet.json -> calibrated static int8 subnet, saved with its accuracy."""
+                   eval_images: int | None = None, runtime: str = "xnnpack",
+                   evaluate_splits: bool = True) -> tuple[Subnet, dict[str, Any], Dataset]:
+    """``qnas calibrate``: subnet.json -> calibrated static int8 subnet, saved with its accuracy
+    (``evaluate_splits=False``: without, for a caller that scores the subnet itself, as export does)."""
     from .space import read_structured
 
     check_target(runtime)
@@ -179,8 +188,10 @@ def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: s
         raise UserError(f"--data {data.spec}: {data.in_channels} channels / {data.num_classes} classes, but the supernet "
                         f"was trained for {net.in_channels} / {net.num_classes}")
     sub = calibrated_subnet(net, arch, data, calib_images, device)
-    acc = {"test_top1": evaluate(sub, data.test, data, arch.resolution, device, eval_images, runtime=runtime),
-           "search_top1": evaluate(sub, data.search, data, arch.resolution, device, eval_images, runtime=runtime)}
+    def score(split: ImageSource) -> float | None:
+        return evaluate(sub, split, data, arch.resolution, device, eval_images, runtime=runtime) if evaluate_splits else None
+
+    acc = {"test_top1": score(data.test), "search_top1": score(data.search)}
     meta = save_weights(out, {
         "subnet": sub.state_dict(), "arch": arch.to_dict(net.space), "space": net.space.to_dict(),
         "in_channels": net.in_channels, "num_classes": net.num_classes, "quant": asdict(net.cfg),

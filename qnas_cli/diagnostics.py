@@ -11,19 +11,13 @@ come from ``grad_norms(model)`` after a backward.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import BN_EPS, ActQuant, QConvBN, QLinear
 from .quant import A_QMAX, W_QMAX
 from .space import Arch
-
-
-def _conv(m: QConvBN, x: Tensor, w: Tensor) -> Tensor:
-    return F.conv2d(x, w, None, m.stride, w.shape[-1] // 2, 1, x.shape[1] if m.depthwise else 1)
 
 
 @torch.no_grad()
@@ -49,10 +43,9 @@ def layer_diagnostics(model: nn.Module, x: Tensor, arch: Arch) -> dict[str, dict
         if m.depthwise:
             out_channels = x_in.shape[1]
         w = m.sliced_weight(x_in.shape[1], out_channels, kernel)
-        z = _conv(m, x_in, w)
-        sigma = torch.sqrt(z.var(dim=(0, 2, 3), unbiased=False) + BN_EPS)
-        s_w = m.predicted_scale(sigma)
-        w_fold = w * (m.bn_weight[:out_channels] / sigma).view(-1, 1, 1, 1)
+        var, mean = torch.var_mean(m.conv(x_in, w), dim=(0, 2, 3), unbiased=False)  # this batch's statistics, as the fold uses
+        w_fold, _, s_w = m.fold(w, mean, var)
+        sigma = torch.sqrt(var + BN_EPS)
         stats.setdefault(names[m], {}).update(
             w_scale=float(s_w), w_zero=(torch.round(w_fold / s_w) == 0).float().mean().item(),
             w_fold_absmax=w_fold.abs().max().item(), w_clipped=(w_fold.abs() / s_w > W_QMAX).float().mean().item(),

@@ -184,7 +184,7 @@ class _WeightQuantError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, s: Tensor, layer: QConvBN, g: float, bias: Tensor | None = None) -> Tensor:
         w_q = fake_quant(w, s, 0, -W_QMAX, W_QMAX)
-        c = layer._conv(x, w_q - w, bias)
+        c = layer.conv(x, w_q - w, bias)
         ctx.save_for_backward(x, c, w / s, s, bias)
         ctx.layer, ctx.g = layer, g
         return c
@@ -199,12 +199,12 @@ class _WeightQuantError(torch.autograd.Function):
         grad_s = grad_s / s
         clipped = v.abs() > W_QMAX
         if x.is_cuda:  # no host sync: convolve every output channel
-            grad_s = grad_s + inner(grad, ctx.layer._conv(x, torch.where(clipped, v, 0.0)))
+            grad_s = grad_s + inner(grad, ctx.layer.conv(x, torch.where(clipped, v, 0.0)))
         else:  # few output channels have a clipped weight, usually: convolve only those
             rows = clipped.flatten(1).any(1).nonzero().flatten()
             if rows.numel():
                 x_rows = x[:, rows] if ctx.layer.depthwise else x
-                grad_s = grad_s + inner(grad[:, rows], ctx.layer._conv(x_rows, torch.where(clipped, v, 0.0)[rows]))
+                grad_s = grad_s + inner(grad[:, rows], ctx.layer.conv(x_rows, torch.where(clipped, v, 0.0)[rows]))
         return None, None, (grad_s * ctx.g).reshape(s.shape), None, None, None
 
 
@@ -249,7 +249,7 @@ class QConvBN(nn.Module, QuantInit, Exact):
         w = self.weight[:out_channels, : 1 if self.depthwise else in_channels]
         return w[:, :, crop : crop + kernel, crop : crop + kernel] if crop else w
 
-    def _conv(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    def conv(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         groups = x.shape[1] if self.depthwise else 1
         # NHWC: oneDNN's fast depthwise kernels (backward 2.5x faster on CPU than NCHW). A no-op
         # after the first conv; a 1-channel input is NHWC and NCHW at once, so its output is not.
@@ -284,7 +284,7 @@ class QConvBN(nn.Module, QuantInit, Exact):
         return self._integers(w, self.running_mean, self.running_var, s_in)
 
     def _integers(self, w: Tensor, mean: Tensor, var: Tensor, s_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        w_fold, bias, s_w = self._fold(w, mean, var)
+        w_fold, bias, s_w = self.fold(w, mean, var)
         return (quantize(w_fold, s_w, 0, -W_QMAX, W_QMAX), quantize(bias, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX), s_w)
 
     def _exact(self, x: Tensor, s_in: Tensor, w: Tensor, mean: Tensor, var: Tensor) -> Tensor:
@@ -298,7 +298,7 @@ class QConvBN(nn.Module, QuantInit, Exact):
         acc = kernels.conv_accumulate(torch.div(x, s_in).round_(), q_w, q_b, self.stride, groups)  # x/s_in: q - zero point
         return self.out_q.requantize(acc, rq)
 
-    def _fold(self, w: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def fold(self, w: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Folded weight and bias, and the predicted weight scale, for these statistics."""
         sigma = torch.sqrt(var + BN_EPS)
         w_fold, bias = self._fold_sigma(w, mean, sigma)
@@ -330,18 +330,18 @@ class QConvBN(nn.Module, QuantInit, Exact):
         gamma, beta = self.bn_weight[:out_channels], self.bn_bias[:out_channels]
         if not self.cfg.enabled:
             factor = self._bn_factor() if self.training else 0.0
-            return self.out_q(F.batch_norm(self._conv(x, w), rm, rv, gamma, beta, self.training, factor, BN_EPS))
+            return self.out_q(F.batch_norm(self.conv(x, w), rm, rv, gamma, beta, self.training, factor, BN_EPS))
         if self.training and self.cfg.bn_fold == "batch":
             y = self._batch_folded(x, s_in, w, rm, rv, gamma, beta)
         else:
             if self.training:  # moving-statistics folding: the batch only updates the running averages
                 with torch.no_grad():
-                    F.batch_norm(self._conv(x, w), rm, rv, None, None, True, self._bn_factor(), BN_EPS)
+                    F.batch_norm(self.conv(x, w), rm, rv, None, None, True, self._bn_factor(), BN_EPS)
             elif self.exact():
                 return self._exact(x, s_in, w, rm, rv)
-            w_fold, bias, s_w = self._fold(w, rm.clone(), rv.clone())
+            w_fold, bias, s_w = self.fold(w, rm.clone(), rv.clone())
             w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
-            y = self._conv(x, w_q, _bias_quant(bias, s_in, s_w))
+            y = self.conv(x, w_q, _bias_quant(bias, s_in, s_w))
         return self.out_q(y)
 
     def _batch_folded(self, x: Tensor, s_in: Tensor, w: Tensor, rm: Tensor, rv: Tensor, gamma: Tensor,
@@ -357,7 +357,7 @@ class QConvBN(nn.Module, QuantInit, Exact):
         form: x's gradient sees ``w*g`` rather than ``Q(w*g)`` (a difference of at most s/2 per
         weight), and weights clipped by the quantizer keep their gradient.
         """
-        y, mean, invstd = torch.native_batch_norm(self._conv(x, w), gamma, beta, rm, rv, True,
+        y, mean, invstd = torch.native_batch_norm(self.conv(x, w), gamma, beta, rm, rv, True,
                                                   self._bn_factor(), BN_EPS)  # also updates rm, rv
         with torch.no_grad():
             sigma = invstd.reciprocal()

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .calibrate import subnet_document
 from .checkpoint import sha256_file, versions, write_json
 from .cost import arch_cost
 from .data import load_dataset
@@ -150,7 +151,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
                             "device": table.header["device"]}}
     chosen = []
     for budget, a in winners.items():
-        doc = {**a.to_dict(space), "supernet": {"path": rel(cfg.supernet), "sha256": meta["weights"]["sha256"]},
+        doc = {**subnet_document(a, space, rel(cfg.supernet), meta["weights"]["sha256"]),
                "search": {"budget_ms": budget, "runtime": table.header["runtime"], "threads": table.header["threads"],
                           **figures(a)}}
         name = f"subnet_{budget:g}ms.json"

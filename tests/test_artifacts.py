@@ -146,6 +146,17 @@ def test_count_options_are_checked_before_any_work(runner, tmp_path, monkeypatch
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("value, words", [("0", "--verify-images must be a positive integer, got 0"),
+                                          ("-3", "--verify-images must be a positive integer, got -3"),
+                                          ("some", "--verify-images must be a positive integer or 'all', got 'some'")])
+def test_verify_images_is_checked_before_any_work(runner, tmp_path, monkeypatch, value, words):
+    monkeypatch.setattr("export.pipeline.prepare", lambda *a, **k: pytest.fail("work started before --verify-images was checked"))
+    subnet = _subnet(tmp_path / "subnet.json", _supernet(tmp_path / "supernet.pt", seed=0))
+    r = runner.invoke(app, ["export", str(subnet), "--verify-images", value, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("option", ["--steps", "--batch-size", "--epochs", "--ckpt-every", "--calib-images", "--eval-images"])
 def test_train_count_options_exit_2(runner, tmp_path, option):
     r = runner.invoke(app, ["train", "--space", "tiny", option, "0", "--out", str(tmp_path / "run")])

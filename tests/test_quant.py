@@ -194,13 +194,13 @@ def _two_conv_reference(m: QConvBN, x, s_in, out_c, k):
     from qnas_cli.quant import lsq_grad_scale
 
     w = m.sliced_weight(x.shape[1], out_c, k)
-    var, mean = torch.var_mean(m._conv(x, w), dim=(0, 2, 3), unbiased=False)
+    var, mean = torch.var_mean(m.conv(x, w), dim=(0, 2, 3), unbiased=False)
     sigma = torch.sqrt(var + BN_EPS)
     factor = m.bn_weight[:out_c] / sigma
     w_fold, bias = w * factor.view(-1, 1, 1, 1), m.bn_bias[:out_c] - mean * factor
     s_w = m.predicted_scale(sigma.detach())
     w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
-    return m._conv(x, w_q, _bias_quant(bias, s_in, s_w)), w_fold, s_w
+    return m.conv(x, w_q, _bias_quant(bias, s_in, s_w)), w_fold, s_w
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
