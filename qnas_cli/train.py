@@ -25,11 +25,9 @@ gloo on CPU included); the same subnets are trained on every rank, each on its o
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -42,17 +40,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .calibrate import EVAL_IMAGES_HINT, calibrated_subnet, evaluate
-from .checkpoint import atomic_write, load_weights, save_weights
+from .checkpoint import atomic_write, save_weights
 from .data import Dataset, augment, calibration_indices, epoch_batches, load_dataset, to_input
 from .errors import UserError, check_count
 from .diagnostics import grad_norms, layer_diagnostics
 from .guard import CollapseGuard, TrainingCollapsed, scales_finite
 from .layers import QConvBN, QLinear, QuantInit, init_scales, keep_scales_positive
 from .quant import QuantConfig
+from .run_folder import (Interrupted, StopFlag, append_metrics, check_resumable, ckpt_dir, latest_checkpoint,
+                         remove_temp_files, save_checkpoint, start_afresh, truncate_metrics)
 from .space import Arch, SearchSpace, load_space, sample
 from .supernet import Supernet, load_supernet
 
-KEEP_CHECKPOINTS = 2
 # The default run, measured on Fashion-MNIST `small` (2 CPU cores): 400 float steps then 1200 int8
 # steps at batch 64 reach 88-89% / 86-87% int8 test top-1 (largest / smallest) in about 20 minutes.
 DEFAULT_STEPS = 1600
@@ -283,116 +282,6 @@ def check_replicas(model: nn.Module, d: Dist) -> None:
                            f"({int(differ.item())} parameter tensors differ from rank 0's): gradients were not averaged")
 
 
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish its step, checkpoint, and stop."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-class Interrupted(Exception):
-    """Training stopped on request after saving a checkpoint."""
-
-    def __init__(self, step: int, path: Path) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}; continue with --resume")
-        self.step, self.path = step, path
-
-
-# ---- checkpoints ------------------------------------------------------------------------------
-
-def _ckpt_dir(out: Path) -> Path:
-    return out / "ckpt"
-
-
-def _save_checkpoint(out: Path, model: Supernet, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
-                     guard: CollapseGuard | None = None) -> Path:
-    """The model of the phase it belongs to (float or int8: ``phase``), its optimizer, the step."""
-    path = _ckpt_dir(out) / f"step_{step:08d}.pt"
-    phase = "int8" if model.cfg.enabled else "float"
-    payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "phase": phase,
-               "guard": guard.state_dict() if guard else None}
-    save_weights(path, payload, {"kind": "qnas.checkpoint", "step": step, "phase": phase, "config": cfg.to_dict(),
-                                 "space": model.space.to_dict()})
-    old = sorted(_ckpt_dir(out).glob("step_*.pt"))[:-KEEP_CHECKPOINTS]
-    for p in old:
-        p.unlink(missing_ok=True)
-        p.with_suffix(".json").unlink(missing_ok=True)
-    return path
-
-
-def _latest_checkpoint(out: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The newest checkpoint that verifies; a corrupt newer one is named and skipped."""
-    for path in sorted(_ckpt_dir(out).glob("step_*.pt"), reverse=True):
-        try:
-            return load_weights(path)
-        except UserError as e:
-            log(f"warning: skipping checkpoint: {e}")
-    return None
-
-
-def _check_resumable(meta: dict[str, Any], cfg: TrainConfig, space: SearchSpace) -> None:
-    saved, mine = meta.get("config", {}), cfg.to_dict()
-    for key in TrainConfig.RESUME_KEYS:
-        if saved.get(key) != mine.get(key):
-            raise UserError(f"--resume: option {key!r} differs from the interrupted run "
-                            f"({saved.get(key)!r} there, {mine.get(key)!r} now); use the same options or a new --out")
-    if "space" in meta and SearchSpace.from_dict(meta["space"]).fingerprint != space.fingerprint:
-        raise UserError(f"--resume: the space file {cfg.space} changed since the interrupted run; "
-                        "restore it or use a new --out")
-
-
-def _start_afresh(out: Path, log: Callable[[str], None]) -> None:
-    """A new run in a used folder. An unfinished run there is refused (--resume continues it); a
-    finished run's checkpoints go, or pruning (by name) would keep them and delete ours."""
-    ckpts = sorted(_ckpt_dir(out).glob("step_*.pt"))
-    if ckpts and not _finished(out, ckpts[-1]):
-        raise UserError(f"{out} holds an unfinished run (last checkpoint {ckpts[-1].name}): continue it with --resume, "
-                        f"or choose a new --out (or delete {_ckpt_dir(out)})")
-    if ckpts:
-        log(f"note: starting afresh in {out}; removing the checkpoints of the finished run there")
-    try:
-        for p in [*ckpts, *_ckpt_dir(out).glob("step_*.json")]:  # weights first: a kill here leaves no orphan
-            p.unlink(missing_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot clear {_ckpt_dir(out)}: {e.strerror}") from None
-
-
-def _finished(out: Path, last: Path) -> bool:
-    """Whether ``out/supernet.json`` is the end of the run whose newest checkpoint is ``last``."""
-    try:
-        final, ckpt = json.loads((out / "supernet.json").read_bytes()), json.loads(last.with_suffix(".json").read_bytes())
-        return final["config"] == ckpt["config"] and final["steps"] == ckpt["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _remove_temp_files(out: Path) -> None:
-    """Temporary files of atomic writes that a SIGKILL cut short (never a finished file)."""
-    try:
-        for tmp in [*out.glob(".*.tmp"), *_ckpt_dir(out).glob(".*.tmp")]:
-            tmp.unlink(missing_ok=True)
-    except OSError:
-        pass  # best effort: a folder we cannot clean is reported when we write to it
-
-
 # ---- the loop ---------------------------------------------------------------------------------
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
@@ -412,9 +301,9 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; the run folder must be a folder (or not exist yet)")
     if d.main:
-        _remove_temp_files(out)
+        remove_temp_files(out)
         if not resume:
-            _start_afresh(out, log)
+            start_afresh(out, log)
     data = load_dataset(cfg.data, load_size=max(space.resolutions))
     steps_per_epoch = len(data.train) // (cfg.batch_size * d.world)
     if steps_per_epoch == 0:
@@ -425,11 +314,11 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
 
     start, first = 0, 0  # the step and the phase (index in plan) to continue from
     if resume:
-        found = _latest_checkpoint(out, log)
+        found = latest_checkpoint(out, log)
         if found is None:
-            raise UserError(f"--resume: no usable checkpoint in {_ckpt_dir(out)}; start without --resume")
+            raise UserError(f"--resume: no usable checkpoint in {ckpt_dir(out)}; start without --resume")
         payload, meta = found
-        _check_resumable(meta, cfg, space)
+        check_resumable(meta, cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space)
         try:
             start = int(payload["step"])
             first = [ph.name for ph in plan].index(payload.get("phase", plan[-1].name))
@@ -453,13 +342,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     if d.main and not resume:
         atomic_write(out / "metrics.jsonl", lambda f: None)
     elif d.main:
-        _truncate_metrics(out / "metrics.jsonl", start)
+        truncate_metrics(out / "metrics.jsonl", start)
     if len(plan) > 1 and d.main and start == 0:
         log(f"float phase: steps 1-{plan[0].end}; then the int8 supernet initialised from it: steps {plan[1].start + 1}-{total}")
 
     cached_epoch, batches = -1, []
     t_last, seen = time.perf_counter(), 0
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         for i in range(first, len(plan)):
             ph = plan[i]
             if i > first:  # the phase boundary: the int8 supernet starts from the float one
@@ -484,7 +373,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                     now = time.perf_counter()
                     metrics["img_per_s"] = seen / max(now - t_last, 1e-9)
                     t_last, seen = now, 0
-                    _append_metrics(out / "metrics.jsonl", {"step": step + 1, "epoch": epoch, **metrics})
+                    append_metrics(out / "metrics.jsonl", {"step": step + 1, "epoch": epoch, **metrics})
                 if verdict:
                     _report_collapse(verdict, guard, model, data, space, batches[k], step + 1, metrics, out, device, log)
                 collapsed = _sync_flag(verdict in ("stop", "non-finite"), d)
@@ -494,13 +383,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                     raise TrainingCollapsed(step + 1, guard.describe(verdict, metrics) if d.main else "on rank 0", str(out))
                 boundary = step + 1 == ph.end and i + 1 < len(plan)
                 if d.main and (((step + 1) % cfg.ckpt_every == 0 and step + 1 < total) or requested or boundary):
-                    _save_checkpoint(out, model, opt, step + 1, cfg, guard)
+                    save_checkpoint(out, model, opt, step + 1, cfg.to_dict(), guard)
                 if d.main and boundary:
                     _save_float_supernet(model, data, space, cfg, out, step + 1)
                 if requested:
                     if d.world > 1:
                         dist.barrier()
-                    raise Interrupted(step + 1, _ckpt_dir(out))
+                    raise Interrupted(step + 1, ckpt_dir(out))
 
     if d.world > 1:
         check_replicas(model, d)
@@ -549,7 +438,7 @@ def _report_collapse(verdict: str, guard: CollapseGuard, model: Supernet, data: 
         x, _ = data.train.get(idx)
         row.update(grad_norms=grad_norms(model), layers=layer_diagnostics(model, to_input(x, data, arch.resolution).to(device), arch))
         log(f"warning: step {step}: collapse: {guard.describe(verdict, metrics)}; per-layer diagnostics in {out / 'metrics.jsonl'}")
-    _append_metrics(out / "metrics.jsonl", row)
+    append_metrics(out / "metrics.jsonl", row)
 
 
 def _sync_flag(flag: bool, d: Dist) -> bool:
@@ -593,26 +482,6 @@ def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space
             "loss_smallest": losses[1], "grad_norm": grad_norm}
 
 
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows past the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = []
-    for line in rows:
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill: drop it
-    atomic_write(path, lambda f: f.write("".join(r + "\n" for r in keep)), binary=False)
-
-
 def _broadcast(model: nn.Module, d: Dist) -> None:
     if d.world > 1:
         for t in list(model.parameters()) + list(model.buffers()):
@@ -646,7 +515,7 @@ def init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device
 def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, total: int,
             device: str, log: Callable[[str], None], world: int = 1, guard: CollapseGuard | None = None) -> dict[str, Any]:
     """Final weights + sidecar, and the test accuracy of the largest and smallest calibrated subnets."""
-    _save_checkpoint(out, model, opt, total, cfg, guard)  # first: a kill during evaluation loses no training
+    save_checkpoint(out, model, opt, total, cfg.to_dict(), guard)  # first: a kill during evaluation loses no training
     results = {}
     for how in ("largest", "smallest"):
         arch = sample(space, how)

@@ -28,7 +28,8 @@ from qnas_cli.cli import app
 from qnas_cli.errors import UserError
 from qnas_cli.space import PRESETS, sample
 from qnas_cli.supernet import load_supernet
-from qnas_cli.train import Interrupted, TrainConfig, train
+from qnas_cli.run_folder import Interrupted
+from qnas_cli.train import TrainConfig, train
 from tests.helpers import assert_same_weights, space_doc, supernet_weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ..quant import QuantConfig
 from ..guard import TrainingCollapsed
-from ..train import DEFAULT_STEPS, FLOAT_SHARE, Interrupted, TrainConfig, train as run_train
+from ..run_folder import Interrupted
+from ..train import DEFAULT_STEPS, FLOAT_SHARE, TrainConfig, train as run_train
 from .common import EXIT_TRAINING_COLLAPSED, console, err_console, interactive, logger, print_json, say
 
 D = TrainConfig()  # defaults shown in --help come from the library's config

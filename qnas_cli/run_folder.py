@@ -1,0 +1,158 @@
+"""A training run's folder: what makes ``qnas train`` safe to interrupt and exact to resume.
+
+Checkpoints (``ckpt/step_*.pt``, atomic, the newest ``KEEP_CHECKPOINTS`` kept), the newest one that
+verifies, the refusals that keep a resume the same run (other options, another space, an
+unfinished run in the way of a new one), ``metrics.jsonl`` (appended; cut back to the checkpoint on
+resume) and the Ctrl-C handling that finishes a step and checkpoints before stopping.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .checkpoint import atomic_write, load_weights, save_weights
+from .errors import UserError
+from .guard import CollapseGuard
+from .space import SearchSpace
+from .supernet import Supernet
+
+KEEP_CHECKPOINTS = 2
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to finish its step, checkpoint, and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    """Training stopped on request after saving a checkpoint."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}; continue with --resume")
+        self.step, self.path = step, path
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def ckpt_dir(out: Path) -> Path:
+    return out / "ckpt"
+
+
+def save_checkpoint(out: Path, model: Supernet, opt: torch.optim.Optimizer, step: int, config: dict[str, Any],
+                    guard: CollapseGuard | None = None) -> Path:
+    """The model of the phase it belongs to (float or int8: ``phase``), its optimizer, the step."""
+    path = ckpt_dir(out) / f"step_{step:08d}.pt"
+    phase = "int8" if model.cfg.enabled else "float"
+    payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "phase": phase,
+               "guard": guard.state_dict() if guard else None}
+    save_weights(path, payload, {"kind": "qnas.checkpoint", "step": step, "phase": phase, "config": config,
+                                 "space": model.space.to_dict()})
+    old = sorted(ckpt_dir(out).glob("step_*.pt"))[:-KEEP_CHECKPOINTS]
+    for p in old:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".json").unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(out: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The newest checkpoint that verifies; a corrupt newer one is named and skipped."""
+    for path in sorted(ckpt_dir(out).glob("step_*.pt"), reverse=True):
+        try:
+            return load_weights(path)
+        except UserError as e:
+            log(f"warning: skipping checkpoint: {e}")
+    return None
+
+
+def check_resumable(meta: dict[str, Any], config: dict[str, Any], keys: tuple[str, ...], space: SearchSpace,
+                    space_arg: str) -> None:
+    """Refuse to resume a checkpoint (``meta``) made with other options (``keys`` of ``config``) or another space."""
+    saved, mine = meta.get("config", {}), config
+    for key in keys:
+        if saved.get(key) != mine.get(key):
+            raise UserError(f"--resume: option {key!r} differs from the interrupted run "
+                            f"({saved.get(key)!r} there, {mine.get(key)!r} now); use the same options or a new --out")
+    if "space" in meta and SearchSpace.from_dict(meta["space"]).fingerprint != space.fingerprint:
+        raise UserError(f"--resume: the space file {space_arg} changed since the interrupted run; "
+                        "restore it or use a new --out")
+
+
+def start_afresh(out: Path, log: Callable[[str], None]) -> None:
+    """A new run in a used folder. An unfinished run there is refused (--resume continues it); a
+    finished run's checkpoints go, or pruning (by name) would keep them and delete ours."""
+    ckpts = sorted(ckpt_dir(out).glob("step_*.pt"))
+    if ckpts and not finished(out, ckpts[-1]):
+        raise UserError(f"{out} holds an unfinished run (last checkpoint {ckpts[-1].name}): continue it with --resume, "
+                        f"or choose a new --out (or delete {ckpt_dir(out)})")
+    if ckpts:
+        log(f"note: starting afresh in {out}; removing the checkpoints of the finished run there")
+    try:
+        for p in [*ckpts, *ckpt_dir(out).glob("step_*.json")]:  # weights first: a kill here leaves no orphan
+            p.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot clear {ckpt_dir(out)}: {e.strerror}") from None
+
+
+def finished(out: Path, last: Path) -> bool:
+    """Whether ``out/supernet.json`` is the end of the run whose newest checkpoint is ``last``."""
+    try:
+        final, ckpt = json.loads((out / "supernet.json").read_bytes()), json.loads(last.with_suffix(".json").read_bytes())
+        return final["config"] == ckpt["config"] and final["steps"] == ckpt["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def remove_temp_files(out: Path) -> None:
+    """Temporary files of atomic writes that a SIGKILL cut short (never a finished file)."""
+    try:
+        for tmp in [*out.glob(".*.tmp"), *ckpt_dir(out).glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # best effort: a folder we cannot clean is reported when we write to it
+
+
+# ---- metrics.jsonl ---------------------------------------------------------------------------
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past the checkpoint we resume from (they will be logged again)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill: drop it
+    atomic_write(path, lambda f: f.write("".join(r + "\n" for r in keep)), binary=False)
