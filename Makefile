@@ -50,6 +50,8 @@ bench: setup
 	$(BIN)/python -m benchmarks.latency_model
 	$(BIN)/python -m benchmarks.search_cost
 	$(BIN)/python -m benchmarks.search_quality
+	$(BIN)/python -m benchmarks.scale_finetune --supernet runs/bench/supernet_accuracy/default/supernet.pt
+	$(BIN)/python -m benchmarks.scale_ranking --jobs 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

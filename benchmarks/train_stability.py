@@ -9,6 +9,8 @@ stopped), final int8 test top-1 of the largest and smallest subnets, wall time. 
 
     python -m benchmarks.train_stability            # 3 seeds x 2 recipes x 1600 steps: about 2 h on 2 CPU cores
     python -m benchmarks.train_stability --quick    # 3 seeds x 2 recipes x 200 steps, 1000 test images: about 15 min
+    python -m benchmarks.train_stability --jobs 2   # two runs at a time, one thread each (more throughput on 2 cores;
+                                                    # the per-run wall times are then those of a shared core)
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from pathlib import Path
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.guard import TrainingCollapsed
 from qnas_cli.train import DEFAULT_STEPS, TrainConfig, train
+
+from benchmarks.parallel import run_parallel, threads_per_job
 
 RECIPES = {"scratch": {"float_steps": 0}, "default": {}}  # int8 from scratch; the default float -> int8
 
@@ -76,24 +80,28 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=None, help="test images (default all; 1000 with --quick)")
     ap.add_argument("--calib-images", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/train_stability"))
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores/jobs threads (default 1: one run, all cores)")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1")
     args.steps = args.steps or (200 if args.quick else DEFAULT_STEPS)
     args.eval_images = args.eval_images or (1000 if args.quick else None)
     if args.quick:
         args.calib_images = min(args.calib_images, 500)
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    todo = [(recipe, seed) for seed in seeds for recipe in RECIPES]
+    threads = threads_per_job(args.jobs)
+    print(f"{len(todo)} runs of {args.steps} steps, {args.jobs} at a time, {threads} thread(s) each", flush=True)
     runs = []
-    for seed in seeds:
-        for recipe in RECIPES:
-            print(f"{recipe} seed {seed}: {args.steps} steps", flush=True)
-            runs.append(run_one(recipe, seed, args))
-            r = runs[-1]
-            print(f"  {r['wall_s'] / 60:.1f} min, collapse events {r['collapse_events']}, "
-                  + (f"stopped: {r['stopped']}" if r["stopped"] else
-                     f"top-1 {100 * r['test_top1']['largest']:.2f}% / {100 * r['test_top1']['smallest']:.2f}%"), flush=True)
+    for (recipe, seed), r in zip(todo, run_parallel(run_one, [(recipe, seed, args) for recipe, seed in todo], args.jobs)):
+        runs.append(r)
+        print(f"{recipe} seed {seed}: {r['wall_s'] / 60:.1f} min, collapse events {r['collapse_events']}, "
+              + (f"stopped: {r['stopped']}" if r["stopped"] else
+                 f"top-1 {100 * r['test_top1']['largest']:.2f}% / {100 * r['test_top1']['smallest']:.2f}%"), flush=True)
     table = summarize(runs)
-    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "summary": table,
+    result = {"config": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "threads_per_run": threads},
+              "summary": table,
               "runs": runs, "versions": versions()}
     write_json(args.out / "train_stability.json", result)
     _plot(runs, args.out / "train_stability.png")
@@ -101,7 +109,8 @@ def main() -> None:
     def cell(s: dict) -> str:
         return "-" if s["mean"] is None else f"{100 * s['mean']:.2f}% ± {100 * s['spread'] / 2:.2f}"
 
-    print(f"\n{len(seeds)} seeds x {args.steps} steps, {args.space}, test images: {args.eval_images or 'all'} (± half the range over seeds)")
+    print(f"\n{len(seeds)} seeds x {args.steps} steps, {args.space}, test images: {args.eval_images or 'all'}, "
+          f"{args.jobs} run(s) at a time, {threads} thread(s) each (± half the range over seeds)")
     print(f"{'recipe':10}{'collapse events':>17}{'runs stopped':>14}{'largest top-1':>18}{'smallest top-1':>18}{'min/run':>9}")
     for recipe, s in table.items():
         print(f"{recipe:10}{s['collapse_events']:>17}{s['stopped']:>14}{cell(s['largest']):>18}{cell(s['smallest']):>18}"

@@ -3,6 +3,8 @@
 Each step trains the largest subnet on the labels, then the smallest and ``num_random`` random
 subnets on ``(1-β)·CE + β·T²·KL`` against the largest's logits, accumulating gradients, then takes
 one SGD step. In int8 mode every subnet is the fully quantized network (see ``layers``).
+``subnet`` trains one subnet alone instead, with the same recipe: the stand-alone baseline that
+the supernet's ranking of subnets is measured against.
 
 An int8 run is the paper's recipe in two phases of one run (QuantNAS §4.2): a float supernet for
 ``float_steps``, then the fully int8 supernet initialised from it (weights, BN, and the scale
@@ -49,7 +51,7 @@ from .layers import QConvBN, QLinear, QuantInit, init_scales, keep_scales_positi
 from .quant import QuantConfig
 from .run_folder import (Interrupted, StopFlag, append_metrics, check_resumable, ckpt_dir, latest_checkpoint,
                          remove_temp_files, save_checkpoint, start_afresh, truncate_metrics)
-from .space import Arch, SearchSpace, load_space, sample
+from .space import Arch, SearchSpace, load_arch, load_space, sample
 from .supernet import Supernet, load_supernet
 
 # The default run, measured on Fashion-MNIST `small` (2 CPU cores): 400 float steps then 1200 int8
@@ -81,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     init: str | None = None  # float supernet to start an int8 run from
+    subnet: str | None = None  # a subnet.json of the space: train that network alone (the stand-alone baseline)
     ckpt_every: int = 100  # steps
     eval_images: int | None = None  # limit the final test evaluation (None: whole test split)
     calib_images: int = 2000
@@ -121,7 +124,7 @@ class TrainConfig:
 
     # Fields that must match for --resume to continue the same run.
     RESUME_KEYS = ("space", "data", "quant", "epochs", "steps", "float_steps", "batch_size", "lr", "momentum", "weight_decay",
-                   "label_smoothing", "num_random", "kd_ratio", "kd_temperature", "warmup_steps", "clip_grad", "seed", "init")
+                   "label_smoothing", "num_random", "kd_ratio", "kd_temperature", "warmup_steps", "clip_grad", "seed", "init", "subnet")
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def sandwich(space: SearchSpace, seed: int, step: int, num_random: int) -> list[Arch]:
+def sandwich(space: SearchSpace, seed: int, step: int, num_random: int, alone: Arch | None = None) -> list[Arch]:
+    """The subnets of one step: the largest, the smallest, ``num_random`` random ones; or ``alone``
+    by itself (stand-alone training of one subnet: no sandwich, no distillation)."""
+    if alone is not None:
+        return [alone]
     rng = random.Random(seed * 1_000_003 + step)
     return [sample(space, "largest"), sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(num_random)]
 
@@ -295,6 +302,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     Raises ``Interrupted`` on SIGINT/SIGTERM (after a checkpoint) and ``TrainingCollapsed``.
     """
     space = load_space(cfg.space)
+    alone = load_arch(Path(cfg.subnet), space) if cfg.subnet else None
     out = Path(cfg.out)
     d = setup_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     device = resolve_device(cfg.device, d)
@@ -336,7 +344,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         if cfg.init:
             _load_float_init(model, Path(cfg.init), space)
         if plan[0].quant.enabled:
-            init_quant_scales(model, data, space, device)
+            init_quant_scales(model, data, space, device, arch=alone)
         opt = make_optimizer(model, cfg)
     _broadcast(model, d)
     if d.main and not resume:
@@ -352,7 +360,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         for i in range(first, len(plan)):
             ph = plan[i]
             if i > first:  # the phase boundary: the int8 supernet starts from the float one
-                model = int8_from_float(model, ph.quant, data, space, device)
+                model = int8_from_float(model, ph.quant, data, space, device, alone)
                 _broadcast(model, d)
                 opt = make_optimizer(model, cfg)
             model.train()
@@ -361,7 +369,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                 if epoch != cached_epoch:
                     batches, cached_epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world), epoch
                 lr = lr_at(step - ph.start, ph.steps, cfg)
-                metrics = train_step(model, opt, data, space, batches[k], step, total, cfg, d, device, lr=lr)
+                metrics = train_step(model, opt, data, space, batches[k], step, total, cfg, d, device, lr=lr, alone=alone)
                 metrics["phase"] = ph.name
                 seen += cfg.batch_size * d.world
                 requested = _sync_flag(stop.requested, d)
@@ -375,7 +383,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                     t_last, seen = now, 0
                     append_metrics(out / "metrics.jsonl", {"step": step + 1, "epoch": epoch, **metrics})
                 if verdict:
-                    _report_collapse(verdict, guard, model, data, space, batches[k], step + 1, metrics, out, device, log)
+                    _report_collapse(verdict, guard, model, data, alone or sample(space, "largest"), batches[k], step + 1, metrics,
+                                     out, device, log)
                 collapsed = _sync_flag(verdict in ("stop", "non-finite"), d)
                 if on_step and d.main:
                     on_step(step + 1, total, metrics)
@@ -397,7 +406,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
             log(f"all {d.world} processes hold identical weights")
     summary: dict[str, Any] = {}
     if d.main:
-        summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world, guard)
+        summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world, guard, alone)
     if d.world > 1:
         dist.barrier()
     return summary
@@ -408,14 +417,16 @@ def _new_model(space: SearchSpace, data: Dataset, phase: Phase, cfg: TrainConfig
     return Supernet(space, data.in_channels, data.num_classes, phase.quant).to(device)
 
 
-def int8_from_float(float_net: Supernet, quant: QuantConfig, data: Dataset, space: SearchSpace, device: str) -> Supernet:
+def int8_from_float(float_net: Supernet, quant: QuantConfig, data: Dataset, space: SearchSpace, device: str,
+                    arch: Arch | None = None) -> Supernet:
     """The int8 supernet that starts from ``float_net`` (QuantNAS §4.2): the same weights and BN,
     and scales from data: activation steps, and theta_i = s_init * sigma_i with s_init the
-    MSE-optimal step of the weights folded with the float gamma and this batch's sigma."""
+    MSE-optimal step of the weights folded with the float gamma and this batch's sigma (of ``arch``,
+    default the largest subnet)."""
     net = Supernet(space, float_net.in_channels, float_net.num_classes, quant).to(device)
     _, unexpected = net.load_state_dict(float_net.state_dict(), strict=False)
     assert not unexpected, unexpected  # a float supernet holds a subset of the int8 one's tensors
-    init_quant_scales(net, data, space, device)
+    init_quant_scales(net, data, space, device, arch=arch)
     return net
 
 
@@ -426,7 +437,7 @@ def _save_float_supernet(model: Supernet, data: Dataset, space: SearchSpace, cfg
         "steps": steps, "phase": "float", "quant": asdict(model.cfg)})
 
 
-def _report_collapse(verdict: str, guard: CollapseGuard, model: Supernet, data: Dataset, space: SearchSpace, idx: Tensor,
+def _report_collapse(verdict: str, guard: CollapseGuard, model: Supernet, data: Dataset, arch: Arch, idx: Tensor,
                      step: int, metrics: dict[str, Any], out: Path, device: str, log: Callable[[str], None]) -> None:
     """Say it, and write a metrics row ``{"event": verdict, ...}`` with the per-layer diagnostics."""
     row: dict[str, Any] = {"step": step, "event": verdict, "phase": metrics.get("phase"),
@@ -434,7 +445,6 @@ def _report_collapse(verdict: str, guard: CollapseGuard, model: Supernet, data: 
     if verdict == "recovered":
         log(f"step {step}: the largest subnet's loss left chance again ({metrics['loss_largest']:.3f}): recovered")
     else:
-        arch = sample(space, "largest")
         x, _ = data.train.get(idx)
         row.update(grad_norms=grad_norms(model), layers=layer_diagnostics(model, to_input(x, data, arch.resolution).to(device), arch))
         log(f"warning: step {step}: collapse: {guard.describe(verdict, metrics)}; per-layer diagnostics in {out / 'metrics.jsonl'}")
@@ -451,7 +461,8 @@ def _sync_flag(flag: bool, d: Dist) -> bool:
 
 
 def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space: SearchSpace, idx: Tensor,
-               step: int, total: int, cfg: TrainConfig, d: Dist, device: str, lr: float | None = None) -> dict[str, float]:
+               step: int, total: int, cfg: TrainConfig, d: Dist, device: str, lr: float | None = None,
+               alone: Arch | None = None) -> dict[str, float]:
     """One sandwich step on the training images ``idx``: the loop's unit of work (and of the throughput benchmark).
 
     ``lr``: this step's learning rate (default: the schedule of a one-phase run of ``total`` steps)."""
@@ -465,7 +476,7 @@ def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space
     opt.zero_grad(set_to_none=True)
     teacher = None
     losses = []
-    for i, arch in enumerate(sandwich(space, cfg.seed, step, cfg.num_random)):
+    for i, arch in enumerate(sandwich(space, cfg.seed, step, cfg.num_random, alone)):
         logits = model(to_input(x_u8, data, arch.resolution).to(device), arch)
         if i == 0:
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -478,8 +489,10 @@ def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space
     _allreduce_grads(model, d)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf).item()
     optimizer_step(model, opt)
-    return {"lr": lr, "loss": sum(losses) / len(losses), "loss_largest": losses[0], "acc_largest": acc,
-            "loss_smallest": losses[1], "grad_norm": grad_norm}
+    metrics = {"lr": lr, "loss": sum(losses) / len(losses), "loss_largest": losses[0], "acc_largest": acc, "grad_norm": grad_norm}
+    if len(losses) > 1:
+        metrics["loss_smallest"] = losses[1]
+    return metrics
 
 
 def _broadcast(model: nn.Module, d: Dist) -> None:
@@ -501,9 +514,11 @@ def _load_float_init(model: Supernet, path: Path, space: SearchSpace) -> None:
 
 
 @torch.no_grad()
-def init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device: str, images: int = 256) -> None:
-    """Scales from data: activation steps and the scale predictor's s_init (largest subnet, seeded batch)."""
-    arch = sample(space, "largest")
+def init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device: str, images: int = 256,
+                      arch: Arch | None = None) -> None:
+    """Scales from data: activation steps and the scale predictor's s_init (``arch``, default the
+    largest subnet, on a seeded batch)."""
+    arch = arch or sample(space, "largest")
     x, _ = data.train.get(calibration_indices(data.train, images, seed=1))
     state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     model.train()
@@ -513,12 +528,14 @@ def init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device
 
 
 def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, total: int,
-            device: str, log: Callable[[str], None], world: int = 1, guard: CollapseGuard | None = None) -> dict[str, Any]:
-    """Final weights + sidecar, and the test accuracy of the largest and smallest calibrated subnets."""
+            device: str, log: Callable[[str], None], world: int = 1, guard: CollapseGuard | None = None,
+            alone: Arch | None = None) -> dict[str, Any]:
+    """Final weights + sidecar, and the test accuracy of the largest and smallest calibrated subnets
+    (of the subnet trained ``alone``)."""
     save_checkpoint(out, model, opt, total, cfg.to_dict(), guard)  # first: a kill during evaluation loses no training
     results = {}
-    for how in ("largest", "smallest"):
-        arch = sample(space, how)
+    archs = {"subnet": alone} if alone else {how: sample(space, how) for how in ("largest", "smallest")}
+    for how, arch in archs.items():
         sub = calibrated_subnet(model, arch, data, cfg.calib_images, device)
         results[how] = {"arch": arch.key, "test_top1": evaluate(sub, data.test, data, arch.resolution, device, cfg.eval_images)}
         log(f"{how} subnet {arch.key}: test top-1 {results[how]['test_top1']:.4f}")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import math
+import random
 
 import pytest
 import torch
@@ -69,6 +70,26 @@ def test_resume_across_the_float_to_int8_boundary(tmp_path, crash_at):
     meta = json.loads((tmp_path / "b" / "supernet.json").read_text())
     assert meta["quant"]["mode"] == "int8" and meta["phases"] == [{"name": "float", "steps": 3}, {"name": "int8", "steps": 3}]
     assert json.loads((tmp_path / "b" / "float_supernet.json").read_text())["phase"] == "float"
+
+
+def test_a_subnet_trains_alone(tmp_path):
+    """--subnet: only that subnet's slices learn (the rest of the supernet moves by weight decay
+    alone), across the float -> int8 boundary, and the summary scores that subnet."""
+    space = PRESETS["tiny"]
+    arch = sample(space, "random", random.Random(3))
+    (tmp_path / "subnet.json").write_text(json.dumps(arch.to_dict(space)))
+    cfg = TrainConfig(out=str(tmp_path / "run"), steps=4, float_steps=2, subnet=str(tmp_path / "subnet.json"), **FAST)
+    summary = train(cfg, log=lambda *a, **k: None)
+    assert list(summary["metrics"]) == ["subnet"] and summary["metrics"]["subnet"]["arch"] == arch.key
+    trained = supernet_weights(tmp_path / "run")
+    torch.manual_seed(cfg.seed)
+    initial = Supernet(space, 1, 10, QuantConfig()).state_dict()
+    width = arch.stages[-1].width  # the last stage's project conv: channels beyond the subnet's width never ran
+    key = next(k for k in trained if k.startswith(f"stages.{len(arch.stages) - 1}.0.project.weight"))
+    change = lambda part: ((trained[key][part] - initial[key][part]).norm() / initial[key][part].norm()).item()  # noqa: E731
+    assert change(slice(width, None)) < 1e-5 < 1e-4 < change(slice(0, width))  # decay: lr * 1e-5 per step
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["float", "float", "int8", "int8"] and "loss_smallest" not in rows[0]
 
 
 @pytest.mark.parametrize("SEED", [0, 1, 2])
@@ -237,6 +258,7 @@ def test_cli_train_tiny_json(runner, tmp_path):
     (["train", "--quant", "int4"], "--quant: 'int4' is not allowed"),
     (["train", "--steps", "0", "--space", "tiny"], "--steps must be a positive integer"),
     (["train", "--bn-fold", "sideways"], "--bn-fold"),
+    (["train", "--subnet", "no-such-subnet.json"], "no-such-subnet.json"),
     (["space", "show", "--space", "nope.toml"], "does not exist"),
     (["space", "sample", "--largest", "--smallest"], "choose one"),
 ])

@@ -27,6 +27,7 @@ def train(
     bn_fold: Annotated[str, typer.Option(help="batch: fold batch statistics (paper §4.1) | moving: fold moving statistics (baseline).")] = "batch",
     weight_scale: Annotated[str, typer.Option(help="predictor: s = mean(theta/sigma) (paper §4.2) | shared: one LSQ scale per layer.")] = "predictor",
     init: Annotated[Path, typer.Option(help="Start the int8 phase from this float supernet.pt (--quant none, or a run's float_supernet.pt) and skip the float phase.")] = None,
+    subnet: Annotated[Path, typer.Option(help="Train this one subnet (a subnet.json of --space) alone, with the same recipe: the stand-alone baseline that supernet rankings are measured against.")] = None,
     steps: Annotated[int, typer.Option(help=f"Optimizer steps of the whole run, float and int8 phases together (default {DEFAULT_STEPS}: "
                                             "about 20 min on 2 CPU cores for 88-89% / 86-87% int8 test top-1 on Fashion-MNIST, small).")] = None,
     float_steps: Annotated[int, typer.Option(help=f"Of --steps, how many train the float supernet that the int8 one starts from (QuantNAS §4.2) "
@@ -58,7 +59,7 @@ def train(
     cfg = TrainConfig(space=space, data=data, out=str(out),
                       quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale),
                       epochs=epochs, steps=steps, float_steps=float_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random, kd_ratio=kd_ratio, seed=seed,
-                      device=device, init=str(init) if init else None, ckpt_every=ckpt_every, eval_images=eval_images,
+                      device=device, init=str(init) if init else None, subnet=str(subnet) if subnet else None, ckpt_every=ckpt_every, eval_images=eval_images,
                       calib_images=calib_images)
     log = logger(err_console if json_out else console)
     try:

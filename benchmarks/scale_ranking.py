@@ -1,0 +1,154 @@
+"""Paper Table 1 at small scale: does the scale predictor rank subnets better than one shared scale?
+
+1. Two int8 supernets that differ only in ``--weight-scale``: ``predictor`` (QuantNAS §4.2) and
+   ``shared`` (one LSQ scale per layer for every subnet), `qnas train`'s default recipe, one seed
+   (or given with ``--predictor`` / ``--shared``).
+2. ``--subnets`` random subnets (seeded), spread over the cost range: 2,000 random subnets sorted
+   by multiply-accumulates (the order of their latency on one runtime, near enough for spreading),
+   taken at evenly spaced ranks.
+3. Ground truth, shared by both arms: each subnet trained alone from scratch (`qnas train
+   --subnet`), int8, the same recipe and ``--standalone-steps`` for all; its int8 test top-1.
+4. Per arm: every subnet's supernet-inherited accuracy (extracted, BN calibrated, exact int8 on
+   the test split) and Kendall tau against the ground truth. Paper: 0.84-0.91 with the
+   predictor, 0.69-0.75 without.
+
+The training runs (2 supernets, the stand-alone subnets) run ``--jobs`` at a time.
+
+    python -m benchmarks.scale_ranking --jobs 2          # 2 supernets + 20 stand-alone subnets: about 2.5 h on 2 CPU cores
+    python -m benchmarks.scale_ranking --quick           # tiny space, 6 subnets, short runs: a few minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+from qnas_cli.calibrate import calibrated_subnet, evaluate
+from qnas_cli.checkpoint import versions, write_json
+from qnas_cli.cost import arch_cost
+from qnas_cli.data import load_dataset
+from qnas_cli.quant import QuantConfig
+from qnas_cli.ranking import kendall_tau
+from qnas_cli.space import Arch, load_space, sample
+from qnas_cli.supernet import load_supernet
+from qnas_cli.train import TrainConfig, train
+
+from benchmarks.parallel import run_parallel, threads_per_job
+
+ARMS = ("predictor", "shared")
+PAPER_TAU = {"predictor": "0.84-0.91", "shared": "0.69-0.75"}
+
+
+def spread_subnets(space, n: int, seed: int, in_channels: int, num_classes: int, pool: int = 2000) -> list[Arch]:
+    """``n`` distinct random subnets at evenly spaced ranks of cost among ``pool`` random ones."""
+    rng = random.Random(seed)
+    unique = {a.key: a for a in (sample(space, "random", rng) for _ in range(pool))}
+    ranked = sorted(unique.values(), key=lambda a: (arch_cost(space, a, in_channels, num_classes).macs, a.key))
+    n = min(n, len(ranked))
+    return [ranked[round(i * (len(ranked) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def train_run(cfg: TrainConfig) -> dict:
+    return train(cfg, log=lambda *a, **k: None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--space", default="small")
+    ap.add_argument("--subnets", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0, help="of the supernets, the stand-alone runs and the subnet sample")
+    ap.add_argument("--supernet-steps", type=int, default=None, help="default: qnas train's")
+    ap.add_argument("--standalone-steps", type=int, default=None, help="each stand-alone subnet's budget (default: qnas train's)")
+    ap.add_argument("--predictor", type=Path, help="an int8 supernet.pt trained with --weight-scale predictor (else trained here)")
+    ap.add_argument("--shared", type=Path, help="the same with --weight-scale shared (else trained here)")
+    ap.add_argument("--eval-images", type=int, default=None, help="test images (default: all)")
+    ap.add_argument("--calib-images", type=int, default=2000)
+    ap.add_argument("--jobs", type=int, default=1, help="training runs at a time (cores/jobs threads each)")
+    ap.add_argument("--quick", action="store_true", help="tiny space, 6 subnets, 40-step supernets, 30-step stand-alone runs")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/scale_ranking"))
+    args = ap.parse_args()
+    if args.quick:
+        args.space, args.subnets = "tiny", min(args.subnets, 6)
+        args.supernet_steps, args.standalone_steps = args.supernet_steps or 40, args.standalone_steps or 30
+        args.eval_images, args.calib_images = args.eval_images or 500, min(args.calib_images, 250)
+    if args.jobs < 1 or args.subnets < 3:
+        ap.error("--jobs must be >= 1 and --subnets >= 3")
+
+    space = load_space(args.space)
+    data = load_dataset("fashion-mnist", load_size=max(space.resolutions))
+    archs = spread_subnets(space, args.subnets, args.seed, data.in_channels, data.num_classes)
+    common = dict(space=args.space, seed=args.seed, eval_images=args.eval_images, calib_images=args.calib_images, ckpt_every=10**9)
+    runs: list[tuple[str, TrainConfig]] = []
+    supernets = {"predictor": args.predictor, "shared": args.shared}
+    for arm in ARMS:
+        if supernets[arm] is None:
+            out = args.out / f"supernet_{arm}"
+            runs.append((arm, TrainConfig(out=str(out), quant=QuantConfig(weight_scale=arm), steps=args.supernet_steps, **common)))
+            supernets[arm] = out / "supernet.pt"
+    for i, arch in enumerate(archs):
+        out = args.out / "standalone" / f"{i:02d}"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "subnet.json").write_text(json.dumps(arch.to_dict(space), indent=1))
+        runs.append((f"standalone {i}", TrainConfig(out=str(out / "run"), subnet=str(out / "subnet.json"), steps=args.standalone_steps,
+                                                    **common)))
+    print(f"{len(runs)} training runs, {args.jobs} at a time, {threads_per_job(args.jobs)} thread(s) each", flush=True)
+    standalone = {}
+    for (name, cfg), summary in zip(runs, run_parallel(train_run, [(cfg,) for _, cfg in runs], args.jobs)):
+        top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}
+        print(f"  {name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in top1.items()), flush=True)
+        if name.startswith("standalone"):
+            standalone[int(name.split()[1])] = top1["subnet"]
+
+    truth = [standalone[i] for i in range(len(archs))]
+    inherited, taus = {}, {}
+    for arm in ARMS:
+        net, _ = load_supernet(supernets[arm])
+        if net.cfg.weight_scale != arm or net.space.fingerprint != space.fingerprint:
+            raise SystemExit(f"--{arm} {supernets[arm]}: not an int8 supernet of {args.space} with --weight-scale {arm}")
+        inherited[arm] = [evaluate(calibrated_subnet(net, a, data, args.calib_images), data.test, data, a.resolution,
+                                   limit=args.eval_images) for a in archs]
+        taus[arm] = kendall_tau(inherited[arm], truth)
+
+    rows = [{"subnet": i, "arch": a.key, "mflops": arch_cost(space, a, data.in_channels, data.num_classes).mflops,
+             "standalone": truth[i], **{arm: inherited[arm][i] for arm in ARMS}} for i, a in enumerate(archs)]
+    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "supernets": {arm: str(p) for arm, p in supernets.items()}, "kendall_tau": taus, "paper_tau": PAPER_TAU,
+              "subnets": rows, "versions": versions()}
+    write_json(args.out / "scale_ranking.json", result)
+    _plot(rows, taus, args.out / "scale_ranking.png")
+    print(f"\n{len(archs)} subnets of {args.space}, int8 test top-1 ({args.eval_images or 'all'} images)")
+    print(f"{'#':>3} {'MFLOPs':>8} {'stand-alone':>12} {'predictor':>10} {'shared':>8}  arch")
+    for r in rows:
+        print(f"{r['subnet']:>3} {r['mflops']:>8.2f} {100 * r['standalone']:>11.2f}% {100 * r['predictor']:>9.2f}% "
+              f"{100 * r['shared']:>7.2f}%  {r['arch']}")
+    for arm in ARMS:
+        print(f"Kendall tau, {arm:9} supernet vs stand-alone: {taus[arm]:+.3f} (paper {PAPER_TAU[arm]}); "
+              f"mean inherited top-1 {100 * statistics.mean(inherited[arm]):.2f}%")
+    print(f"wrote {args.out / 'scale_ranking.json'} and scale_ranking.png")
+
+
+def _plot(rows: list[dict], taus: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for arm, marker in zip(ARMS, "ox"):
+        ax.plot([100 * r["standalone"] for r in rows], [100 * r[arm] for r in rows], marker, ls="none",
+                label=f"{arm} (tau {taus[arm]:+.2f})")
+    ax.set_xlabel("stand-alone int8 test top-1 (%)")
+    ax.set_ylabel("supernet-inherited int8 test top-1 (%)")
+    ax.set_title("ranking: scale predictor vs shared scale", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

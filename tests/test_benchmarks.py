@@ -1,0 +1,69 @@
+"""The paper-claim benchmarks at tiny sizes, so their scripts cannot rot (each as a user runs it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qnas_cli.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def int8_tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8_tiny")
+    train(TrainConfig(space="tiny", out=str(out), steps=8, float_steps=4, batch_size=32, eval_images=100, calib_images=64,
+                      warmup_steps=2), log=lambda *a, **k: None)
+    return out / "supernet.pt"
+
+
+def run_benchmark(module: str, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_scale_finetune_moves_scales_only_when_it_trains(int8_tiny, tmp_path):
+    """0 fine-tuning steps leave every scale at its prediction (error exactly 0); 10 steps move them."""
+    run_benchmark("scale_finetune", "--supernet", str(int8_tiny), "--subnets", "2", "--steps", "0", "--quick",
+                  "--out", str(tmp_path / "zero"))
+    zero = json.loads((tmp_path / "zero" / "scale_finetune.json").read_text())
+    assert zero["summary"]["mean_rel_error"] == 0.0
+    assert zero["summary"]["layers_compared"] == sum(r["layers"] for r in zero["subnets"]) > 0
+
+    out = run_benchmark("scale_finetune", "--supernet", str(int8_tiny), "--subnets", "2", "--steps", "10", "--lr", "0.05",
+                        "--quick", "--out", str(tmp_path / "ten"))
+    ten = json.loads((tmp_path / "ten" / "scale_finetune.json").read_text())
+    assert ten["summary"]["mean_rel_error"] > 0
+    assert all(p["finetuned"] > 0 for ps in ten["layers"].values() for p in ps)
+    assert "paper 6.97%" in out and (tmp_path / "ten" / "scale_finetune.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_scale_ranking_quick(tmp_path):
+    """Both arms trained with their own --weight-scale, the stand-alone runs trained alone, tau per arm."""
+    out = run_benchmark("scale_ranking", "--quick", "--subnets", "3", "--supernet-steps", "8", "--standalone-steps", "6",
+                        "--out", str(tmp_path))
+    result = json.loads((tmp_path / "scale_ranking.json").read_text())
+    for arm in ("predictor", "shared"):
+        meta = json.loads((tmp_path / f"supernet_{arm}" / "supernet.json").read_text())
+        assert meta["quant"]["weight_scale"] == arm and -1 <= result["kendall_tau"][arm] <= 1
+    assert len(result["subnets"]) == 3 and len({r["arch"] for r in result["subnets"]}) == 3
+    for i, r in enumerate(result["subnets"]):
+        meta = json.loads((tmp_path / "standalone" / f"{i:02d}" / "run" / "supernet.json").read_text())
+        assert meta["metrics"] == {"subnet": {"arch": r["arch"], "test_top1": r["standalone"]}}
+    assert "Kendall tau, predictor" in out
+
+
+@pytest.mark.slow
+def test_train_stability_two_jobs(tmp_path):
+    """Runs side by side in spawned processes, one thread each; every run reported with its recipe's phases."""
+    out = run_benchmark("train_stability", "--space", "tiny", "--seeds", "0", "--steps", "8", "--eval-images", "100",
+                        "--calib-images", "64", "--jobs", "2", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "train_stability.json").read_text())
+    assert result["config"]["threads_per_run"] >= 1 and "2 at a time" in out
+    phases = {r["recipe"]: set(r["phase"]) for r in result["runs"]}
+    assert phases == {"scratch": {"int8"}, "default": {"float", "int8"}}
+    assert all(0 < r["test_top1"]["largest"] <= 1 for r in result["runs"])
