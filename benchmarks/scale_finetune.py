@@ -4,7 +4,8 @@ For ``--subnets`` random subnets of an int8 supernet trained with the scale pred
 subnet and calibrate its BN statistics (as search and export do), read every Conv-BN's predicted
 weight scale ``s = mean(theta / sigma)``; then freeze everything but the weight scales and
 fine-tune them with LSQ: the fake-quant forward with the calibrated statistics, cross-entropy on
-training images, SGD (momentum 0.9, cosine decay) with the LSQ gradient of each layer's scale.
+training images, SGD (momentum 0.9, cosine decay, training's bounded step for scales) with the
+LSQ gradient of each layer's scale.
 (Training's theta preconditioning makes an SGD step on theta move ``s`` exactly as LSQ moves a
 scale of its own, so theta is what is fine-tuned. Adam was tried first and is not LSQ: it moves a
 scale the loss is flat in as fast as one it is steep in, so the "optimum" it reports wanders.)
@@ -38,8 +39,9 @@ from torch import nn
 from qnas_cli.calibrate import calibrated_subnet, evaluate
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.data import augment, epoch_batches, load_dataset, to_input
-from qnas_cli.layers import BN_EPS, QConvBN, keep_scales_positive, set_runtime
+from qnas_cli.layers import BN_EPS, QConvBN, set_runtime
 from qnas_cli.supernet import load_supernet
+from qnas_cli.train import optimizer_step
 
 
 def weight_scales(sub: nn.Module) -> dict[str, float]:
@@ -68,8 +70,7 @@ def finetune_scales(sub: nn.Module, data, resolution: int, steps: int, batch_siz
         loss.backward()
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.step()
-        keep_scales_positive(sub)
+        optimizer_step(sub, opt)  # training's step: each scale moves by at most 2x per step, stays positive
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ from .space import Arch, SearchSpace, load_arch, load_space, sample
 from .supernet import Supernet, load_supernet
 
 # The default run, measured on Fashion-MNIST `small` (2 CPU cores): 400 float steps then 1200 int8
-# steps at batch 64 reach 88-89% / 86-87% int8 test top-1 (largest / smallest) in about 20 minutes.
+# steps at batch 64 reach 89% / 87% int8 test top-1 (largest / smallest) in about 16 minutes.
 DEFAULT_STEPS = 1600
 FLOAT_SHARE = 0.25  # of --steps, the float phase's default length
 SCALE_STEP_LIMIT = 2.0  # an optimizer step changes a step size by at most this factor (see optimizer_step)
