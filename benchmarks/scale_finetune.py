@@ -42,6 +42,7 @@ from qnas_cli.data import augment, epoch_batches, load_dataset, to_input
 from qnas_cli.layers import BN_EPS, QConvBN, set_runtime
 from qnas_cli.supernet import load_supernet
 from qnas_cli.train import optimizer_step
+from benchmarks.plots import pyplot, save_png
 
 
 def weight_scales(sub: nn.Module) -> dict[str, float]:
@@ -148,11 +149,7 @@ def main() -> None:
 
 def _plot(layers: dict[str, list[dict]], path: Path) -> list[str]:
     """Fig. 10: two layers (the two seen in most subnets with the widest optimal-scale spread), per subnet."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ranked = sorted(layers, key=lambda k: (len(layers[k]), max(p["finetuned"] for p in layers[k]) / min(p["finetuned"] for p in layers[k])))
     shown = ranked[-2:]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.5), squeeze=False)
@@ -165,11 +162,7 @@ def _plot(layers: dict[str, list[dict]], path: Path) -> list[str]:
         ax.set_xlabel("subnet")
         ax.set_ylabel("weight scale")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_png(fig, path)
     return shown
 
 

@@ -36,6 +36,7 @@ from qnas_cli.supernet import load_supernet
 from qnas_cli.train import TrainConfig, train
 
 from benchmarks.parallel import run_parallel, threads_per_job
+from benchmarks.plots import pyplot, save_png
 
 ARMS = ("predictor", "shared")
 PAPER_TAU = {"predictor": "0.84-0.91", "shared": "0.69-0.75"}
@@ -130,11 +131,7 @@ def main() -> None:
 
 
 def _plot(rows: list[dict], taus: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for arm, marker in zip(ARMS, "ox"):
         ax.plot([100 * r["standalone"] for r in rows], [100 * r[arm] for r in rows], marker, ls="none",
@@ -143,11 +140,7 @@ def _plot(rows: list[dict], taus: dict[str, float], path: Path) -> None:
     ax.set_ylabel("supernet-inherited int8 test top-1 (%)")
     ax.set_title("ranking: scale predictor vs shared scale", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from qnas_cli.guard import TrainingCollapsed
 from qnas_cli.train import DEFAULT_STEPS, TrainConfig, train
 
 from benchmarks.parallel import run_parallel, threads_per_job
+from benchmarks.plots import pyplot, save_png
 
 RECIPES = {"scratch": {"float_steps": 0}, "default": {}}  # int8 from scratch; the default float -> int8
 
@@ -119,11 +120,7 @@ def main() -> None:
 
 
 def _plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     colors = {"scratch": "tab:red", "default": "tab:blue"}
     for r in runs:
@@ -136,11 +133,7 @@ def _plot(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("training loss, largest subnet")
     ax.set_title("int8 from scratch vs float -> int8 (default); dotted: collapse events", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":
