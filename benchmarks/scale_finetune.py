@@ -52,6 +52,10 @@ def weight_scales(sub: nn.Module) -> dict[str, float]:
                 for name, m in sub.named_modules() if isinstance(m, QConvBN)}
 
 
+def max_over_min(points: list[dict], key: str) -> float:
+    return max(p[key] for p in points) / min(p[key] for p in points)
+
+
 def finetune_scales(sub: nn.Module, data, resolution: int, steps: int, batch_size: int, lr: float, seed: int) -> None:
     """LSQ on the weight scales alone: everything else frozen, BN statistics the calibrated ones (eval mode)."""
     for p in sub.parameters():
@@ -119,8 +123,8 @@ def main() -> None:
               f"({r['seconds']:.0f} s)", flush=True)
 
     all_errors = [abs(p["predicted"] - p["finetuned"]) / p["finetuned"] for ps in layers.values() for p in ps]
-    spread = {k: max(p["finetuned"] for p in ps) / min(p["finetuned"] for p in ps) for k, ps in layers.items() if len(ps) > 1}
-    spread_pred = {k: max(p["predicted"] for p in ps) / min(p["predicted"] for p in ps) for k, ps in layers.items() if len(ps) > 1}
+    spread = {k: max_over_min(ps, "finetuned") for k, ps in layers.items() if len(ps) > 1}
+    spread_pred = {k: max_over_min(ps, "predicted") for k, ps in layers.items() if len(ps) > 1}
     shared = {k: math.exp(statistics.mean(math.log(p["finetuned"]) for p in ps)) for k, ps in layers.items()}
     shared_errors = [abs(shared[k] - p["finetuned"]) / p["finetuned"] for k, ps in layers.items() if len(ps) > 1 for p in ps]
     summary = {"mean_rel_error": statistics.mean(all_errors), "median_rel_error": statistics.median(all_errors),
@@ -150,7 +154,7 @@ def main() -> None:
 def _plot(layers: dict[str, list[dict]], path: Path) -> list[str]:
     """Fig. 10: two layers (the two seen in most subnets with the widest optimal-scale spread), per subnet."""
     plt = pyplot()
-    ranked = sorted(layers, key=lambda k: (len(layers[k]), max(p["finetuned"] for p in layers[k]) / min(p["finetuned"] for p in layers[k])))
+    ranked = sorted(layers, key=lambda k: (len(layers[k]), max_over_min(layers[k], "finetuned")))
     shown = ranked[-2:]
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 3.5), squeeze=False)
     for ax, name in zip(axes[0], shown):

@@ -303,6 +303,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     """
     space = load_space(cfg.space)
     alone = load_arch(Path(cfg.subnet), space) if cfg.subnet else None
+    anchor = alone or sample(space, "largest")  # the subnet trained on the labels: scales initialise on it, diagnostics run it
     out = Path(cfg.out)
     d = setup_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     device = resolve_device(cfg.device, d)
@@ -344,7 +345,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         if cfg.init:
             _load_float_init(model, Path(cfg.init), space)
         if plan[0].quant.enabled:
-            init_quant_scales(model, data, space, device, arch=alone)
+            init_quant_scales(model, data, space, device, arch=anchor)
         opt = make_optimizer(model, cfg)
     _broadcast(model, d)
     if d.main and not resume:
@@ -360,7 +361,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         for i in range(first, len(plan)):
             ph = plan[i]
             if i > first:  # the phase boundary: the int8 supernet starts from the float one
-                model = int8_from_float(model, ph.quant, data, space, device, alone)
+                model = int8_from_float(model, ph.quant, data, space, device, anchor)
                 _broadcast(model, d)
                 opt = make_optimizer(model, cfg)
             model.train()
@@ -383,8 +384,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                     t_last, seen = now, 0
                     append_metrics(out / "metrics.jsonl", {"step": step + 1, "epoch": epoch, **metrics})
                 if verdict:
-                    _report_collapse(verdict, guard, model, data, alone or sample(space, "largest"), batches[k], step + 1, metrics,
-                                     out, device, log)
+                    _report_collapse(verdict, guard, model, data, anchor, batches[k], step + 1, metrics, out, device, log)
                 collapsed = _sync_flag(verdict in ("stop", "non-finite"), d)
                 if on_step and d.main:
                     on_step(step + 1, total, metrics)

@@ -31,7 +31,7 @@ def train(
     steps: Annotated[int, typer.Option(help=f"Optimizer steps of the whole run, float and int8 phases together (default {DEFAULT_STEPS}: "
                                             "about 16 min on 2 CPU cores for 89% / 87% int8 test top-1 on Fashion-MNIST, small).")] = None,
     float_steps: Annotated[int, typer.Option(help=f"Of --steps, how many train the float supernet that the int8 one starts from (QuantNAS §4.2) "
-                                                  f"(default {FLOAT_SHARE:.0%} of --steps). 0: int8 from scratch (less accurate, and it can collapse).")] = None,
+                                                  f"(default {FLOAT_SHARE:.0%} of --steps). 0: int8 from scratch (stable, a little less accurate).")] = None,
     epochs: Annotated[int, typer.Option(help="The run's length in passes over the training split, instead of --steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step per process.")] = D.batch_size,
     lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, momentum 0.9, warm-up then cosine, in each phase).")] = D.lr,
