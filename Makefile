@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO   := runs/demo
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup data demo test test-fast bench baselines-venv clean
 
 setup: $(STAMP) data
 
@@ -53,5 +53,14 @@ bench: setup
 	$(BIN)/python -m benchmarks.scale_finetune --supernet runs/bench/supernet_accuracy/default/supernet.pt
 	$(BIN)/python -m benchmarks.scale_ranking --jobs 2
 
+# The converters a PyTorch user would pick instead (benchmarks/litert_route.py): litert-torch and
+# ai-edge-quantizer need ai-edge-litert 2.3 where qnas pins 2.1, so they get a venv of their own.
+# Only the export benchmark uses it; nothing in qnas imports it.
+baselines-venv: .venv-baselines/.installed
+.venv-baselines/.installed:
+	@test -x .venv-baselines/bin/python || $(PYTHON) -m venv .venv-baselines
+	.venv-baselines/bin/pip install -q torch==2.14.1 litert-torch==0.10.0 ai-edge-quantizer==0.10.0
+	@touch $@
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-baselines runs .pytest_cache

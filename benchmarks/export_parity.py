@@ -8,6 +8,9 @@ For each subnet (`--subnets`, of one `--supernet`), on the same held-out test im
   fake-quant forward, which is what the gate compared with before the exact forward existed;
 - plain onnx2tf: the same IntegerGraph -> ONNX -> onnx2tf full-integer quantization with its
   own calibration and scales, scored against the exact XNNPACK forward in our output LSBs;
+- litert-torch + ai-edge-quantizer (the route a PyTorch user picks today, benchmarks/litert_route.py):
+  the same float numbers exported by litert-torch and quantized with ``static_wi8_ai8``, scored
+  the same way (``--no-litert-torch`` skips it; it needs ``make baselines-venv``);
 - cost: `qnas export` as a user runs it (its own process, the whole test split, default
   checks), wall time split by stage, and the exact forward's time relative to the fake-quant
   one (same images, same batches). Target: the largest `small` subnet in <= 60 s on 2 cores.
@@ -16,7 +19,7 @@ For each subnet (`--subnets`, of one `--supernet`), on the same held-out test im
                                        [--images 500] [--out runs/bench/export_parity]
 
 Without --supernet a tiny int8 supernet is trained on Fashion-MNIST into OUT/supernet (under a
-minute; reused when present). Writes OUT/export_parity.json and OUT/<subnet>/{qnas,plain}/.
+minute; reused when present). Writes OUT/export_parity.json and OUT/<subnet>/{qnas,plain,litert_torch}/.
 """
 from __future__ import annotations
 
@@ -97,7 +100,50 @@ def plain_onnx2tf(path: Path, folder: Path, n_images: int) -> dict:
     got = quantize(dequantize(run_tflite(model, fed, "xnnpack"), QParams(s_out, z_out)), ours_out)
     row["parity"]["xnnpack"] = parity(got, expected)
     row["top1_xnnpack"] = float(np.mean(got.argmax(1) == labels))
+    row["float_ops"] = float_ops(model)
     return row
+
+
+def litert_torch(path: Path, folder: Path, n_images: int) -> dict:
+    """The same subnet through litert-torch + ai-edge-quantizer (static int8, its own calibration on
+    the same training images as plain onnx2tf), scored like it: in our output LSBs against the
+    exact XNNPACK forward, test top-1, and what the file holds."""
+    from benchmarks.litert_route import REPORT, run_model, run_route
+
+    sub, _, data = prepare(path, None, None, CALIB_IMAGES)
+    sub.eval()
+    graph = to_integer_graph(sub, {"arch": sub.arch.key})
+    idx = calibration_indices(data.train, ONNX2TF_CALIB_IMAGES, 2)
+    ours_in, ours_out = graph.qparams[graph.input], graph.qparams[graph.output]
+    # inputs on qnas's own input grid, so both routes see the same information
+    calib = dequantize(quantize_input(sub, to_input(data.train.get(idx)[0], data, sub.arch.resolution)), ours_in)
+    images, labels = int8_images(sub, data, data.test, n_images)
+    expected = subnet_outputs(sub, images, "xnnpack")
+    model = run_route(graph, calib.astype(np.float32), folder)
+    logits = run_model(model, dequantize(images, ours_in).astype(np.float32), "xnnpack")
+    got = quantize(logits, ours_out)
+    census = op_census(model)
+    return {"parity": {"xnnpack": parity(got, expected)}, "census": census, "top1_xnnpack": float(np.mean(logits.argmax(1) == labels)),
+            "float_ops": float_ops(model), "route": json.loads((folder / REPORT).read_text())}
+
+
+def float_ops(model: Path) -> dict:
+    """Ops of the file that compute in float (their first input is a float tensor), by kind."""
+    from collections import Counter
+
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    m = fbu.read_model(str(model))
+    names = {code: name for name, code in vars(fb.BuiltinOperator).items() if not name.startswith("_")}
+    kinds: Counter[str] = Counter()
+    for sg in m.subgraphs:
+        for op in sg.operators:
+            first = next((t for t in op.inputs if t >= 0), None)
+            kind = names[fbu.get_builtin_code_from_operator_code(m.operatorCodes[op.opcodeIndex])]
+            if first is not None and sg.tensors[first].type == fb.TensorType.FLOAT32 and kind != "QUANTIZE":
+                kinds[kind] += 1
+    return dict(sorted(kinds.items()))
 
 
 def exactness(path: Path, tflite: Path, n_images: int) -> dict:
@@ -157,6 +203,29 @@ def table(results: list[dict], images: int) -> None:
                        "the PyTorch passes); exact forward time relative to fake-quant; plain onnx2tf vs exact XNNPACK")
 
 
+def routes_table(results: list[dict], images: int) -> None:
+    """The three routes side by side on XNNPACK: qnas, plain onnx2tf, litert-torch + ai-edge-quantizer."""
+    head = ["subnet", "route", "exact vs qnas forward", "max LSB", "top-1 agree", "TFLite top-1", "float ops", "QUANTIZE/DEQUANTIZE"]
+    rows = []
+    for r in results:
+        x = r.get("exactness", {}).get("runtimes", {}).get("xnnpack")
+        routes = {"qnas export": (x["after"], x["top1"], r["qnas"]) if x and "census" in r.get("qnas", {}) else None}
+        for key, label in (("plain_onnx2tf", "plain onnx2tf"), ("litert_torch", "litert-torch + AEQ")):
+            p = r.get(key, {})
+            routes[label] = (p["parity"]["xnnpack"], p["top1_xnnpack"], p) if "parity" in p else p.get("error", "not run")
+        for label, v in routes.items():
+            if not isinstance(v, tuple):
+                rows.append([r["subnet"], label, str(v)[:60], "", "", "", "", ""])
+                continue
+            par, top1, doc = v
+            c = doc["census"]
+            rows.append([r["subnet"], label, f"{100 * par['exact']:.2f}%", str(par["max_abs_lsb"]),
+                         f"{100 * par['top1_agreement']:.2f}%", f"{100 * top1:.2f}%", str(sum(doc.get("float_ops", {}).values())),
+                         f"{c['quantize_ops']}/{c['dequantize_ops']}"])
+    _print(head, rows, f"\nroutes on XNNPACK, {images} test images: int8 logits in qnas's output LSBs vs qnas's exact forward "
+                       "(the trained numbers); float ops: ops whose input is float32")
+
+
 def _print(head: list[str], rows: list[list[str]], title: str) -> None:
     print(title)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
@@ -170,6 +239,8 @@ def main() -> None:
     ap.add_argument("--subnets", default="largest,smallest,random:1")
     ap.add_argument("--images", type=int, default=500, help="held-out test images")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/export_parity"))
+    ap.add_argument("--litert-torch", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the litert-torch + ai-edge-quantizer route (needs .venv-baselines: make baselines-venv)")
     args = ap.parse_args()
     supernet = args.supernet
     if supernet is None:
@@ -186,7 +257,8 @@ def main() -> None:
             rep, wall = timed_export(path, path.parent / "qnas")
             export_versions, row["arch"] = rep["versions"], rep["arch_key"]
             row["qnas"] = {k: rep[k] for k in ("parity", "census", "accuracy", "passed", "problems", "xnnpack_coverage")}
-            row["qnas"].update(seconds_detail=rep["seconds"], wall_seconds=wall)
+            row["qnas"].update(seconds_detail=rep["seconds"], wall_seconds=wall,
+                               float_ops=float_ops(path.parent / "qnas" / "model_int8.tflite"))
         except Exception as e:  # noqa: BLE001 - one failing subnet must not hide the others
             row["qnas"] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
         print(f"[{spec}] exactness per runtime, before and after")
@@ -199,10 +271,17 @@ def main() -> None:
             row["plain_onnx2tf"] = plain_onnx2tf(path, path.parent / "plain", args.images)
         except Exception as e:  # noqa: BLE001
             row["plain_onnx2tf"] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
+        if args.litert_torch:
+            print(f"[{spec}] litert-torch + ai-edge-quantizer")
+            try:
+                row["litert_torch"] = litert_torch(path, path.parent / "litert_torch", args.images)
+            except Exception as e:  # noqa: BLE001
+                row["litert_torch"] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
         results.append(row)
     write_json(args.out / "export_parity.json", {"supernet": str(supernet), "images": args.images,
                                                   "results": results, "versions": {**versions(), **export_versions}})
     table(results, args.images)
+    routes_table(results, args.images)
     print(f"wrote {args.out / 'export_parity.json'}")
 
 

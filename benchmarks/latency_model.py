@@ -38,27 +38,33 @@ import numpy as np
 from export.blocks import arch_graph
 from export.cut import Cutter
 from export.graph import Add
-from export.latency_build import build_tables, fit_archs, save_table
-from export.measure import measure_models
+from export.latency_build import fit_archs, save_table, tables_from_timings, time_cover
+from export.measure import STATISTICS, measure_models
 from export.tflite import export_tflite
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.latency import Predictor, host_device, load_table
 from qnas_cli.ranking import kendall_tau
 from qnas_cli.space import load_space, sample
 
+from benchmarks.plots import pyplot, save_png
+
 RUNTIMES = ("xnnpack", "builtin")
 
 
 def tables_for(space, in_ch, classes, rounds, table_dir: Path | None, out: Path) -> tuple[dict, float | None]:
-    """Both runtimes' tables: loaded from table_dir, or built now (and saved under out)."""
+    """{statistic: {runtime: table}}: loaded from table_dir (the statistic their header names),
+    or built now from one timing session under every statistic (and saved under out)."""
     if table_dir is not None:
-        return {rt: load_table(table_dir / f"table.{rt}.json", space, in_ch, classes) for rt in RUNTIMES}, None
+        loaded = {rt: load_table(table_dir / f"table.{rt}.json", space, in_ch, classes) for rt in RUNTIMES}
+        return {loaded["xnnpack"].header["method"].get("statistic_name", "median"): loaded}, None
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qnas-latency-bench-") as cache:  # a cold build: its time is honest
-        tables = build_tables(space, in_ch, classes, RUNTIMES, rounds=rounds, cache=Path(cache))
+        cover, timed = time_cover(space, in_ch, classes, RUNTIMES, rounds=rounds, cache=Path(cache))
+        tables = {stat: tables_from_timings(space, in_ch, classes, cover, timed, stat) for stat in STATISTICS}
     seconds = time.perf_counter() - t0
-    for rt, t in tables.items():
-        save_table(t, out / f"table.{rt}.json")
+    for stat, by_rt in tables.items():
+        for rt, t in by_rt.items():
+            save_table(t, out / f"table.{stat}.{rt}.json")
     return tables, seconds
 
 
@@ -128,6 +134,35 @@ def fit_variants(pred: Predictor, fit_set, archs, measured) -> dict[str, dict]:
     return out
 
 
+def score(space, tables: dict, archs, measured: dict[str, dict[str, float]], timings) -> tuple[dict, list[dict]]:
+    """Predictions of ``tables`` (one statistic, both runtimes) against ``measured`` {arch key: {runtime: ms}}
+    under the same statistic: as tabled, and at this session's speed (the drift divided out)."""
+    preds = {rt: Predictor(tables[rt], space) for rt in RUNTIMES}
+    # This host's speed drifts between sessions (shared machine): the fit subnets, timed in the
+    # table's session and again now, measure by how much; "at today's speed" divides it out.
+    speed = {rt: statistics.median(p["measured_ms"] / measured[p["arch"]][rt]
+                                   for p in tables[rt].fit.points if p["arch"] in measured) for rt in RUNTIMES}
+    rows = [{"arch": a.key, "measured_ms": dict(measured[a.key]),
+             "predicted_ms": {rt: preds[rt].predict(a) for rt in RUNTIMES},
+             "predicted_now_ms": {rt: preds[rt].predict(a) / speed[rt] for rt in RUNTIMES},
+             "spread": {rt: timings[(a.key, rt)].spread for rt in RUNTIMES}} for a in archs]
+    summary = {}
+    for rt in RUNTIMES:
+        m = np.array([r["measured_ms"][rt] for r in rows])
+        summary[rt] = {"table_session_speed_vs_now": speed[rt], "fit": {"a": tables[rt].fit.a, "b": tables[rt].fit.b},
+                       "measured_range_ms": [float(m.min()), float(m.max())],
+                       "predictions_per_s": prediction_rate(preds[rt], archs)}
+        for name, col in (("raw", "predicted_ms"), ("same_speed", "predicted_now_ms")):
+            p = np.array([r[col][rt] for r in rows])
+            err = p / m - 1
+            summary[rt][name] = {"within_10pct": float(np.mean(np.abs(err) <= 0.1)), "mape": float(np.mean(np.abs(err))),
+                                 "max_abs_error": float(np.max(np.abs(err))), "mean_error": float(np.mean(err)),
+                                 "kendall_tau": kendall_tau(list(m), list(p))}
+        # what a better correction could do (analysis for the next step, not the shipped fit)
+        summary[rt]["variants"] = fit_variants(preds[rt], fit_archs(space), archs, {k: v[rt] for k, v in measured.items()})
+    return summary, rows
+
+
 def prediction_rate(pred: Predictor, archs) -> float:
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 1.0:
@@ -137,27 +172,25 @@ def prediction_rate(pred: Predictor, archs) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, rt in zip(axes, RUNTIMES):
-        m = np.array([r["measured_ms"][rt] for r in rows])
-        p = np.array([r["predicted_now_ms"][rt] for r in rows])
-        lo, hi = min(m.min(), p.min()) * 0.8, max(m.max(), p.max()) * 1.25
-        xs = np.geomspace(lo, hi, 50)
-        ax.fill_between(xs, xs * 0.9, xs * 1.1, color="tab:green", alpha=0.2, label="±10%")
-        ax.plot(xs, xs, color="gray", lw=0.8)
-        ax.scatter(m, p, s=18)
-        ax.set(xscale="log", yscale="log", xlabel="measured latency (ms)", ylabel="predicted latency (ms)",
-               title=f"{rt}: {100 * np.mean(np.abs(p / m - 1) <= 0.1):.0f}% within ±10%")
-        ax.legend(loc="upper left")
+def plot(rows: dict[str, list[dict]], path: Path) -> None:
+    """Predicted (at the session's speed) vs measured, one panel per (statistic, runtime), ±10% band."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 5 * len(rows)), squeeze=False)
+    for axrow, (stat, stat_rows) in zip(axes, rows.items()):
+        for ax, rt in zip(axrow, RUNTIMES):
+            m = np.array([r["measured_ms"][rt] for r in stat_rows])
+            p = np.array([r["predicted_now_ms"][rt] for r in stat_rows])
+            lo, hi = min(m.min(), p.min()) * 0.8, max(m.max(), p.max()) * 1.25
+            xs = np.geomspace(lo, hi, 50)
+            ax.fill_between(xs, xs * 0.9, xs * 1.1, color="tab:green", alpha=0.2, label="±10%")
+            ax.plot(xs, xs, color="gray", lw=0.8)
+            ax.scatter(m, p, s=18)
+            ax.set(xscale="log", yscale="log", xlabel=f"measured latency, {stat} (ms)", ylabel="predicted latency (ms)",
+                   title=f"{rt}, {stat}: {100 * np.mean(np.abs(p / m - 1) <= 0.1):.0f}% within ±10%")
+            ax.legend(loc="upper left")
     fig.suptitle("int8 TFLite latency: table prediction (at the session's speed) vs measured, 1 thread, host CPU")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
 
 
 def main() -> None:
@@ -187,61 +220,48 @@ def main() -> None:
     models = export_all(space, archs + refs, args.in_channels, args.classes, out / "exports")
     export_s = time.perf_counter() - t0
     timings = measure_models(models, RUNTIMES, rounds=args.rounds, round_ms=10.0)
-    preds = {rt: Predictor(tables[rt], space) for rt in RUNTIMES}
-    # This host's speed drifts between sessions (shared machine): the fit subnets, timed in the
-    # table's session and again now, measure by how much; "at today's speed" divides it out.
-    speed = {rt: statistics.median(p["measured_ms"] / timings[(p["arch"], rt)].median_ms
-                                   for p in tables[rt].fit.points if (p["arch"], rt) in timings) for rt in RUNTIMES}
-    rows = [{"arch": a.key, "measured_ms": {rt: timings[(a.key, rt)].median_ms for rt in RUNTIMES},
-             "predicted_ms": {rt: preds[rt].predict(a) for rt in RUNTIMES},
-             "predicted_now_ms": {rt: preds[rt].predict(a) / speed[rt] for rt in RUNTIMES},
-             "spread": {rt: timings[(a.key, rt)].spread for rt in RUNTIMES}} for a in archs]
-    summary = {}
-    for rt in RUNTIMES:
-        m = np.array([r["measured_ms"][rt] for r in rows])
-        summary[rt] = {"table_session_speed_vs_now": speed[rt], "fit": {"a": tables[rt].fit.a, "b": tables[rt].fit.b},
-                       "measured_range_ms": [float(m.min()), float(m.max())],
-                       "predictions_per_s": prediction_rate(preds[rt], archs)}
-        for name, col in (("raw", "predicted_ms"), ("same_speed", "predicted_now_ms")):
-            p = np.array([r[col][rt] for r in rows])
-            err = p / m - 1
-            summary[rt][name] = {"within_10pct": float(np.mean(np.abs(err) <= 0.1)), "mape": float(np.mean(np.abs(err))),
-                                 "max_abs_error": float(np.max(np.abs(err))), "mean_error": float(np.mean(err)),
-                                 "kendall_tau": kendall_tau(list(m), list(p))}
-    for rt in RUNTIMES:  # what a better correction could do (analysis for the next step, not the shipped fit)
-        summary[rt]["variants"] = fit_variants(preds[rt], fit_archs(space), archs,
-                                               {k: timings[(k, rt)].median_ms for k in models})
+    summary, rows = {}, {}
+    for stat, by_rt in tables.items():
+        summary[stat], rows[stat] = score(space, by_rt, archs, {k: {rt: timings[(k, rt)].ms(stat) for rt in RUNTIMES}
+                                                                for k in models}, timings)
     breakdown = {how: op_breakdown(space, archs[i], models[archs[i].key], args.in_channels, args.classes, args.rounds)
                  for i, how in ((0, "largest"), (1, "smallest"))}
     result = {"space": space.name, "subnets": len(archs), "device": host_device(), "versions": versions(),
-              "table_build_s": build_s, "table_header": {rt: tables[rt].header for rt in RUNTIMES},
-              "export_s": export_s, "summary": summary, "rows": rows, "op_breakdown": breakdown,
+              "table_build_s": build_s,
+              "table_header": {stat: {rt: t.header for rt, t in by_rt.items()} for stat, by_rt in tables.items()},
+              "export_s": export_s, "statistics": {stat: STATISTICS[stat] for stat in tables},
+              "summary": summary, "rows": rows, "op_breakdown": breakdown,
               "targets": {"within_10pct": 0.9, "kendall_tau": 0.9}}
     write_json(out / "latency_model.json", result)
     plot(rows, out / "latency_model.png")
 
     print(f"\nlatency predictor on {len(archs)} exported {space.name} subnets "
-          f"(table build {'reused' if build_s is None else f'{build_s:.0f} s'}, exports {export_s:.0f} s)")
-    print(f"{'runtime':<9} {'predicted':<12} {'within ±10%':>12} {'MAPE':>7} {'mean err':>9} {'max err':>8} {'tau':>6}  verdict")
-    for rt, s in summary.items():
-        for name, label in (("raw", "as tabled"), ("same_speed", "today's speed")):
-            v = s[name]
-            ok = v["within_10pct"] >= 0.9 and v["kendall_tau"] >= 0.9
-            print(f"{rt:<9} {label:<12} {100 * v['within_10pct']:>11.1f}% {100 * v['mape']:>6.1f}% {100 * v['mean_error']:>+8.1f}% "
-                  f"{100 * v['max_abs_error']:>7.1f}% {v['kendall_tau']:>6.3f}  {'met' if ok else 'NOT met'} (>= 90%, tau >= 0.9)")
-        print(f"{'':<9} table session ran {s['table_session_speed_vs_now']:.3f}x today's latency (fit subnets re-timed); "
-              f"{s['predictions_per_s']:.0f} predictions/s")
+          f"(table build {'reused' if build_s is None else f'{build_s:.0f} s'}, exports {export_s:.0f} s); "
+          "each statistic scores tables against whole models timed under the same statistic")
+    print(f"{'statistic':<10}{'runtime':<9} {'predicted':<14} {'within ±10%':>12} {'MAPE':>7} {'mean err':>9} {'max err':>8} "
+          f"{'tau':>6}  verdict")
+    for stat, by_rt in summary.items():
+        for rt, s in by_rt.items():
+            for name, label in (("raw", "as tabled"), ("same_speed", "session speed")):
+                v = s[name]
+                ok = v["within_10pct"] >= 0.9 and v["kendall_tau"] >= 0.9
+                print(f"{stat:<10}{rt:<9} {label:<14} {100 * v['within_10pct']:>11.1f}% {100 * v['mape']:>6.1f}% "
+                      f"{100 * v['mean_error']:>+8.1f}% {100 * v['max_abs_error']:>7.1f}% {v['kendall_tau']:>6.3f}  "
+                      f"{'met' if ok else 'NOT met'} (>= 90%, tau >= 0.9)")
+            print(f"{'':<19} table session ran {s['table_session_speed_vs_now']:.3f}x this session's latency "
+                  f"(fit subnets re-timed); {s['predictions_per_s']:.0f} predictions/s")
     print("\ncorrections refitted on the 12 fit subnets as timed in this session (re-anchoring), on the same subnets:")
-    for rt, s in summary.items():
-        for name, v in s["variants"].items():
-            print(f"  {rt:<9} {name:<30} within ±10% {100 * v['within_10pct']:>5.1f}%  MAPE {100 * v['mape']:>5.1f}%  "
-                  f"max {100 * v['max_abs_error']:>5.1f}%  tau {v['kendall_tau']:.3f}")
+    for stat, by_rt in summary.items():
+        for rt, s in by_rt.items():
+            for name, v in s["variants"].items():
+                print(f"  {stat:<8}{rt:<9} {name:<30} within ±10% {100 * v['within_10pct']:>5.1f}%  MAPE {100 * v['mape']:>5.1f}%  "
+                      f"max {100 * v['max_abs_error']:>5.1f}%  tau {v['kendall_tau']:.3f}")
     for how, per_kind in breakdown.items():
         print(f"\nop by op, {how} subnet (each op timed alone, ms summed per kind):")
         print(f"  {'op kind':<22} {'xnnpack':>9} {'builtin':>9} {'xnnpack/builtin':>16}")
         for kind, v in per_kind.items():
             print(f"  {kind:<22} {v['xnnpack']:>9.4f} {v['builtin']:>9.4f} {v['xnnpack/builtin']:>16.2f}")
-    med = statistics.median(r["spread"]["xnnpack"] for r in rows)
+    med = statistics.median(r["spread"]["xnnpack"] for r in next(iter(rows.values())))
     print(f"\nmedian round-to-round spread of the whole-model timings (xnnpack): {100 * med:.1f}%")
     print(f"wrote {out / 'latency_model.json'} and {out / 'latency_model.png'}")
 

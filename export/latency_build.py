@@ -26,13 +26,13 @@ import numpy as np
 
 from qnas_cli.checkpoint import write_json
 from qnas_cli.errors import UserError
-from qnas_cli.latency import (Fit, LatencyTable, cache_dir, fit_correction, host_device, host_table_path, key_text,
-                              load_table, part_keys)
+from qnas_cli.latency import (STATISTIC, Fit, LatencyTable, cache_dir, fit_correction, host_device, host_table_path, key_text,
+                              load_table, part_keys, table_statistic)
 from qnas_cli.space import Arch, SearchSpace, sample
 
 from .blocks import PartSpan, cover_graph
 from .cut import Cutter
-from .measure import measure_models, method, runtime_version
+from .measure import Timing, measure_models, method, runtime_version
 from .tflite import ONNX2TF_VERSION, export_tflite
 
 N_WHOLE = 12  # whole subnets timed end to end for the fit: largest, smallest, 10 random
@@ -115,9 +115,33 @@ def convert_covers(space: SearchSpace, in_channels: int, num_classes: int, folde
 
 def build_tables(space: SearchSpace, in_channels: int, num_classes: int, runtimes: tuple[str, ...],
                  threads: int = 1, rounds: int = 40, round_ms: float = 3.0, cache: Path | None = None,
-                 n_whole: int = N_WHOLE, jobs: int = 2, log: Callable[[str], None] = print,
+                 n_whole: int = N_WHOLE, jobs: int = 2, statistic: str = STATISTIC,
+                 log: Callable[[str], None] = print,
                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, LatencyTable]:
     """One table per runtime, all parts timed in one interleaved session."""
+    cover, timings = time_cover(space, in_channels, num_classes, runtimes, threads, rounds, round_ms, cache,
+                                n_whole, jobs, log, progress)
+    return tables_from_timings(space, in_channels, num_classes, cover, timings, statistic)
+
+
+@dataclass
+class CoverTimings:
+    """Every part and whole subnet of a cover, timed: what tables are made of, under any statistic."""
+
+    timings: dict[tuple[str, str], Timing]  # (key_text or "whole:<arch>", runtime) -> timing
+    runtimes: tuple[str, ...]
+    threads: int
+    rounds: int
+    round_ms: float
+    measure_s: float
+    started: float  # perf_counter at the build's start, for its total time
+
+
+def time_cover(space: SearchSpace, in_channels: int, num_classes: int, runtimes: tuple[str, ...],
+               threads: int = 1, rounds: int = 40, round_ms: float = 3.0, cache: Path | None = None,
+               n_whole: int = N_WHOLE, jobs: int = 2, log: Callable[[str], None] = print,
+               progress: Callable[[str, int, int], None] | None = None) -> tuple[Cover, CoverTimings]:
+    """Convert (or reuse) the space's cover graphs and time every part and fit subnet, interleaved."""
     t0 = time.perf_counter()
     wholes = fit_archs(space, n_whole)
     folder = cover_folder(cache or cache_dir() / "latency", space, in_channels, num_classes)
@@ -131,26 +155,35 @@ def build_tables(space: SearchSpace, in_channels: int, num_classes: int, runtime
 
     cover = convert_covers(space, in_channels, num_classes, folder, wholes, jobs, log, converted)
     models: dict[str, bytes] = dict(cover.parts)
-    whole_names = [f"whole:{a.key}" for a, _ in cover.wholes]
-    models.update({name: m for name, (_, m) in zip(whole_names, cover.wholes)})
+    models.update({whole_name(a): m for a, m in cover.wholes})
     log(f"timing {len(cover.parts)} parts and {len(cover.wholes)} whole subnets on {', '.join(runtimes)}, "
         f"{threads} thread(s), {rounds} interleaved rounds")
     t_measure = time.perf_counter()
     timings = measure_models(models, runtimes, threads, rounds, round_ms,
                              progress=(lambda d, n: progress("measure", d, n)) if progress else None)
-    measure_s = time.perf_counter() - t_measure
+    return cover, CoverTimings(timings, tuple(runtimes), threads, rounds, round_ms, time.perf_counter() - t_measure, t0)
+
+
+def whole_name(arch: Arch) -> str:
+    return f"whole:{arch.key}"
+
+
+def tables_from_timings(space: SearchSpace, in_channels: int, num_classes: int, cover: Cover, timed: CoverTimings,
+                        statistic: str = STATISTIC) -> dict[str, LatencyTable]:
+    """One table per timed runtime, entries and fit under ``statistic`` (a key of ``STATISTICS``)."""
     tables = {}
-    for rt in runtimes:
-        entries = {k: timings[(k, rt)].median_ms for k in cover.parts}
-        spread = {k: timings[(k, rt)].spread for k in cover.parts}
-        measured = {arch.key: timings[(name, rt)].median_ms for (arch, _), name in zip(cover.wholes, whole_names)}
+    for rt in timed.runtimes:
+        t = {k: v for (k, r), v in timed.timings.items() if r == rt}
+        entries = {k: t[k].ms(statistic) for k in cover.parts}
+        spread = {k: t[k].spread for k in cover.parts}
+        measured = {arch.key: t[whole_name(arch)].ms(statistic) for arch, _ in cover.wholes}
         tables[rt] = make_table(
             space, in_channels, num_classes, entries, [a for a, _ in cover.wholes], measured, spread=spread,
-            header={"runtime": rt, "runtime_version": runtime_version(), "threads": threads, "device": host_device(),
-                    "method": method(threads, rounds, round_ms),
+            header={"runtime": rt, "runtime_version": runtime_version(), "threads": timed.threads, "device": host_device(),
+                    "method": method(timed.threads, timed.rounds, timed.round_ms, statistic=statistic),
                     "conversion": conversion_header(cover),
-                    "seconds": {"convert": round(cover.seconds, 1), "measure": round(measure_s, 1),
-                                "total": round(time.perf_counter() - t0, 1)}})
+                    "seconds": {"convert": round(cover.seconds, 1), "measure": round(timed.measure_s, 1),
+                                "total": round(time.perf_counter() - timed.started, 1)}})
     return tables
 
 
@@ -204,11 +237,14 @@ def ensure_host_table(space: SearchSpace, in_channels: int, num_classes: int, ru
     path = host_table_path(space, in_channels, num_classes, runtime, threads)
     if path.is_file():
         try:
-            return load_table(path, space, in_channels, num_classes), path
+            table = load_table(path, space, in_channels, num_classes)
+            if table_statistic(table.header) == STATISTIC:
+                return table, path
+            log(f"rebuilding the cached latency table: its entries are the {table_statistic(table.header)} "
+                f"of the invoke times, the default is now the {STATISTIC}")
         except UserError as e:
             log(f"rebuilding the cached latency table: {e}")
-    log(f"no host latency table for {space.name} ({runtime}, {threads} thread(s)) yet: building it once, "
-        f"cached in {path}")
+    log(f"building the host latency table for {space.name} ({runtime}, {threads} thread(s)) once, cached in {path}")
     table = build_tables(space, in_channels, num_classes, (runtime,), threads, log=log, **build)[runtime]
     save_table(table, path)
     return table, path

@@ -8,7 +8,9 @@ Method (stated in every result, as TFLite's ``benchmark_model`` states its own):
   all models alike instead of on whichever ran last;
 - every invoke is timed on its own (``perf_counter_ns``); a model's figure is the median over
   rounds of each round's median, reported with p10/p90 of all invokes and the spread of the
-  round medians.
+  round medians. Latency tables may use the p10 instead (``STATISTICS``): interference from
+  other processes only ever adds time, so a low quantile is the steadier estimate of the
+  machine's own speed.
 
 On this kind of host the median of one 50-invoke round was seen anywhere from -18% to +62%
 of an eight-round median, so a single round is never a figure.
@@ -32,6 +34,10 @@ import numpy as np
 from qnas_cli.checkpoint import versions
 
 WARMUP = 5  # invokes per (model, runtime) before timing: XNNPACK packs weights on the first
+STATISTICS = {
+    "median": "median over interleaved rounds of each round's median invoke time",
+    "p10": "10th percentile of every timed invoke over the interleaved rounds",
+}
 
 
 @dataclass
@@ -47,6 +53,10 @@ class Timing:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def ms(self, statistic: str) -> float:
+        """The figure under one of ``STATISTICS``."""
+        return {"median": self.median_ms, "p10": self.p10_ms}[statistic]
 
 
 def runtime_version() -> str:
@@ -209,10 +219,10 @@ def _summary(rows: list[list[int]]) -> Timing:
                   rounds=len(rows), invokes=int(every.size))
 
 
-def method(threads: int, rounds: int, round_ms: float, warmup: int = WARMUP) -> dict:
+def method(threads: int, rounds: int, round_ms: float, warmup: int = WARMUP, statistic: str = "median") -> dict:
     """How the figures were taken, for headers and reports."""
     return {"threads": threads, "rounds": rounds, "round_ms": round_ms, "warmup_invokes": warmup,
-            "statistic": "median over interleaved rounds of each round's median invoke time",
+            "statistic": STATISTICS[statistic], "statistic_name": statistic,
             "timer": "perf_counter_ns around Interpreter.invoke", "runtime_version": runtime_version()}
 
 

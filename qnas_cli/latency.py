@@ -45,6 +45,11 @@ RUNTIME_HELP = {
     "builtin": "LiteRT's built-in optimized kernels, no delegate (ruy/gemmlowp; what runs when XNNPACK is off)",
 }
 
+# How a table's figures summarise an entry's invoke times (export/measure.py STATISTICS). The header
+# names it; an entry and a whole-model measurement are only comparable under the same one.
+STATISTICS = ("median", "p10")
+STATISTIC = "median"
+
 PartKey = tuple  # ("stem", size, c_in, c_out, 3, 1, stride, False) and the like; see part_keys
 
 
@@ -169,6 +174,8 @@ class LatencyTable:
                 header[k]  # noqa: B018 - presence check
             if header["runtime"] not in RUNTIMES:
                 raise choice_error(f"{where}: header.runtime", header["runtime"], RUNTIMES)
+            if table_statistic(header) not in STATISTICS + ("phone",):
+                raise choice_error(f"{where}: header.method.statistic_name", table_statistic(header), STATISTICS)
             clean = {str(k): float(v) for k, v in entries.items()}
             for k, v in clean.items():
                 parse_key(k)
@@ -178,6 +185,15 @@ class LatencyTable:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{where}: malformed latency table ({type(e).__name__}: {e})") from None
         return cls(header, clean, f, {str(k): float(v) for k, v in d.get("spread", {}).items()})
+
+
+def table_statistic(header: dict) -> str:
+    """The statistic a table's entries are (tables from before it was recorded: the median;
+    tables imported from a phone: whatever benchmark_model averaged, "phone")."""
+    method = header.get("method")
+    if isinstance(method, dict) and "statistic_name" in method:
+        return method["statistic_name"]
+    return "phone" if "benchmark_model" in str(method) else "median"
 
 
 def parse_key(text: str) -> PartKey:

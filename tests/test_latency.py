@@ -17,7 +17,7 @@ from export.phone import parse_benchmark_output
 from qnas_cli.cli import app
 from qnas_cli.errors import UserError
 from qnas_cli.latency import (Fit, LatencyTable, Predictor, fit_correction, key_text, load_table, parse_key,
-                              part_keys, space_part_keys, table_space)
+                              part_keys, space_part_keys, table_space, table_statistic)
 from qnas_cli.space import PRESETS, sample
 from tests.conftest import make_supernet
 
@@ -105,6 +105,29 @@ def test_a_foreign_or_corrupt_table_is_refused_with_exit_2(tmp_path, runner):
     fake.write_text(json.dumps({"format": "qnas.subnet/1"}))
     r = runner.invoke(app, ["latency", "predict", str(subnet), "--table", str(fake)])
     assert r.exit_code == 2 and "not a qnas latency table" in r.output, r.output
+
+
+def test_a_table_names_its_statistic_and_an_unknown_one_is_refused(tmp_path):
+    space = PRESETS["tiny"]
+    table = synthetic_table(space).to_dict()
+    assert table_statistic(table["header"]) == "median"  # tables from before the statistic was recorded
+    table["header"]["method"] = {"statistic_name": "p10"}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    assert table_statistic(load_table(path, space, 1, 10).header) == "p10"
+    table["header"]["method"] = {"statistic_name": "mean"}
+    path.write_text(json.dumps(table))
+    with pytest.raises(UserError, match="statistic_name: 'mean' is not allowed"):
+        load_table(path, space, 1, 10)
+
+
+def test_timing_statistics_are_the_round_median_and_the_invoke_p10():
+    from export.measure import STATISTICS, Timing
+    from qnas_cli.latency import STATISTICS as TABLE_STATISTICS
+
+    t = Timing(median_ms=2.0, p10_ms=1.5, p90_ms=3.0, spread=0.1, rounds=4, invokes=40)
+    assert (t.ms("median"), t.ms("p10")) == (2.0, 1.5)
+    assert tuple(STATISTICS) == TABLE_STATISTICS  # every statistic a table may name can be measured
 
 
 def test_predict_cli_prints_the_sum(tmp_path, runner):

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UserError, check_count, choice_error
-from ..latency import RUNTIME_HELP, RUNTIMES, Predictor, load_table, table_space
+from ..latency import RUNTIME_HELP, RUNTIMES, STATISTIC, STATISTICS, Predictor, load_table, table_space
 from ..space import load_arch, load_space
 from .common import console, err_console, interactive, logger, print_json, say
 
@@ -103,6 +103,8 @@ def build(
     runtime: RuntimeOpt = "xnnpack",
     threads: ThreadsOpt = 1,
     rounds: Annotated[int, typer.Option(help="Interleaved timing rounds over all parts (this shared host drifts: fewer rounds, noisier entries).")] = 40,
+    statistic: Annotated[str, typer.Option(help="What an entry is: median (of the round medians) | p10 (10th percentile of all "
+                                                "invokes; interference only adds time, so it is the steadier figure on a busy machine).")] = STATISTIC,
     out: Annotated[Path, typer.Option("--out", "-o", help="Table file (default: the host cache, "
                                                            "$QNAS_CACHE or ~/.cache/qnas/latency). With --runtime both, "
                                                            "the runtime is added to the name.")] = None,
@@ -120,10 +122,12 @@ def build(
     sp, in_ch, n_cls = _space_and_io(space, supernet, in_channels, classes)
     check_count("--threads", threads)
     check_count("--rounds", rounds)
+    if statistic not in STATISTICS:
+        raise choice_error("--statistic", statistic, STATISTICS)
     runtimes = _runtimes(runtime)
     paths = table_outputs(out, sp, in_ch, n_cls, runtimes, threads)
     with _Progress(logger(err_console if json_out else console)) as prog:
-        tables = build_tables(sp, in_ch, n_cls, runtimes, threads, rounds, log=prog.log, progress=prog)
+        tables = build_tables(sp, in_ch, n_cls, runtimes, threads, rounds, statistic=statistic, log=prog.log, progress=prog)
     summary = {}
     for rt, table in tables.items():
         save_table(table, paths[rt])
