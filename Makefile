@@ -52,10 +52,13 @@ bench: setup
 	$(BIN)/python -m benchmarks.search_quality
 	$(BIN)/python -m benchmarks.scale_finetune --supernet runs/bench/supernet_accuracy/default/supernet.pt
 	$(BIN)/python -m benchmarks.scale_ranking --jobs 2
+	@if [ -x .venv-baselines/bin/python ]; then $(BIN)/python -m benchmarks.partial_quant; \
+	 else echo "partial_quant skipped: run make baselines-venv first"; fi
+	$(BIN)/python -m benchmarks.cost
 
 # The converters a PyTorch user would pick instead (benchmarks/litert_route.py): litert-torch and
 # ai-edge-quantizer need ai-edge-litert 2.3 where qnas pins 2.1, so they get a venv of their own.
-# Only the export benchmark uses it; nothing in qnas imports it.
+# Only benchmarks/export_parity.py and partial_quant.py use it; nothing in qnas imports it.
 baselines-venv: .venv-baselines/.installed
 .venv-baselines/.installed:
 	@test -x .venv-baselines/bin/python || $(PYTHON) -m venv .venv-baselines

@@ -106,8 +106,9 @@ def main() -> None:
         print(f"{r['subnet']:<10}{r['file']:<10}{r['ops']:>5}{r['float_ops']:>10}{r['quantize']:>4}/{r['dequantize']:<3}"
               f"{r['size_bytes'] / 1024:>8.1f}{r['latency_ms']['xnnpack']:>12.4f}{r['latency_ms']['builtin']:>12.4f}")
     for rt, s in summary.items():
+        cut = s["fully_int8_latency_reduction"]
         print(f"{rt}: partial / fully int8 (qnas) = {s['partial_over_qnas_median']:.2f}x (median over subnets), i.e. fully "
-              f"int8 is {100 * s['fully_int8_latency_reduction']:.1f}% faster (paper, on a phone: 50.3%)")
+              f"int8 is {100 * abs(cut):.1f}% {'faster' if cut >= 0 else 'slower'} (paper, on a phone: 50.3% faster)")
     print(f"wrote {args.out / 'partial_quant.json'} and partial_quant.png")
 
 

@@ -67,3 +67,41 @@ def test_train_stability_two_jobs(tmp_path):
     phases = {r["recipe"]: set(r["phase"]) for r in result["runs"]}
     assert phases == {"scratch": {"int8"}, "default": {"float", "int8"}}
     assert all(0 < r["test_top1"]["largest"] <= 1 for r in result["runs"])
+
+
+def test_cost_lists_what_is_missing_and_turns_phase_times_into_epochs(tmp_path):
+    """No source: every row is 'not measured yet' with its command. A supernet_accuracy result with
+    a 10-minute float phase of 1,000 steps gives 0.6 s per float step, and an epoch at that rate."""
+    out = run_benchmark("cost", "--bench", str(tmp_path))
+    empty = json.loads((tmp_path / "cost.json").read_text())
+    assert empty["rows"] == [] and {m["source"] for m in empty["missing"]} == {
+        "supernet_accuracy", "train_throughput", "search_cost", "export_parity", "latency_model"}
+    assert "not measured yet: latency_model (run: python -m benchmarks.latency_model)" in out
+
+    (tmp_path / "supernet_accuracy").mkdir()
+    (tmp_path / "supernet_accuracy" / "supernet_accuracy.json").write_text(json.dumps({"recipes": {"default": {
+        "command": "qnas train", "minutes": 31.0, "phase_end_minutes": {"float": 10.0, "int8": 30.0},
+        "steps": {"total": 2000, "float": 1000}}}}))
+    run_benchmark("cost", "--bench", str(tmp_path))
+    rows = {r["item"].split(",")[1].split("(")[0].strip(): r for r in json.loads((tmp_path / "cost.json").read_text())["rows"]}
+    steps = int(rows["float"]["item"].split("(")[1].split()[0])
+    assert rows["float"]["detail"] == "0.600 s/step" and rows["float"]["minutes"] == pytest.approx(0.6 * steps / 60)
+    assert rows["int8"]["detail"] == "1.200 s/step, 2.00x float"
+
+
+@pytest.mark.slow
+def test_partial_quant_quick(tmp_path):
+    """The same tiny subnet as qnas's fully int8 file, litert-torch fp32, and ai-edge-quantizer's
+    partial (float ops between Q/DQ) and full int8 files, each counted and timed on both runtimes."""
+    from benchmarks.litert_route import BASELINES_PYTHON
+
+    if not BASELINES_PYTHON.is_file():
+        pytest.skip(f"{BASELINES_PYTHON} is missing (make baselines-venv installs litert-torch and ai-edge-quantizer)")
+    out = run_benchmark("partial_quant", "--quick", "--out", str(tmp_path))
+    rows = {r["file"]: r for r in json.loads((tmp_path / "partial_quant.json").read_text())["rows"]}
+    assert set(rows) == {"qnas", "fp32", "partial", "aeq int8"}
+    assert rows["qnas"]["float_ops"] == rows["qnas"]["quantize"] == rows["qnas"]["dequantize"] == 0
+    assert rows["fp32"]["float_ops"] == rows["fp32"]["ops"]
+    assert rows["partial"]["float_ops"] > 0 and rows["partial"]["quantize"] > 0 and rows["partial"]["dequantize"] > 0
+    assert all(r["latency_ms"][rt] > 0 for r in rows.values() for rt in ("xnnpack", "builtin"))
+    assert "paper, on a phone: 50.3% faster" in out
