@@ -12,6 +12,7 @@ stopped), final int8 test top-1 of the largest and smallest subnets, wall time. 
     python -m benchmarks.train_stability --jobs 2   # two runs at a time, one thread each (more throughput on 2 cores;
                                                     # the per-run wall times are then those of a shared core)
     python -m benchmarks.train_stability --recipes default --jobs 3   # the default recipe only, 3 seeds at once
+    python -m benchmarks.train_stability --resume   # after an interruption: finished runs kept, the rest continue
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from pathlib import Path
 
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.guard import TrainingCollapsed
+from qnas_cli.run_folder import ckpt_dir
 from qnas_cli.train import DEFAULT_STEPS, TrainConfig, train
 
 from benchmarks.parallel import run_parallel, threads_per_job
 from benchmarks.plots import pyplot, save_png
 
+RUN_RESULT = "stability_run.json"  # one finished run's result, reused by --resume
 RECIPES = {"scratch": {"float_steps": 0}, "default": {}}  # int8 from scratch; the default float -> int8
 
 
@@ -37,22 +40,29 @@ def metric_rows(out: Path) -> list[dict]:
 
 def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict:
     out = args.out / f"{recipe}_seed{seed}"
+    done = out / RUN_RESULT
+    if args.resume and done.is_file():  # finished in an earlier invocation
+        return json.loads(done.read_text())
+    done.unlink(missing_ok=True)
     cfg = TrainConfig(space=args.space, out=str(out), seed=seed, steps=args.steps, eval_images=args.eval_images,
-                      calib_images=args.calib_images, ckpt_every=10**9, **RECIPES[recipe])
+                      calib_images=args.calib_images, ckpt_every=args.ckpt_every, **RECIPES[recipe])
+    resume = args.resume and any(ckpt_dir(out).glob("step_*.pt"))
     t = time.perf_counter()
     stopped, top1 = None, {}
     try:
-        summary = train(cfg, log=lambda *a, **k: None)
+        summary = train(cfg, resume=resume, log=lambda *a, **k: None)
         top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}
     except TrainingCollapsed as e:
         stopped = str(e)
     rows = metric_rows(out)
     curve = [r for r in rows if "event" not in r]
-    return {"recipe": recipe, "seed": seed, "wall_s": time.perf_counter() - t, "stopped": stopped, "test_top1": top1,
-            "collapse_events": sum(r.get("event") in ("collapse", "non-finite") for r in rows),
-            "events": [{k: r[k] for k in ("step", "event", "loss_largest")} for r in rows if "event" in r],
-            "steps": [r["step"] for r in curve], "loss_largest": [r["loss_largest"] for r in curve],
-            "phase": [r.get("phase") for r in curve]}
+    result = {"recipe": recipe, "seed": seed, "wall_s": time.perf_counter() - t, "resumed": resume, "stopped": stopped,
+              "test_top1": top1, "collapse_events": sum(r.get("event") in ("collapse", "non-finite") for r in rows),
+              "events": [{k: r[k] for k in ("step", "event", "loss_largest")} for r in rows if "event" in r],
+              "steps": [r["step"] for r in curve], "loss_largest": [r["loss_largest"] for r in curve],
+              "phase": [r.get("phase") for r in curve]}
+    write_json(done, result)
+    return result
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -82,6 +92,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help=f"steps per run (default {DEFAULT_STEPS}; 200 with --quick)")
     ap.add_argument("--eval-images", type=int, default=None, help="test images (default all; 1000 with --quick)")
     ap.add_argument("--calib-images", type=int, default=2000)
+    ap.add_argument("--ckpt-every", type=int, default=100, help="steps between a run's checkpoints (for --resume)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted invocation in the same --out: finished runs are reused, "
+                         "the others continue from their last checkpoint (wall times then cover the last part only)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/train_stability"))
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores/jobs threads (default 1: one run, all cores)")
     args = ap.parse_args()

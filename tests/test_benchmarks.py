@@ -105,3 +105,25 @@ def test_partial_quant_quick(tmp_path):
     assert rows["partial"]["float_ops"] > 0 and rows["partial"]["quantize"] > 0 and rows["partial"]["dequantize"] > 0
     assert all(r["latency_ms"][rt] > 0 for r in rows.values() for rt in ("xnnpack", "builtin"))
     assert "paper, on a phone: 50.3% faster" in out
+
+
+@pytest.mark.slow
+def test_train_stability_resume_reuses_finished_runs_and_continues_the_rest(tmp_path):
+    """A run killed after its step-4 checkpoint continues from it under --resume and ends where the
+    uninterrupted run ended (exact resume); a finished run is reused, not retrained."""
+    args = ["--space", "tiny", "--seeds", "0", "--steps", "8", "--eval-images", "100", "--calib-images", "64",
+            "--ckpt-every", "4", "--out", str(tmp_path)]
+    run_benchmark("train_stability", *args)
+    first = {r["recipe"]: r for r in json.loads((tmp_path / "train_stability.json").read_text())["runs"]}
+    killed = tmp_path / "default_seed0"
+    (killed / "stability_run.json").unlink()
+    last = sorted((killed / "ckpt").glob("step_00000008.*"))
+    assert [p.suffix for p in last] == [".json", ".pt"]
+    for p in last:
+        p.unlink()
+    run_benchmark("train_stability", *args, "--resume")
+    second = {r["recipe"]: r for r in json.loads((tmp_path / "train_stability.json").read_text())["runs"]}
+    assert second["scratch"] == first["scratch"]  # reused as it was
+    assert second["default"]["resumed"] and not first["default"]["resumed"]
+    assert second["default"]["test_top1"] == first["default"]["test_top1"]
+    assert second["default"]["loss_largest"] == first["default"]["loss_largest"]

@@ -43,7 +43,9 @@ def _rgb_fashion_cifar(folder, n_train=3000, n_test=500):
 def trained(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"run-{request.param}")
     data = "fashion-mnist" if request.param == "fashion-mnist" else _rgb_fashion_cifar(root / "cifar")
-    cfg = TrainConfig(space="tiny", data=data, out=str(root / "run"), steps=40, batch_size=32, lr=0.1,
+    # 80 steps, not 40: at 40 the run sits on an edge where the host's float arithmetic decides whether the
+    # random subnets learn (18% test top-1 on an AVX2-only host where earlier hosts gave 36%); 80 give 42-51%
+    cfg = TrainConfig(space="tiny", data=data, out=str(root / "run"), steps=80, batch_size=32, lr=0.1,
                       warmup_steps=5, eval_images=200, calib_images=128, ckpt_every=1000)
     train(cfg, **QUIET)
     return root, data
@@ -64,7 +66,7 @@ def test_calibrate_saves_a_static_int8_subnet_that_reloads_exactly(trained):
     sub, meta, data = calibrate_file(path, calib_images=256, eval_images=300)
     assert meta["kind"] == "qnas.calibrated_subnet"
     # 10 classes: chance is 0.1; a calibration that broke the subnet (wrong statistics, scales or
-    # input normalisation) lands near it, a working one above (0.36 Fashion-MNIST, 0.43-0.48 RGB after 40 steps)
+    # input normalisation) lands near it, a working one above (0.44 Fashion-MNIST after 80 steps)
     assert meta["accuracy"]["test_top1"] > 0.2 and meta["accuracy"]["search_top1"] > 0.2, meta["accuracy"]
     again, _ = load_calibrated(path.with_suffix(".qnas.pt"))
     x = torch.randn(5, data.in_channels, sub.arch.resolution, sub.arch.resolution)
