@@ -42,7 +42,7 @@ from export.onnx_export import export_onnx
 from export.pipeline import ONNX2TF_CALIB_IMAGES, int8_images, prepare, subnet_outputs
 from export.reference import dequantize, quantize
 from export.tflite import MAX_CALIB_IMAGES, run_onnx2tf
-from export.verify import CHECKED, arithmetic, op_census, parity, run_tflite
+from export.verify import CHECKED, arithmetic, float_ops, op_census, parity, run_tflite
 from qnas_cli.calibrate import CALIB_IMAGES, subnet_document
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.kernels import TARGETS
@@ -125,25 +125,6 @@ def litert_torch(path: Path, folder: Path, n_images: int) -> dict:
     census = op_census(model)
     return {"parity": {"xnnpack": parity(got, expected)}, "census": census, "top1_xnnpack": float(np.mean(logits.argmax(1) == labels)),
             "float_ops": float_ops(model), "route": json.loads((folder / REPORT).read_text())}
-
-
-def float_ops(model: Path) -> dict:
-    """Ops of the file that compute in float (their first input is a float tensor), by kind."""
-    from collections import Counter
-
-    from ai_edge_litert import schema_py_generated as fb
-    from ai_edge_litert.tools import flatbuffer_utils as fbu
-
-    m = fbu.read_model(str(model))
-    names = {code: name for name, code in vars(fb.BuiltinOperator).items() if not name.startswith("_")}
-    kinds: Counter[str] = Counter()
-    for sg in m.subgraphs:
-        for op in sg.operators:
-            first = next((t for t in op.inputs if t >= 0), None)
-            kind = names[fbu.get_builtin_code_from_operator_code(m.operatorCodes[op.opcodeIndex])]
-            if first is not None and sg.tensors[first].type == fb.TensorType.FLOAT32 and kind != "QUANTIZE":
-                kinds[kind] += 1
-    return dict(sorted(kinds.items()))
 
 
 def exactness(path: Path, tflite: Path, n_images: int) -> dict:

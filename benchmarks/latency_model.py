@@ -39,10 +39,10 @@ from export.blocks import arch_graph
 from export.cut import Cutter
 from export.graph import Add
 from export.latency_build import fit_archs, save_table, tables_from_timings, time_cover
-from export.measure import STATISTICS, measure_models
+from export.measure import measure_models
 from export.tflite import export_tflite
 from qnas_cli.checkpoint import versions, write_json
-from qnas_cli.latency import Predictor, host_device, load_table
+from qnas_cli.latency import STATISTICS, Predictor, host_device, load_table, table_statistic
 from qnas_cli.ranking import kendall_tau
 from qnas_cli.space import load_space, sample
 
@@ -56,7 +56,7 @@ def tables_for(space, in_ch, classes, rounds, table_dir: Path | None, out: Path)
     or built now from one timing session under every statistic (and saved under out)."""
     if table_dir is not None:
         loaded = {rt: load_table(table_dir / f"table.{rt}.json", space, in_ch, classes) for rt in RUNTIMES}
-        return {loaded["xnnpack"].header["method"].get("statistic_name", "median"): loaded}, None
+        return {table_statistic(loaded["xnnpack"].header): loaded}, None
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qnas-latency-bench-") as cache:  # a cold build: its time is honest
         cover, timed = time_cover(space, in_ch, classes, RUNTIMES, rounds=rounds, cache=Path(cache))

@@ -34,12 +34,11 @@ from export.blocks import arch_graph
 from export.measure import measure_models, method
 from export.reference import dequantize
 from export.tflite import export_tflite
-from export.verify import op_census
+from export.verify import float_ops, op_census
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.latency import host_device
 from qnas_cli.space import load_space, sample
 
-from benchmarks.export_parity import float_ops
 from benchmarks.litert_route import FLOAT_TFLITE, recipe_file, run_route
 from benchmarks.plots import pyplot, save_png
 
@@ -84,9 +83,9 @@ def main() -> None:
     rows = []
     for spec, (arch, files) in subnets.items():
         for name, path in files.items():
-            c = op_census(path)
+            c, floats = op_census(path), float_ops(path)
             rows.append({"subnet": spec, "arch": arch, "file": name, "path": str(path), "ops": sum(c["ops"].values()),
-                         "float_ops": sum(float_ops(path).values()), "float_op_kinds": float_ops(path),
+                         "float_ops": sum(floats.values()), "float_op_kinds": floats,
                          "quantize": c["quantize_ops"], "dequantize": c["dequantize_ops"], "size_bytes": c["size_bytes"],
                          "latency_ms": {rt: t[(f"{spec}|{name}", rt)].median_ms for rt in RUNTIMES},
                          "spread": {rt: t[(f"{spec}|{name}", rt)].spread for rt in RUNTIMES}})

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from qnas_cli.checkpoint import versions, write_json
-from qnas_cli.train import DEFAULT_STEPS, FLOAT_SHARE, TrainConfig, train
+from qnas_cli.train import TrainConfig, train
 
 RECIPES = {
     "default": {"options": {}, "command": "qnas train", "target": {"largest": 0.88, "smallest": 0.86, "minutes": 30.0}},
@@ -60,14 +60,13 @@ def main() -> None:
         summary = train(TrainConfig(space=args.space, out=str(args.out / name), **recipe["options"]), on_step=on_step,
                         log=lambda *a, **k: None)
         minutes = (time.perf_counter() - t) / 60
-        steps = recipe["options"].get("steps", DEFAULT_STEPS)  # the defaults as they were for this run
-        float_steps = recipe["options"].get("float_steps", int(FLOAT_SHARE * steps))
+        steps = {"total": summary["steps"], "float": sum(p["steps"] for p in summary["phases"] if p["name"] == "float")}
         top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}
         target = recipe["target"]
         met = top1["largest"] >= target["largest"] and top1["smallest"] >= target["smallest"] and minutes <= target["minutes"]
         result["recipes"][name] = {"command": recipe["command"], "minutes": minutes, "test_top1": top1, "target": target,
                                    "met": met, "collapse_events": summary.get("collapse_events", 0),
-                                   "phase_end_minutes": phase_end, "steps": {"total": steps, "float": float_steps}}
+                                   "phase_end_minutes": phase_end, "steps": steps}
     result["versions"] = versions()
     write_json(args.out / "supernet_accuracy.json", result)
 

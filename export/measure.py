@@ -8,9 +8,7 @@ Method (stated in every result, as TFLite's ``benchmark_model`` states its own):
   all models alike instead of on whichever ran last;
 - every invoke is timed on its own (``perf_counter_ns``); a model's figure is the median over
   rounds of each round's median, reported with p10/p90 of all invokes and the spread of the
-  round medians. Latency tables may use the p10 instead (``STATISTICS``): interference from
-  other processes only ever adds time, so a low quantile is the steadier estimate of the
-  machine's own speed.
+  round medians. Latency tables may use the p10 instead (``qnas_cli.latency.STATISTICS``).
 
 On this kind of host the median of one 50-invoke round was seen anywhere from -18% to +62%
 of an eight-round median, so a single round is never a figure.
@@ -32,12 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from qnas_cli.checkpoint import versions
+from qnas_cli.latency import STATISTICS
 
 WARMUP = 5  # invokes per (model, runtime) before timing: XNNPACK packs weights on the first
-STATISTICS = {
-    "median": "median over interleaved rounds of each round's median invoke time",
-    "p10": "10th percentile of every timed invoke over the interleaved rounds",
-}
 
 
 @dataclass

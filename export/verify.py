@@ -68,6 +68,20 @@ def op_census(path: Path) -> dict:
     }
 
 
+def float_ops(path: Path) -> dict:
+    """Ops of the file that compute in float (their first input is a float tensor), by kind;
+    QUANTIZE is not counted (its float input is the conversion into int8, not float work)."""
+    model = _read(path)
+    kinds: Counter[str] = Counter()
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            first = next((t for t in op.inputs if t >= 0), None)
+            kind = OP_NAMES[fbu.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])]
+            if first is not None and sg.tensors[first].type in _FLOAT_TYPES and kind != "QUANTIZE":
+                kinds[kind] += 1
+    return dict(sorted(kinds.items()))
+
+
 def stored_scales(path: Path, graph: IntegerGraph) -> dict:
     """Intended vs stored qparams of every graph tensor (by the names the rewrite gave them),
     plus whether every stored weight and bias equals ours."""

@@ -45,9 +45,13 @@ RUNTIME_HELP = {
     "builtin": "LiteRT's built-in optimized kernels, no delegate (ruy/gemmlowp; what runs when XNNPACK is off)",
 }
 
-# How a table's figures summarise an entry's invoke times (export/measure.py STATISTICS). The header
-# names it; an entry and a whole-model measurement are only comparable under the same one.
-STATISTICS = ("median", "p10")
+# How a table's figures summarise an entry's invoke times (export/measure.py times them). The header
+# names it; an entry and a whole-model measurement are only comparable under the same one. A low
+# quantile is the steadier estimate on a busy machine: interference only ever adds time.
+STATISTICS = {
+    "median": "median over interleaved rounds of each round's median invoke time",
+    "p10": "10th percentile of every timed invoke over the interleaved rounds",
+}
 STATISTIC = "median"
 
 PartKey = tuple  # ("stem", size, c_in, c_out, 3, 1, stride, False) and the like; see part_keys
@@ -174,7 +178,7 @@ class LatencyTable:
                 header[k]  # noqa: B018 - presence check
             if header["runtime"] not in RUNTIMES:
                 raise choice_error(f"{where}: header.runtime", header["runtime"], RUNTIMES)
-            if table_statistic(header) not in STATISTICS + ("phone",):
+            if table_statistic(header) not in (*STATISTICS, "phone"):
                 raise choice_error(f"{where}: header.method.statistic_name", table_statistic(header), STATISTICS)
             clean = {str(k): float(v) for k, v in entries.items()}
             for k, v in clean.items():

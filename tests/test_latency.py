@@ -122,12 +122,12 @@ def test_a_table_names_its_statistic_and_an_unknown_one_is_refused(tmp_path):
 
 
 def test_timing_statistics_are_the_round_median_and_the_invoke_p10():
-    from export.measure import STATISTICS, Timing
-    from qnas_cli.latency import STATISTICS as TABLE_STATISTICS
+    from export.measure import Timing
+    from qnas_cli.latency import STATISTICS
 
     t = Timing(median_ms=2.0, p10_ms=1.5, p90_ms=3.0, spread=0.1, rounds=4, invokes=40)
     assert (t.ms("median"), t.ms("p10")) == (2.0, 1.5)
-    assert tuple(STATISTICS) == TABLE_STATISTICS  # every statistic a table may name can be measured
+    assert all(t.ms(s) > 0 for s in STATISTICS)  # every statistic a table may name can be measured
 
 
 def test_predict_cli_prints_the_sum(tmp_path, runner):
