@@ -107,6 +107,8 @@ def main() -> None:
         args.calib_images = min(args.calib_images, 500)
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = args.recipes.split(",")
+    if args.ckpt_every < 1:
+        ap.error(f"--ckpt-every must be >= 1, got {args.ckpt_every}")
     if unknown := set(recipes) - set(RECIPES):
         ap.error(f"--recipes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(RECIPES)})")
 
