@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.search_quality
 	$(BIN)/python -m benchmarks.scale_finetune --supernet runs/bench/supernet_accuracy/default/supernet.pt
 	$(BIN)/python -m benchmarks.scale_ranking --jobs 2
+	$(BIN)/python -m benchmarks.scale_pareto
 	@if [ -x .venv-baselines/bin/python ]; then $(BIN)/python -m benchmarks.partial_quant; \
 	 else echo "partial_quant skipped: run make baselines-venv first"; fi
 	$(BIN)/python -m benchmarks.cost

@@ -1,20 +1,26 @@
-"""Paper Table 1 at small scale: does the scale predictor rank subnets better than one shared scale?
+"""Paper Table 1 at small scale: does the scale predictor rank subnets better than one shared
+scale, and fully int8 better than partially quantized?
 
-1. Two int8 supernets that differ only in ``--weight-scale``: ``predictor`` (QuantNAS §4.2) and
-   ``shared`` (one LSQ scale per layer for every subnet), `qnas train`'s default recipe, one seed
-   (or given with ``--predictor`` / ``--shared``).
+1. Three supernets, `qnas train`'s default recipe, one seed, differing only in quantization
+   (``--arms``): ``predictor``, fully int8 with the scale predictor (QuantNAS §4.2); ``shared``,
+   fully int8 with one LSQ scale per layer for every subnet; ``convs``, only convs and FCs
+   quantized, BN, adds and pooling float, shared scale (``--quant convs``: the partially
+   quantized baseline of BatchQuant/OQA, Table 1's first row and claim 5's ranking arm).
+   Each is given (``--predictor`` / ``--shared`` / ``--convs``), reused from OUT when a finished
+   one of the same recipe is there, or trained here.
 2. ``--subnets`` random subnets (seeded), spread over the cost range: 2,000 random subnets sorted
    by multiply-accumulates (the order of their latency on one runtime, near enough for spreading),
    taken at evenly spaced ranks.
-3. Ground truth, shared by both arms: each subnet trained alone from scratch (`qnas train
-   --subnet`), int8, the same recipe and ``--standalone-steps`` for all; its int8 test top-1.
-4. Per arm: every subnet's supernet-inherited accuracy (extracted, BN calibrated, exact int8 on
-   the test split) and Kendall tau against the ground truth. Paper: 0.84-0.91 with the
-   predictor, 0.69-0.75 without.
+3. Ground truth, shared by every arm: each subnet trained alone from scratch (`qnas train
+   --subnet`), int8, the same recipe and ``--standalone-steps`` for all; its int8 test top-1
+   (fully int8 is what ships, so it is the truth for the convs-only arm too).
+4. Per arm: every subnet's supernet-inherited accuracy (extracted, BN calibrated; exact int8 on
+   the test split, fake-quant for convs-only) and Kendall tau against the ground truth. Paper:
+   0.84-0.91 with the predictor, 0.69-0.75 with a shared scale, 0.69-0.78 partially quantized.
 
-The training runs (2 supernets, the stand-alone subnets) run ``--jobs`` at a time.
+The training runs (the supernets, the stand-alone subnets) run ``--jobs`` at a time.
 
-    python -m benchmarks.scale_ranking --jobs 2          # 2 supernets + 20 stand-alone subnets: about 2.5 h on 2 CPU cores
+    python -m benchmarks.scale_ranking --jobs 2          # 3 supernets + 20 stand-alone subnets: about 3 h on 2 CPU cores
     python -m benchmarks.scale_ranking --quick           # tiny space, 6 subnets, short runs: a few minutes
 """
 from __future__ import annotations
@@ -38,8 +44,13 @@ from qnas_cli.train import TrainConfig, train
 from benchmarks.parallel import run_parallel, threads_per_job
 from benchmarks.plots import pyplot, save_png
 
-ARMS = ("predictor", "shared")
-PAPER_TAU = {"predictor": "0.84-0.91", "shared": "0.69-0.75"}
+# Table 1's rows: fully int8 with the scale predictor, fully int8 with one shared scale, and
+# the partially quantized baseline (convs only, BN/adds/pooling float, shared scale; claim 5).
+ARM_QUANT = {"predictor": QuantConfig(weight_scale="predictor"), "shared": QuantConfig(weight_scale="shared"),
+             "convs": QuantConfig(mode="convs", weight_scale="shared")}
+ARMS = tuple(ARM_QUANT)
+PAPER_TAU = {"predictor": "0.84-0.91", "shared": "0.69-0.75", "convs": "0.69-0.78"}
+ARM_TEXT = {"predictor": "int8, scale predictor", "shared": "int8, shared scale", "convs": "convs-only int8"}
 
 
 def spread_subnets(space, n: int, seed: int, in_channels: int, num_classes: int, pool: int = 2000) -> list[Arch]:
@@ -49,6 +60,29 @@ def spread_subnets(space, n: int, seed: int, in_channels: int, num_classes: int,
     ranked = sorted(unique.values(), key=lambda a: (arch_cost(space, a, in_channels, num_classes).macs, a.key))
     n = min(n, len(ranked))
     return [ranked[round(i * (len(ranked) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def supernet_runs(root: Path, given: dict[str, Path | None], **config) -> tuple[dict[str, Path], list[tuple[str, TrainConfig]]]:
+    """Each arm's (``given``'s keys) supernet.pt: the one given, else ``root/supernet_<arm>``; the
+    training runs still to do for the latter (none where a finished supernet.pt of the same recipe
+    is already there: `train` writes it last)."""
+    paths, runs = {}, []
+    for arm in given:
+        out = root / f"supernet_{arm}"
+        paths[arm] = given[arm] or out / "supernet.pt"
+        cfg = TrainConfig(out=str(out), quant=ARM_QUANT[arm], **config)
+        if not given.get(arm) and not _trained_as(paths[arm], cfg):
+            runs.append((arm, cfg))
+    return paths, runs
+
+
+def _trained_as(supernet: Path, cfg: TrainConfig) -> bool:
+    """A finished supernet.pt whose run had ``cfg``'s recipe (the fields `--resume` also insists on)."""
+    meta = supernet.with_suffix(".json")
+    if not (supernet.is_file() and meta.is_file()):
+        return False
+    done = json.loads(meta.read_text())["config"]
+    return all(done.get(k) == v for k, v in cfg.to_dict().items() if k in TrainConfig.RESUME_KEYS)
 
 
 def train_run(cfg: TrainConfig) -> dict:
@@ -64,6 +98,8 @@ def main() -> None:
     ap.add_argument("--standalone-steps", type=int, default=None, help="each stand-alone subnet's budget (default: qnas train's)")
     ap.add_argument("--predictor", type=Path, help="an int8 supernet.pt trained with --weight-scale predictor (else trained here)")
     ap.add_argument("--shared", type=Path, help="the same with --weight-scale shared (else trained here)")
+    ap.add_argument("--convs", type=Path, help="one trained with --quant convs --weight-scale shared (else trained here)")
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     ap.add_argument("--eval-images", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--calib-images", type=int, default=2000)
     ap.add_argument("--jobs", type=int, default=1, help="training runs at a time (cores/jobs threads each)")
@@ -76,26 +112,28 @@ def main() -> None:
         args.eval_images, args.calib_images = args.eval_images or 500, min(args.calib_images, 250)
     if args.jobs < 1 or args.subnets < 3:
         ap.error("--jobs must be >= 1 and --subnets >= 3")
+    arms = [a for a in args.arms.split(",") if a]
+    if not arms or set(arms) - set(ARMS):
+        ap.error(f"--arms: choose among {', '.join(ARMS)}")
 
     space = load_space(args.space)
     data = load_dataset("fashion-mnist", load_size=max(space.resolutions))
     archs = spread_subnets(space, args.subnets, args.seed, data.in_channels, data.num_classes)
     common = dict(space=args.space, seed=args.seed, eval_images=args.eval_images, calib_images=args.calib_images, ckpt_every=10**9)
-    runs: list[tuple[str, TrainConfig]] = []
-    supernets = {"predictor": args.predictor, "shared": args.shared}
-    for arm in ARMS:
-        if supernets[arm] is None:
-            out = args.out / f"supernet_{arm}"
-            runs.append((arm, TrainConfig(out=str(out), quant=QuantConfig(weight_scale=arm), steps=args.supernet_steps, **common)))
-            supernets[arm] = out / "supernet.pt"
+    supernets, runs = supernet_runs(args.out, {arm: getattr(args, arm) for arm in arms},
+                                    steps=args.supernet_steps, **common)
+    standalone = {}  # subnet index -> its stand-alone int8 test top-1
     for i, arch in enumerate(archs):
         out = args.out / "standalone" / f"{i:02d}"
         out.mkdir(parents=True, exist_ok=True)
         (out / "subnet.json").write_text(json.dumps(arch.to_dict(space), indent=1))
-        runs.append((f"standalone {i}", TrainConfig(out=str(out / "run"), subnet=str(out / "subnet.json"), steps=args.standalone_steps,
-                                                    **common)))
-    print(f"{len(runs)} training runs, {args.jobs} at a time, {threads_per_job(args.jobs)} thread(s) each", flush=True)
-    standalone = {}
+        cfg = TrainConfig(out=str(out / "run"), subnet=str(out / "subnet.json"), steps=args.standalone_steps, **common)
+        if _trained_as(out / "run" / "supernet.pt", cfg):  # finished in an earlier invocation
+            standalone[i] = json.loads((out / "run" / "supernet.json").read_text())["metrics"]["subnet"]["test_top1"]
+        else:
+            runs.append((f"standalone {i}", cfg))
+    print(f"{len(runs)} training runs, {args.jobs} at a time, {threads_per_job(args.jobs)} thread(s) each "
+          f"({len(arms) + len(archs) - len(runs)} finished ones reused)", flush=True)
     for (name, cfg), summary in zip(runs, run_parallel(train_run, [(cfg,) for _, cfg in runs], args.jobs)):
         top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}
         print(f"  {name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in top1.items()), flush=True)
@@ -104,28 +142,28 @@ def main() -> None:
 
     truth = [standalone[i] for i in range(len(archs))]
     inherited, taus = {}, {}
-    for arm in ARMS:
+    for arm in arms:
         net, _ = load_supernet(supernets[arm])
-        if net.cfg.weight_scale != arm or net.space.fingerprint != space.fingerprint:
-            raise SystemExit(f"--{arm} {supernets[arm]}: not an int8 supernet of {args.space} with --weight-scale {arm}")
+        if net.cfg != ARM_QUANT[arm] or net.space.fingerprint != space.fingerprint:
+            raise SystemExit(f"--{arm} {supernets[arm]}: not a {ARM_TEXT[arm]} supernet of {args.space} ({ARM_QUANT[arm]})")
         inherited[arm] = [evaluate(calibrated_subnet(net, a, data, args.calib_images), data.test, data, a.resolution,
                                    limit=args.eval_images) for a in archs]
         taus[arm] = kendall_tau(inherited[arm], truth)
 
     rows = [{"subnet": i, "arch": a.key, "mflops": arch_cost(space, a, data.in_channels, data.num_classes).mflops,
-             "standalone": truth[i], **{arm: inherited[arm][i] for arm in ARMS}} for i, a in enumerate(archs)]
+             "standalone": truth[i], **{arm: inherited[arm][i] for arm in arms}} for i, a in enumerate(archs)]
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "supernets": {arm: str(p) for arm, p in supernets.items()}, "kendall_tau": taus, "paper_tau": PAPER_TAU,
               "subnets": rows, "versions": versions()}
     write_json(args.out / "scale_ranking.json", result)
     _plot(rows, taus, args.out / "scale_ranking.png")
     print(f"\n{len(archs)} subnets of {args.space}, int8 test top-1 ({args.eval_images or 'all'} images)")
-    print(f"{'#':>3} {'MFLOPs':>8} {'stand-alone':>12} {'predictor':>10} {'shared':>8}  arch")
+    print(f"{'#':>3} {'MFLOPs':>8} {'stand-alone':>12} " + " ".join(f"{arm:>10}" for arm in arms) + "  arch")
     for r in rows:
-        print(f"{r['subnet']:>3} {r['mflops']:>8.2f} {100 * r['standalone']:>11.2f}% {100 * r['predictor']:>9.2f}% "
-              f"{100 * r['shared']:>7.2f}%  {r['arch']}")
-    for arm in ARMS:
-        print(f"Kendall tau, {arm:9} supernet vs stand-alone: {taus[arm]:+.3f} (paper {PAPER_TAU[arm]}); "
+        print(f"{r['subnet']:>3} {r['mflops']:>8.2f} {100 * r['standalone']:>11.2f}% "
+              + " ".join(f"{100 * r[arm]:>9.2f}%" for arm in arms) + f"  {r['arch']}")
+    for arm in arms:
+        print(f"Kendall tau, {ARM_TEXT[arm]:21} supernet vs stand-alone: {taus[arm]:+.3f} (paper {PAPER_TAU[arm]}); "
               f"mean inherited top-1 {100 * statistics.mean(inherited[arm]):.2f}%")
     print(f"wrote {args.out / 'scale_ranking.json'} and scale_ranking.png")
 
@@ -133,12 +171,12 @@ def main() -> None:
 def _plot(rows: list[dict], taus: dict[str, float], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for arm, marker in zip(ARMS, "ox"):
+    for arm, marker in zip(taus, "ox^"):
         ax.plot([100 * r["standalone"] for r in rows], [100 * r[arm] for r in rows], marker, ls="none",
-                label=f"{arm} (tau {taus[arm]:+.2f})")
+                label=f"{ARM_TEXT[arm]} (tau {taus[arm]:+.2f})")
     ax.set_xlabel("stand-alone int8 test top-1 (%)")
     ax.set_ylabel("supernet-inherited int8 test top-1 (%)")
-    ax.set_title("ranking: scale predictor vs shared scale", fontsize=10)
+    ax.set_title("ranking: scale predictor vs shared scale vs convs-only", fontsize=10)
     ax.legend(fontsize=8)
     save_png(fig, path)
 

@@ -23,7 +23,7 @@ def _qp(q: ActQuant) -> QParams:
 def to_integer_graph(sub: Subnet, meta: dict | None = None) -> IntegerGraph:
     """Walk the static subnet in execution order (eval mode, calibrated BN)."""
     if not sub.cfg.enabled:
-        raise ValueError("only int8 subnets have an integer graph (this one was trained with --quant none)")
+        raise ValueError(f"only fully int8 subnets have an integer graph (this one is {sub.cfg.label})")
     sub.eval()
     ops: list = []
     qparams: dict[str, QParams] = {"input": _qp(sub.input_q)}

@@ -140,7 +140,8 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
                               evaluate_splits=False)
     sub.eval()
     if not sub.cfg.enabled:
-        raise UserError("this subnet comes from a float supernet (--quant none): train an int8 supernet to export")
+        raise UserError(f"this subnet comes from a {sub.cfg.label} supernet: qnas exports fully int8 subnets "
+                        "(train one with --quant int8)")
     clock.lap("calibrate")
     _make_folder(out_dir)  # only now: a refused export leaves no empty folder behind
     graph = to_integer_graph(sub, {"arch": sub.arch.key})

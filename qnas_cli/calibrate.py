@@ -200,7 +200,8 @@ def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: s
         "supernet": {"path": str(net_path), "sha256": net_meta["weights"]["sha256"]},
         "data": data.describe(), "calib_images": calib_images, "quant": asdict(net.cfg),
         "calibration": calibration_record(net_meta["weights"]["sha256"], spec, calib_images),
-        "accuracy": {**acc, "kind": f"exact int8 ({runtime})" if net.cfg.enabled else "float", "runtime": runtime,
+        "accuracy": {**acc, "kind": f"exact int8 ({runtime})" if net.cfg.enabled else
+                     "fake-quant, convs only" if net.cfg.quantized else "float", "runtime": runtime,
                      "eval_images": eval_images},
     })
     return sub, meta, data

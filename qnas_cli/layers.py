@@ -228,12 +228,14 @@ class QConvBN(nn.Module, QuantInit, Exact):
         self.register_buffer("running_var", torch.ones(out_max))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.bn_momentum: float | None = BN_MOMENTUM  # None: cumulative average (BN calibration)
-        if cfg.enabled:
+        if cfg.quantized:
             # theta: the scale predictor (paper Eq. 7), one entry per output channel; or one LSQ scale.
             if cfg.weight_scale == "predictor":
                 self.theta = nn.Parameter(torch.ones(out_max))
             else:
                 self.w_scale = nn.Parameter(torch.tensor(1.0))
+        if cfg.mode == "convs":  # the conv quantizes its own input; its output stays float (out_q: the ReLU)
+            self.in_q = ActQuant(QuantConfig(act_scheme=cfg.act_scheme), relu=False)
         self.out_q = ActQuant(cfg, relu=relu)
 
     @property
@@ -330,6 +332,8 @@ class QConvBN(nn.Module, QuantInit, Exact):
         gamma, beta = self.bn_weight[:out_channels], self.bn_bias[:out_channels]
         if not self.cfg.enabled:
             factor = self._bn_factor() if self.training else 0.0
+            if self.cfg.mode == "convs":
+                x, w = self.in_q(x), self.quantized_unfolded(w)
             return self.out_q(F.batch_norm(self.conv(x, w), rm, rv, gamma, beta, self.training, factor, BN_EPS))
         if self.training and self.cfg.bn_fold == "batch":
             y = self._batch_folded(x, s_in, w, rm, rv, gamma, beta)
@@ -343,6 +347,12 @@ class QConvBN(nn.Module, QuantInit, Exact):
             w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
             y = self.conv(x, w_q, _bias_quant(bias, s_in, s_w))
         return self.out_q(y)
+
+    def quantized_unfolded(self, w: Tensor) -> Tensor:
+        """--quant convs: the conv's own weights, fake-quantized with one LSQ scale (BN stays apart)."""
+        if self.observe:
+            self.w_scale.fill_(mse_optimal_scale(w, 0, -W_QMAX, W_QMAX))
+        return fake_quant(w, self.w_scale, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w.numel(), W_QMAX))
 
     def _batch_folded(self, x: Tensor, s_in: Tensor, w: Tensor, rm: Tensor, rv: Tensor, gamma: Tensor,
                       beta: Tensor) -> Tensor:
@@ -381,6 +391,8 @@ class QConvBN(nn.Module, QuantInit, Exact):
             if hasattr(self, "w_scale"):
                 m.w_scale.copy_(self.w_scale)
             m.out_q.scale.copy_(self.out_q.scale)
+            if hasattr(self, "in_q"):
+                m.in_q.scale.copy_(self.in_q.scale)
         m.bn_momentum, m.runtime = self.bn_momentum, self.runtime
         return m
 
@@ -392,15 +404,20 @@ class QLinear(nn.Module, QuantInit, Exact):
         super().__init__()
         self.cfg, self.relu = cfg, relu
         self.fc = nn.Linear(in_features, out_features)
-        if cfg.enabled:
+        if cfg.quantized:
             self.w_scale = nn.Parameter(torch.tensor(1.0))
+        if cfg.mode == "convs":  # as QConvBN: input and weights quantized, output float
+            self.in_q = ActQuant(QuantConfig(act_scheme=cfg.act_scheme), relu=False)
         self.out_q = ActQuant(cfg, relu=relu)
 
     def forward(self, x: Tensor, s_in: Tensor | None) -> Tensor:
+        if self.observe and self.cfg.quantized:
+            self.w_scale.fill_(mse_optimal_scale(self.fc.weight, 0, -W_QMAX, W_QMAX))
+        if self.cfg.mode == "convs":
+            w_q = fake_quant(self.fc.weight, self.w_scale, 0, -W_QMAX, W_QMAX, lsq_grad_scale(self.fc.weight.numel(), W_QMAX))
+            return self.out_q(F.linear(self.in_q(x), w_q, self.fc.bias))
         if not self.cfg.enabled:
             return self.out_q(self.fc(x))
-        if self.observe:
-            self.w_scale.fill_(mse_optimal_scale(self.fc.weight, 0, -W_QMAX, W_QMAX))
         if self.exact():
             def make():
                 q_w, q_b, s_w = self.integer_params(s_in)

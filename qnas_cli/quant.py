@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .errors import choice_error
+from .errors import UserError, choice_error
 
 W_QMAX = 127  # weights: [-127, 127] (TFLite's int8 weight spec)
 A_QMIN, A_QMAX = -128, 127  # activations
@@ -37,14 +37,17 @@ INTEGER_CONTRACT_VERSION = 1
 class QuantConfig:
     """How the supernet is quantized. ``mode='none'`` is the float supernet."""
 
-    mode: str = "int8"  # int8 | none
+    # int8: fully quantized (every op integer, what qnas exports) | none: float |
+    # convs: only convolutions and FCs quantized (inputs and weights), BN, ReLU, adds and pooling
+    # float, as BatchQuant/OQA train and deploy: the paper's partially quantized baseline (Table 1)
+    mode: str = "int8"
     act_scheme: str = "symmetric"  # symmetric (zero point 0, the paper's) | full-range (zp -128 after ReLU)
     bn_fold: str = "batch"  # batch: fold batch statistics in training (paper §4.1) | moving: the baseline
     weight_scale: str = "predictor"  # predictor: s = mean(theta / sigma) (paper §4.2) | shared: plain LSQ
 
     def __post_init__(self) -> None:
         for name, legal in (
-            ("mode", ("int8", "none")),
+            ("mode", ("int8", "convs", "none")),
             ("act_scheme", ("symmetric", "full-range")),
             ("bn_fold", ("batch", "moving")),
             ("weight_scale", ("predictor", "shared")),
@@ -53,9 +56,26 @@ class QuantConfig:
                 option = "--quant" if name == "mode" else f"--{name.replace('_', '-')}"
                 raise choice_error(option, getattr(self, name), legal)
 
+        if self.mode == "convs" and (self.weight_scale, self.bn_fold) != ("shared", "batch"):
+            # the predictor and the fold act on BN-folded weights; convs-only keeps BN apart
+            raise UserError("--quant convs keeps BN unfolded: it takes --weight-scale shared (plain LSQ) "
+                            "and the default --bn-fold")
+
     @property
     def enabled(self) -> bool:
+        """Fully int8: the integer graph, exact eval forward and export exist."""
         return self.mode == "int8"
+
+    @property
+    def quantized(self) -> bool:
+        """Any fake quantization in training (int8 or convs)."""
+        return self.mode != "none"
+
+    @property
+    def label(self) -> str:
+        """What a network of this configuration is, for messages."""
+        return {"int8": "fully int8", "none": "float (--quant none)",
+                "convs": "convs-only (--quant convs: BN, adds and pooling float)"}[self.mode]
 
 
 class _FakeQuant(torch.autograd.Function):

@@ -67,7 +67,7 @@ def save_checkpoint(out: Path, model: Supernet, opt: torch.optim.Optimizer, step
                     guard: CollapseGuard | None = None) -> Path:
     """The model of the phase it belongs to (float or int8: ``phase``), its optimizer, the step."""
     path = ckpt_dir(out) / f"step_{step:08d}.pt"
-    phase = "int8" if model.cfg.enabled else "float"
+    phase = "int8" if model.cfg.quantized else "float"  # the quantized phase (--quant int8 or convs)
     payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "phase": phase,
                "guard": guard.state_dict() if guard else None}
     save_weights(path, payload, {"kind": "qnas.checkpoint", "step": step, "phase": phase, "config": config,

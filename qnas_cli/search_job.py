@@ -80,7 +80,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
     d = setup_distributed("cpu")
     net, meta = load_supernet(cfg.supernet)
     if not net.cfg.enabled:
-        raise UserError(f"{cfg.supernet} is a float supernet (--quant none): search needs an int8 supernet")
+        raise UserError(f"{cfg.supernet} is a {net.cfg.label} supernet: search needs a fully int8 one (--quant int8)")
     space = net.space
     out = Path(cfg.out) if cfg.out else Path(cfg.supernet).parent / "search"
     table, table_path = _table(cfg, net, log if d.main else (lambda m: None), d.world)

@@ -103,7 +103,7 @@ class TrainConfig:
         if self.float_steps is not None:
             if isinstance(self.float_steps, bool) or not isinstance(self.float_steps, int) or self.float_steps < 0:
                 raise UserError(f"--float-steps must be an integer >= 0, got {self.float_steps}")
-            if self.float_steps and (self.init or not self.quant.enabled):
+            if self.float_steps and (self.init or not self.quant.quantized):
                 raise UserError("--float-steps: " + ("--init already gives the float start; drop one of them" if self.init
                                                      else "--quant none trains float only; set its length with --steps"))
             if self.steps is not None and self.float_steps >= self.steps:
@@ -117,8 +117,8 @@ class TrainConfig:
             raise UserError(f"--seed must be an integer in [0, 2^32), got {self.seed}")
         if not 0 <= self.kd_ratio <= 1:
             raise UserError(f"--kd-ratio must lie in [0, 1], got {self.kd_ratio}")
-        if self.init and not self.quant.enabled:
-            raise UserError("--init loads a float supernet into an int8 run; it needs --quant int8")
+        if self.init and not self.quant.quantized:
+            raise UserError("--init loads a float supernet into an int8 run; it needs --quant int8 (or convs)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,7 +145,7 @@ class Phase:
 def phase_plan(cfg: TrainConfig, steps_per_epoch: int) -> list[Phase]:
     """The phases of a run: float then int8 (the default), int8 alone (--init, --float-steps 0), or float alone."""
     total = cfg.steps or (cfg.epochs * steps_per_epoch if cfg.epochs else DEFAULT_STEPS)
-    if not cfg.quant.enabled:
+    if not cfg.quant.quantized:
         return [Phase("float", cfg.quant, 0, total)]
     n_float = 0 if cfg.init else (int(FLOAT_SHARE * total) if cfg.float_steps is None else cfg.float_steps)
     if n_float >= total:
@@ -345,7 +345,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         model = _new_model(space, data, plan[0], cfg, device)
         if cfg.init:
             _load_float_init(model, Path(cfg.init), space)
-        if plan[0].quant.enabled:
+        if plan[0].quant.quantized:
             init_quant_scales(model, data, space, device, arch=anchor)
         opt = make_optimizer(model, cfg)
     _broadcast(model, d)
@@ -507,7 +507,7 @@ def _load_float_init(model: Supernet, path: Path, space: SearchSpace) -> None:
     float_net, _ = load_supernet(path)
     if float_net.space.fingerprint != space.fingerprint:
         raise UserError(f"--init {path}: that supernet is of space {float_net.space.name!r}, not {space.name!r}")
-    if float_net.cfg.enabled:
+    if float_net.cfg.quantized:
         raise UserError(f"--init {path}: expected a float supernet (trained with --quant none)")
     missing, unexpected = model.load_state_dict(float_net.state_dict(), strict=False)
     if unexpected:

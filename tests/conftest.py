@@ -30,10 +30,12 @@ def make_supernet(mode: str = "int8", in_channels: int = 1, seed: int = 0, **qua
     """A tiny supernet with data-initialised scales and non-trivial BN statistics."""
     torch.manual_seed(seed)
     space = PRESETS["tiny"]
+    if mode == "convs":  # convs-only quantization has no scale predictor
+        quant = {"weight_scale": "shared", **quant}
     net = Supernet(space, in_channels, 10, QuantConfig(mode=mode, **quant))
     x = torch.randn(16, in_channels, 20, 20)
     net.train()
-    if mode == "int8":
+    if mode != "none":
         with init_scales(net):
             net(x, sample(space, "largest"))
     rng = random.Random(seed)

@@ -43,18 +43,47 @@ def test_scale_finetune_moves_scales_only_when_it_trains(int8_tiny, tmp_path):
 
 @pytest.mark.slow
 def test_scale_ranking_quick(tmp_path):
-    """Both arms trained with their own --weight-scale, the stand-alone runs trained alone, tau per arm."""
-    out = run_benchmark("scale_ranking", "--quick", "--subnets", "3", "--supernet-steps", "8", "--standalone-steps", "6",
-                        "--out", str(tmp_path))
+    """Every arm trained with its own quantization, the stand-alone runs trained alone, tau per arm;
+    a second invocation reuses every finished run instead of training it again."""
+    args = ["--quick", "--subnets", "3", "--supernet-steps", "8", "--standalone-steps", "6", "--out", str(tmp_path)]
+    out = run_benchmark("scale_ranking", *args)
     result = json.loads((tmp_path / "scale_ranking.json").read_text())
-    for arm in ("predictor", "shared"):
+    for arm, (mode, scale) in {"predictor": ("int8", "predictor"), "shared": ("int8", "shared"),
+                               "convs": ("convs", "shared")}.items():
         meta = json.loads((tmp_path / f"supernet_{arm}" / "supernet.json").read_text())
-        assert meta["quant"]["weight_scale"] == arm and -1 <= result["kendall_tau"][arm] <= 1
+        assert (meta["quant"]["mode"], meta["quant"]["weight_scale"]) == (mode, scale)
+        assert -1 <= result["kendall_tau"][arm] <= 1
     assert len(result["subnets"]) == 3 and len({r["arch"] for r in result["subnets"]}) == 3
     for i, r in enumerate(result["subnets"]):
         meta = json.loads((tmp_path / "standalone" / f"{i:02d}" / "run" / "supernet.json").read_text())
         assert meta["metrics"] == {"subnet": {"arch": r["arch"], "test_top1": r["standalone"]}}
-    assert "Kendall tau, predictor" in out
+    assert "Kendall tau, int8, scale predictor" in out and "Kendall tau, convs-only int8" in out
+    again = run_benchmark("scale_ranking", *args, "--arms", "convs")
+    assert "6 training runs" in out and "0 training runs" in again and "(4 finished ones reused)" in again
+    assert json.loads((tmp_path / "scale_ranking.json").read_text())["kendall_tau"] == {"convs": result["kendall_tau"]["convs"]}
+
+
+@pytest.mark.slow
+def test_scale_pareto_quick(tmp_path):
+    """Both arms' supernets trained with their own --weight-scale, searched under one table and the
+    same budgets; every winner fits its budget, is exported through the parity gate and scored."""
+    from qnas_cli.space import PRESETS
+    from tests.test_latency import synthetic_table
+
+    (tmp_path / "table.json").write_text(json.dumps(synthetic_table(PRESETS["tiny"], fit=(1.0, 0.0)).to_dict()))
+    out = run_benchmark("scale_pareto", "--quick", "--table", str(tmp_path / "table.json"), "--out", str(tmp_path))
+    result = json.loads((tmp_path / "scale_pareto.json").read_text())
+    for arm in ("predictor", "shared"):
+        meta = json.loads((tmp_path / "supernets" / f"supernet_{arm}" / "supernet.json").read_text())
+        assert meta["quant"]["weight_scale"] == arm
+        front = [(r["latency_ms"], r["search_top1"]) for r in result["fronts"][arm]]
+        assert front and all(a[0] <= b[0] and a[1] < b[1] for a, b in zip(front, front[1:]))
+    assert len(result["rows"]) == len(result["budgets_ms"]) == 2
+    for row in result["rows"]:
+        for arm in ("predictor", "shared"):
+            w = row[arm]
+            assert w["predicted_ms"] <= row["budget_ms"] and w["passed"] and 0 < w["test_top1"] <= 1
+    assert "predictor minus shared" in out and (tmp_path / "scale_pareto.png").stat().st_size > 0
 
 
 @pytest.mark.slow

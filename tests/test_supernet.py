@@ -15,7 +15,7 @@ def _archs(space, n=4):
     return [sample(space, "largest"), sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(n)]
 
 
-@pytest.mark.parametrize("mode", ["none", "int8"])
+@pytest.mark.parametrize("mode", ["none", "int8", "convs"])
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_extract_equals_supernet_in_eval_mode(mode, in_channels):
     net = make_supernet(mode, in_channels).eval()
@@ -49,7 +49,7 @@ def test_extract_copies_and_leaves_supernet_untouched():
     assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in net.parameters())
 
 
-@pytest.mark.parametrize("mode", ["none", "int8"])
+@pytest.mark.parametrize("mode", ["none", "int8", "convs"])
 def test_every_subnet_trains_without_nans(mode):
     net = make_supernet(mode).train()
     for arch in _archs(net.space):
@@ -60,3 +60,35 @@ def test_every_subnet_trains_without_nans(mode):
         out.square().mean().backward()
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_convs_mode_quantizes_conv_and_fc_inputs_and_weights_only():
+    """--quant convs (the partially quantized baseline): each conv and FC quantizes its input and
+    its own (unfolded) weights; every other quantizer is off, so BN, ReLU, adds, pooling and the
+    logits stay float."""
+    from qnas_cli.layers import ActQuant, QConvBN, QLinear
+    from qnas_cli.quant import W_QMAX
+
+    net = make_supernet("convs").train()
+    convs = [m for m in net.modules() if isinstance(m, (QConvBN, QLinear))]
+    on = [m for m in net.modules() if isinstance(m, ActQuant) and m.enabled]
+    assert {id(m) for m in on} == {id(m.in_q) for m in convs}
+    seen = []
+
+    def on_grid(m, inputs, out):
+        q = out / m.scale  # integers, up to the division's rounding
+        assert (q - q.round()).abs().max() < 1e-3 and q.abs().max() <= 128.001
+        seen.append(m)
+
+    hooks = [m.register_forward_hook(on_grid) for m in on]
+    arch = sample(net.space, "largest")
+    logits = net(torch.randn(4, 1, arch.resolution, arch.resolution), arch)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(convs)  # every conv and FC of the largest subnet ran
+    cls = net.classifier
+    off = logits / cls.out_q.scale
+    assert (off - off.round()).abs().max() > 0.1  # float logits: on no grid
+    stem = net.stem
+    w = stem.quantized_unfolded(stem.weight) / stem.w_scale
+    assert (w - w.round()).abs().max() < 1e-3 and w.abs().max() <= W_QMAX + 1e-3 and not hasattr(stem, "theta")

@@ -29,10 +29,11 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("mode", ["none", "int8"])
+@pytest.mark.parametrize("mode", ["none", "int8", "convs"])
 def test_resume_gives_identical_weights(tmp_path, mode):
     """6 steps straight == 3 steps, crash, --resume, 3 more steps: bit for bit."""
-    cfg = lambda out: TrainConfig(out=str(out), steps=6, ckpt_every=3, quant=QuantConfig(mode=mode), **FAST)  # noqa: E731
+    quant = QuantConfig(mode=mode, weight_scale="shared" if mode == "convs" else "predictor")
+    cfg = lambda out: TrainConfig(out=str(out), steps=6, ckpt_every=3, quant=quant, **FAST)  # noqa: E731
     train(cfg(tmp_path / "a"), log=lambda *a, **k: None)
 
     def crash_after_checkpoint(step, total, metrics):
@@ -217,6 +218,33 @@ def test_int8_training_lowers_the_loss(tmp_path):
     assert set(meta["metrics"]) == {"largest", "smallest"} and meta["weights"]["sha256"]
 
 
+def test_a_convs_only_supernet_trains_evaluates_and_is_refused_by_search_and_export(tmp_path):
+    """--quant convs (the partially quantized baseline): float phase, then convs-only; its subnets
+    calibrate and score (fake-quant); search and export, which need fully int8, refuse it."""
+    from export.pipeline import export_subnet
+    from qnas_cli.calibrate import calibrated_subnet, evaluate, subnet_document
+    from qnas_cli.data import load_dataset
+    from qnas_cli.errors import UserError
+    from qnas_cli.search_job import SearchConfig, run_search
+    from qnas_cli.supernet import load_supernet
+
+    train(TrainConfig(out=str(tmp_path), steps=4, float_steps=2, quant=QuantConfig(mode="convs", weight_scale="shared"),
+                      **FAST), log=lambda *a, **k: None)
+    meta = json.loads((tmp_path / "supernet.json").read_text())
+    assert meta["quant"]["mode"] == "convs" and [p["name"] for p in meta["phases"]] == ["float", "int8"]
+    net, meta = load_supernet(tmp_path / "supernet.pt")
+    arch = sample(net.space, "smallest")
+    data = load_dataset("fashion-mnist", load_size=max(net.space.resolutions))
+    assert 0 < evaluate(calibrated_subnet(net, arch, data, 64), data.test, data, arch.resolution, limit=100) <= 1
+    with pytest.raises(UserError, match="convs-only .* search needs a fully int8"):
+        run_search(SearchConfig(supernet=str(tmp_path / "supernet.pt"), budgets_ms=[1.0]), log=lambda m: None)
+    (tmp_path / "subnet.json").write_text(json.dumps(subnet_document(arch, net.space, "supernet.pt", meta["weights"]["sha256"])))
+    with pytest.raises(UserError, match="convs-only .* qnas exports fully int8"):
+        export_subnet(tmp_path / "subnet.json", tmp_path / "export", calib_images=64, eval_images=100, log=lambda *a: None)
+    with pytest.raises(UserError, match="--quant convs keeps BN unfolded"):
+        QuantConfig(mode="convs")  # the scale predictor acts on folded weights
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     from qnas_cli.errors import UserError
 
@@ -256,6 +284,7 @@ def test_cli_train_tiny_json(runner, tmp_path):
     (["train", "--space", "huge"], "neither a preset"),
     (["train", "--data", "mnist"], "unknown dataset 'mnist'"),
     (["train", "--quant", "int4"], "--quant: 'int4' is not allowed"),
+    (["train", "--quant", "convs"], "--quant convs keeps BN unfolded: it takes --weight-scale shared"),
     (["train", "--steps", "0", "--space", "tiny"], "--steps must be a positive integer"),
     (["train", "--bn-fold", "sideways"], "--bn-fold"),
     (["train", "--subnet", "no-such-subnet.json"], "no-such-subnet.json"),

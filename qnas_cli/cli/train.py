@@ -22,7 +22,7 @@ def train(
     space: Annotated[str, typer.Option("--space", "-s", help="Search space: tiny, small, mbv3, or a .json/.toml file.")] = D.space,
     data: Annotated[str, typer.Option(help="fashion-mnist | fashion-mnist:DIR | cifar10:DIR | imagefolder:DIR (or imagefolder-rgb:DIR, imagefolder-gray:DIR to convert a mixed set)")] = D.data,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: supernet.pt/.json, metrics.jsonl, ckpt/.")] = Path(D.out),
-    quant: Annotated[str, typer.Option(help="int8: the fully quantized supernet (after a float phase, see --float-steps); none: float only.")] = "int8",
+    quant: Annotated[str, typer.Option(help="int8: the fully quantized supernet (after a float phase, see --float-steps); none: float only; convs: only convs and FCs quantized, BN, adds and pooling float (the partially quantized baseline of BatchQuant/OQA; needs --weight-scale shared; not exportable).")] = "int8",
     act_scheme: Annotated[str, typer.Option(help="symmetric (zero point 0, the paper's) | full-range (zero point -128 after ReLU).")] = "symmetric",
     bn_fold: Annotated[str, typer.Option(help="batch: fold batch statistics (paper §4.1) | moving: fold moving statistics (baseline).")] = "batch",
     weight_scale: Annotated[str, typer.Option(help="predictor: s = mean(theta/sigma) (paper §4.2) | shared: one LSQ scale per layer.")] = "predictor",
