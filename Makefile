@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO   := runs/demo
 
-.PHONY: setup data demo test test-fast bench baselines-venv clean
+.PHONY: setup data demo test test-fast bench bench-quick baselines-venv clean
 
 setup: $(STAMP) data
 
@@ -56,6 +56,20 @@ bench: setup
 	@if [ -x .venv-baselines/bin/python ]; then $(BIN)/python -m benchmarks.partial_quant; \
 	 else echo "partial_quant skipped: run make baselines-venv first"; fi
 	$(BIN)/python -m benchmarks.cost
+
+# Every paper claim's benchmark at tiny sizes, into runs/bench-quick (BENCHMARKS.md: the quick
+# mode; meant to stay under 30 min on 2 CPU cores). The figures say nothing; that they run does.
+QUICK := runs/bench-quick
+bench-quick: setup
+	$(BIN)/python -m benchmarks.scale_ranking --quick --jobs 2 --out $(QUICK)/scale_ranking
+	$(BIN)/python -m benchmarks.scale_pareto --quick --supernets $(QUICK)/scale_ranking --out $(QUICK)/scale_pareto
+	$(BIN)/python -m benchmarks.scale_finetune --quick --subnets 3 --steps 20 --out $(QUICK)/scale_finetune \
+	  --supernet $(QUICK)/scale_ranking/supernet_predictor/supernet.pt
+	$(BIN)/python -m benchmarks.fold_ablation --quick --out $(QUICK)/fold_ablation
+	@if [ -x .venv-baselines/bin/python ]; then $(BIN)/python -m benchmarks.partial_quant --quick --out $(QUICK)/partial_quant; \
+	 else echo "partial_quant skipped: run make baselines-venv first"; fi
+	$(BIN)/python -m benchmarks.export_parity --images 200 --out $(QUICK)/export_parity
+	$(BIN)/python -m benchmarks.cost --bench $(QUICK)
 
 # The converters a PyTorch user would pick instead (benchmarks/litert_route.py): litert-torch and
 # ai-edge-quantizer need ai-edge-litert 2.3 where qnas pins 2.1, so they get a venv of their own.

@@ -9,6 +9,8 @@ Both start, as in the paper, from one float supernet (trained first for ``--floa
 given with ``--init``); ``--from-scratch`` starts both int8 runs from random weights instead.
 
     python -m benchmarks.fold_ablation [--steps 150] [--float-steps 150] [--from-scratch] [--space small] [--out runs/bench/fold_ablation]
+    python -m benchmarks.fold_ablation --steps 1200 --float-steps 400 --eval-images 10000   # the default recipe's length (~25 min)
+    python -m benchmarks.fold_ablation --quick     # tiny space, 30 + 30 steps: about a minute
 """
 from __future__ import annotations
 
@@ -37,8 +39,11 @@ def main() -> None:
     ap.add_argument("--float-steps", type=int, default=150, help="steps of the float supernet both int8 runs start from")
     ap.add_argument("--init", type=Path, default=None, help="start both runs from this float supernet.pt instead of training one")
     ap.add_argument("--from-scratch", action="store_true", help="start both int8 runs from random weights (not the paper's setting)")
+    ap.add_argument("--quick", action="store_true", help="tiny space, 30 float + 30 int8 steps, 500 test images")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/fold_ablation"))
     args = ap.parse_args()
+    if args.quick:
+        args.space, args.steps, args.float_steps, args.eval_images = "tiny", 30, 30, 500
 
     common = dict(space=args.space, batch_size=args.batch_size, lr=args.lr, num_random=1, calib_images=1000,
                   ckpt_every=10**9, log_every=5)

@@ -11,7 +11,8 @@ included) and its int8 TFLite scored on the test split: the figure a user ships.
 
     python -m benchmarks.scale_pareto --jobs 2     # claim 1's supernets; population 64 x 8, 3 budgets: about 1 h
                                                    # on 2 CPU cores (plus 2 x 16 min if the supernets are missing)
-    python -m benchmarks.scale_pareto --quick      # tiny space, two 8-step supernets, 2 budgets: a few minutes
+    python -m benchmarks.scale_pareto --quick      # tiny space, two 40-step supernets, 2 budgets: a few minutes
+                                                   # (and the tiny host table, built once: a few more)
 
 Writes OUT/scale_pareto.json and OUT/scale_pareto.png (both fronts, the winners' test top-1).
 """
@@ -30,7 +31,7 @@ from qnas_cli.supernet import load_supernet
 
 from benchmarks.parallel import run_parallel
 from benchmarks.plots import pyplot, save_png
-from benchmarks.scale_ranking import supernet_runs, train_run
+from benchmarks.scale_ranking import QUICK_SUPERNET_STEPS, supernet_runs, train_run
 from benchmarks.search_quality import export_top1
 
 ARMS = ("predictor", "shared")  # Fig. 9's two supernets (scale_ranking's arms of those names)
@@ -67,11 +68,12 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=2000, help="search-split images per candidate (qnas search's)")
     ap.add_argument("--calib-images", type=int, default=250, help="BN re-estimation per candidate (qnas search's)")
     ap.add_argument("--test-images", type=int, default=None, help="test images each exported winner is scored on (all)")
-    ap.add_argument("--quick", action="store_true", help="tiny space, 8-step supernets, population 8 x 2, 2 budgets")
+    ap.add_argument("--quick", action="store_true", help=f"tiny space, {QUICK_SUPERNET_STEPS}-step supernets (scale_ranking --quick's), "
+                                                         "population 8 x 2, 2 budgets")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/scale_pareto"))
     args = ap.parse_args()
     if args.quick:
-        args.space, args.supernet_steps = "tiny", args.supernet_steps or 8
+        args.space, args.supernet_steps = "tiny", args.supernet_steps or QUICK_SUPERNET_STEPS
         args.population, args.generations = min(args.population, 8), min(args.generations, 2)
         args.eval_images, args.calib_images, args.test_images = 200, 64, args.test_images or 200
         args.supernets = args.supernets or args.out / "supernets"

@@ -50,6 +50,7 @@ ARM_QUANT = {"predictor": QuantConfig(weight_scale="predictor"), "shared": Quant
              "convs": QuantConfig(mode="convs", weight_scale="shared")}
 ARMS = tuple(ARM_QUANT)
 PAPER_TAU = {"predictor": "0.84-0.91", "shared": "0.69-0.75", "convs": "0.69-0.78"}
+QUICK_SUPERNET_STEPS = 40  # --quick's supernets (scale_pareto --quick trains the same, so one run serves both)
 ARM_TEXT = {"predictor": "int8, scale predictor", "shared": "int8, shared scale", "convs": "convs-only int8"}
 
 
@@ -108,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.space, args.subnets = "tiny", min(args.subnets, 6)
-        args.supernet_steps, args.standalone_steps = args.supernet_steps or 40, args.standalone_steps or 30
+        args.supernet_steps, args.standalone_steps = args.supernet_steps or QUICK_SUPERNET_STEPS, args.standalone_steps or 30
         args.eval_images, args.calib_images = args.eval_images or 500, min(args.calib_images, 250)
     if args.jobs < 1 or args.subnets < 3:
         ap.error("--jobs must be >= 1 and --subnets >= 3")

@@ -71,7 +71,8 @@ def test_scale_pareto_quick(tmp_path):
     from tests.test_latency import synthetic_table
 
     (tmp_path / "table.json").write_text(json.dumps(synthetic_table(PRESETS["tiny"], fit=(1.0, 0.0)).to_dict()))
-    out = run_benchmark("scale_pareto", "--quick", "--table", str(tmp_path / "table.json"), "--out", str(tmp_path))
+    out = run_benchmark("scale_pareto", "--quick", "--supernet-steps", "8", "--table", str(tmp_path / "table.json"),
+                        "--out", str(tmp_path))
     result = json.loads((tmp_path / "scale_pareto.json").read_text())
     for arm in ("predictor", "shared"):
         meta = json.loads((tmp_path / "supernets" / f"supernet_{arm}" / "supernet.json").read_text())
@@ -84,6 +85,19 @@ def test_scale_pareto_quick(tmp_path):
             w = row[arm]
             assert w["predicted_ms"] <= row["budget_ms"] and w["passed"] and 0 < w["test_top1"] <= 1
     assert "predictor minus shared" in out and (tmp_path / "scale_pareto.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_fold_ablation_quick(tmp_path):
+    """Both int8 runs start from the one float supernet trained first and differ only in --bn-fold."""
+    out = run_benchmark("fold_ablation", "--quick", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "fold_ablation.json").read_text())
+    assert set(result["runs"]) == {"batch", "moving"} and "float supernet" in result["start"]
+    for fold in ("batch", "moving"):
+        meta = json.loads((tmp_path / fold / "supernet.json").read_text())
+        assert meta["quant"]["bn_fold"] == fold and meta["config"]["init"] == str(tmp_path / "float" / "supernet.pt")
+        assert result["runs"][fold]["steps"][-1] == 30 and 0 < result["runs"][fold]["test_top1"]["largest"] <= 1
+    assert "verdict:" in out
 
 
 @pytest.mark.slow
