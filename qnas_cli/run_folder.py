@@ -64,14 +64,15 @@ def ckpt_dir(out: Path) -> Path:
 
 
 def save_checkpoint(out: Path, model: Supernet, opt: torch.optim.Optimizer, step: int, config: dict[str, Any],
-                    guard: CollapseGuard | None = None) -> Path:
-    """The model of the phase it belongs to (float or int8: ``phase``), its optimizer, the step."""
+                    guard: CollapseGuard | None = None, phases: list[dict[str, Any]] | None = None) -> Path:
+    """The model of the phase it belongs to (float or int8: ``phase``), its optimizer, the step;
+    ``phases``: the run's resolved plan (what default lengths came to), which --resume checks."""
     path = ckpt_dir(out) / f"step_{step:08d}.pt"
     phase = "int8" if model.cfg.quantized else "float"  # the quantized phase (--quant int8 or convs)
     payload = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "phase": phase,
                "guard": guard.state_dict() if guard else None}
     save_weights(path, payload, {"kind": "qnas.checkpoint", "step": step, "phase": phase, "config": config,
-                                 "space": model.space.to_dict()})
+                                 "space": model.space.to_dict(), **({"phases": phases} if phases else {})})
     old = sorted(ckpt_dir(out).glob("step_*.pt"))[:-KEEP_CHECKPOINTS]
     for p in old:
         p.unlink(missing_ok=True)
@@ -90,9 +91,19 @@ def latest_checkpoint(out: Path, log: Callable[[str], None]) -> tuple[dict[str, 
 
 
 def check_resumable(meta: dict[str, Any], config: dict[str, Any], keys: tuple[str, ...], space: SearchSpace,
-                    space_arg: str) -> None:
-    """Refuse to resume a checkpoint (``meta``) made with other options (``keys`` of ``config``) or another space."""
+                    space_arg: str, phases: list[dict[str, Any]] | None = None, length_keys: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a checkpoint (``meta``) made with other options (``keys`` of ``config``) or
+    another space. Where the checkpoint records its resolved ``phases``, those are compared instead
+    of the ``length_keys`` options: a run started under other default lengths (an upgrade) is
+    refused rather than silently continued on another plan, and resumes with the lengths given."""
     saved, mine = meta.get("config", {}), config
+    if phases is not None and "phases" in meta:
+        if meta["phases"] != phases:
+            text = lambda ps: " + ".join(f"{p['name']} {p['steps']}" for p in ps)  # noqa: E731
+            raise UserError(f"--resume: the interrupted run's phases were {text(meta['phases'])} steps, these options "
+                            f"give {text(phases)} (changed defaults?); pass the lengths explicitly "
+                            "(--steps, --float-steps) or use a new --out")
+        keys = tuple(k for k in keys if k not in length_keys)
     for key in keys:
         if saved.get(key) != mine.get(key):
             raise UserError(f"--resume: option {key!r} differs from the interrupted run "

@@ -142,6 +142,11 @@ class Phase:
         return self.start + self.steps
 
 
+def plan_record(plan: list[Phase]) -> list[dict[str, Any]]:
+    """A plan as checkpoints and supernet.json record it."""
+    return [{"name": ph.name, "steps": ph.steps} for ph in plan]
+
+
 def phase_plan(cfg: TrainConfig, steps_per_epoch: int) -> list[Phase]:
     """The phases of a run: float then int8 (the default), int8 alone (--init, --float-steps 0), or float alone."""
     total = cfg.steps or (cfg.epochs * steps_per_epoch if cfg.epochs else DEFAULT_STEPS)
@@ -328,7 +333,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         if found is None:
             raise UserError(f"--resume: no usable checkpoint in {ckpt_dir(out)}; start without --resume")
         payload, meta = found
-        check_resumable(meta, cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space)
+        check_resumable(meta, cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space, plan_record(plan),
+                        length_keys=("steps", "float_steps", "epochs"))
         try:
             start = int(payload["step"])
             first = [ph.name for ph in plan].index(payload.get("phase", plan[-1].name))
@@ -393,7 +399,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                     raise TrainingCollapsed(step + 1, guard.describe(verdict, metrics) if d.main else "on rank 0", str(out))
                 boundary = step + 1 == ph.end and i + 1 < len(plan)
                 if d.main and (((step + 1) % cfg.ckpt_every == 0 and step + 1 < total) or requested or boundary):
-                    save_checkpoint(out, model, opt, step + 1, cfg.to_dict(), guard)
+                    save_checkpoint(out, model, opt, step + 1, cfg.to_dict(), guard, plan_record(plan))
                 if d.main and boundary:
                     _save_float_supernet(model, data, space, cfg, out, step + 1)
                 if requested:
@@ -533,7 +539,8 @@ def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainC
             alone: Arch | None = None) -> dict[str, Any]:
     """Final weights + sidecar, and the test accuracy of the largest and smallest calibrated subnets
     (of the subnet trained ``alone``)."""
-    save_checkpoint(out, model, opt, total, cfg.to_dict(), guard)  # first: a kill during evaluation loses no training
+    plan = phase_plan(cfg, len(data.train) // (cfg.batch_size * world))
+    save_checkpoint(out, model, opt, total, cfg.to_dict(), guard, plan_record(plan))  # first: a kill during evaluation loses no training
     results = {}
     archs = {"subnet": alone} if alone else {how: sample(space, how) for how in ("largest", "smallest")}
     for how, arch in archs.items():
@@ -543,7 +550,7 @@ def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainC
     meta = save_weights(out / "supernet.pt", supernet_payload(model), {
         "kind": "qnas.supernet", "space": space.to_dict(), "config": cfg.to_dict(), "data": data.describe(),
         "steps": total, "world_size": world, "metrics": results, "quant": asdict(cfg.quant),
-        "phases": [{"name": ph.name, "steps": ph.steps} for ph in phase_plan(cfg, len(data.train) // (cfg.batch_size * world))],
+        "phases": plan_record(plan),
         "collapse_events": guard.events if guard else 0,
     })
     return meta

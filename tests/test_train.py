@@ -73,6 +73,28 @@ def test_resume_across_the_float_to_int8_boundary(tmp_path, crash_at):
     assert json.loads((tmp_path / "b" / "float_supernet.json").read_text())["phase"] == "float"
 
 
+def test_resume_keeps_the_plan_the_run_started_with(tmp_path, monkeypatch):
+    """A run started under one default float share and resumed under another (an upgrade) is
+    refused, naming both plans; given the lengths explicitly it continues, bit for bit."""
+    from qnas_cli.errors import UserError
+
+    cfg = lambda out, **k: TrainConfig(out=str(out), steps=6, ckpt_every=2, **FAST, **k)  # noqa: E731
+    monkeypatch.setattr(train_module, "FLOAT_SHARE", 0.5)
+    train(cfg(tmp_path / "a"), log=lambda *a, **k: None)
+
+    def crash(step, total, metrics):
+        if step == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(cfg(tmp_path / "b"), on_step=crash, log=lambda *a, **k: None)
+    monkeypatch.setattr(train_module, "FLOAT_SHARE", 0.25)
+    with pytest.raises(UserError, match="phases were float 3 [+] int8 3 steps, these options give float 1 [+] int8 5"):
+        train(cfg(tmp_path / "b"), resume=True, log=lambda *a, **k: None)
+    train(cfg(tmp_path / "b", float_steps=3), resume=True, log=lambda *a, **k: None)
+    assert_same_weights(supernet_weights(tmp_path / "a"), supernet_weights(tmp_path / "b"))
+
+
 def test_a_subnet_trains_alone(tmp_path):
     """--subnet: only that subnet's slices learn (the rest of the supernet moves by weight decay
     alone), across the float -> int8 boundary, and the summary scores that subnet."""
