@@ -32,7 +32,7 @@ from qnas_cli.supernet import load_supernet
 from benchmarks.parallel import run_parallel
 from benchmarks.plots import pyplot, save_png
 from benchmarks.scale_ranking import QUICK_SUPERNET_STEPS, supernet_runs, train_run
-from benchmarks.search_quality import export_top1
+from benchmarks.search_quality import export_top1, print_winners
 
 ARMS = ("predictor", "shared")  # Fig. 9's two supernets (scale_ranking's arms of those names)
 FRONT_POINTS = 50  # latencies at which the two fronts are compared
@@ -146,12 +146,7 @@ def main() -> None:
     print(f"\n{args.space}: the same search on both supernets ({result['evaluations']['predictor']} / "
           f"{result['evaluations']['shared']} subnets evaluated); winners exported, int8 TFLite test top-1 on "
           f"{args.test_images or 'all'} images")
-    print(f"{'budget':>8} | {'predictor: search':>17} {'test':>7} {'ms':>7} | {'shared: search':>14} {'test':>7} {'ms':>7} | verdict")
-    for row in rows:
-        p, s = row["predictor"], row["shared"]
-        print(f"{row['budget_ms']:>6g}ms | {100 * p['search_top1']:>16.2f}% {100 * p['test_top1']:>6.2f}% "
-              f"{p['predicted_ms']:>7.3f} | {100 * s['search_top1']:>13.2f}% {100 * s['test_top1']:>6.2f}% "
-              f"{s['predicted_ms']:>7.3f} | {row['verdict']}")
+    print_winners(rows, ARMS)
     print(f"fronts (search split): predictor minus shared {100 * gap:+.2f} pp on average over {FRONT_POINTS} latencies "
           f"(paper Fig. 9: the predictor's front lies above)")
     print(f"wrote {args.out / 'scale_pareto.json'} and scale_pareto.png")

@@ -61,6 +61,16 @@ def export_top1(arch, space, supernet: Path, sha: str, folder: Path, test_images
             "measured_ms": r["latency_ms"]["xnnpack"]}
 
 
+def print_winners(rows: list[dict], arms: tuple[str, str]) -> None:
+    """Per budget, two arms' winners side by side: search-split and test top-1, predicted ms, the verdict."""
+    a, b = arms
+    print(f"{'budget':>8} | {a + ': search':>17} {'test':>7} {'ms':>7} | {b + ': search':>14} {'test':>7} {'ms':>7} | verdict")
+    for row in rows:
+        print(f"{row['budget_ms']:>6g}ms | " + " | ".join(
+            f"{100 * w['search_top1']:>{w_search}.2f}% {100 * w['test_top1']:>6.2f}% {w['predicted_ms']:>7.3f}"
+            for w, w_search in ((row[a], 16), (row[b], 13))) + f" | {row['verdict']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--supernet", type=Path, default=Path("runs/demo/train/supernet.pt"))
@@ -116,12 +126,7 @@ def main() -> None:
     write_json(out / "search_quality.json", doc)
     print(f"\n{n_eval} evaluations each; test top-1 of the exported int8 model on {args.test_images} images "
           f"(the exact forward, which each file equals bit for bit on the images it ran)")
-    print(f"{'budget':>8} | {'evolution: search':>17} {'test':>7} {'ms':>6} | {'random: search':>14} {'test':>7} {'ms':>6} | verdict")
-    for row in rows:
-        e, r = row["evolution"], row["random"]
-        print(f"{row['budget_ms']:>6g}ms | {100 * e['search_top1']:>16.2f}% {100 * e['test_top1']:>6.2f}% "
-              f"{e['predicted_ms']:>6.3f} | {100 * r['search_top1']:>13.2f}% {100 * r['test_top1']:>6.2f}% "
-              f"{r['predicted_ms']:>6.3f} | {row['verdict']}")
+    print_winners(rows, ("evolution", "random"))
     print(f"wrote {out / 'search_quality.json'}")
 
 
