@@ -27,11 +27,10 @@ from qnas_cli.demo import budgets_for
 from qnas_cli.latency import Predictor, load_table
 from qnas_cli.search_job import SearchConfig, run_search
 from qnas_cli.space import load_arch, load_space
-from qnas_cli.supernet import load_supernet
 
 from benchmarks.parallel import run_parallel
 from benchmarks.plots import pyplot, save_png
-from benchmarks.scale_ranking import QUICK_SUPERNET_STEPS, supernet_runs, train_run
+from benchmarks.scale_ranking import QUICK_SUPERNET_STEPS, load_arm, supernet_runs, train_run
 from benchmarks.search_quality import export_top1, print_winners
 
 ARMS = ("predictor", "shared")  # Fig. 9's two supernets (scale_ranking's arms of those names)
@@ -89,10 +88,8 @@ def main() -> None:
     for (name, _), summary in zip(runs, run_parallel(train_run, [(cfg,) for _, cfg in runs], args.jobs)):
         print(f"  {name}: " + ", ".join(f"{k} {100 * v['test_top1']:.2f}%" for k, v in summary["metrics"].items()), flush=True)
 
-    nets = {arm: load_supernet(supernets[arm]) for arm in ARMS}
-    for arm, (net, _) in nets.items():
-        if net.cfg.weight_scale != arm or net.space.fingerprint != load_space(args.space).fingerprint:
-            raise SystemExit(f"--{arm} {supernets[arm]}: not an int8 supernet of {args.space} with --weight-scale {arm}")
+    space = load_space(args.space)
+    nets = {arm: load_arm(arm, supernets[arm], space) for arm in ARMS}
     net = nets["predictor"][0]
     if args.table:
         table, table_path = load_table(args.table, net.space, net.in_channels, net.num_classes), args.table

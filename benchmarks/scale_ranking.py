@@ -35,11 +35,13 @@ from qnas_cli.calibrate import calibrated_subnet, evaluate
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.cost import arch_cost
 from qnas_cli.data import load_dataset
+from qnas_cli.errors import UserError
 from qnas_cli.quant import QuantConfig
 from qnas_cli.ranking import kendall_tau
-from qnas_cli.space import Arch, load_space, sample
-from qnas_cli.supernet import load_supernet
-from qnas_cli.train import TrainConfig, train
+from qnas_cli.run_folder import check_resumable
+from qnas_cli.space import Arch, SearchSpace, load_space, sample
+from qnas_cli.supernet import Supernet, load_supernet
+from qnas_cli.train import TrainConfig, phase_plan, plan_record, train
 
 from benchmarks.parallel import run_parallel, threads_per_job
 from benchmarks.plots import pyplot, save_png
@@ -78,12 +80,26 @@ def supernet_runs(root: Path, given: dict[str, Path | None], **config) -> tuple[
 
 
 def _trained_as(supernet: Path, cfg: TrainConfig) -> bool:
-    """A finished supernet.pt whose run had ``cfg``'s recipe (the fields `--resume` also insists on)."""
+    """A finished supernet.pt whose run had ``cfg``'s recipe: the check `--resume` makes (options,
+    space, and the resolved phase plan, so a run under an older default length does not pass)."""
     meta = supernet.with_suffix(".json")
     if not (supernet.is_file() and meta.is_file()):
         return False
-    done = json.loads(meta.read_text())["config"]
-    return all(done.get(k) == v for k, v in cfg.to_dict().items() if k in TrainConfig.RESUME_KEYS)
+    plan = plan_record(phase_plan(cfg, steps_per_epoch=0))  # these runs give --steps or its default, never --epochs
+    try:
+        check_resumable(json.loads(meta.read_text()), cfg.to_dict(), TrainConfig.RESUME_KEYS, load_space(cfg.space),
+                        cfg.space, plan, length_keys=TrainConfig.LENGTH_KEYS)
+    except UserError:
+        return False
+    return True
+
+
+def load_arm(arm: str, path: Path, space: SearchSpace) -> tuple[Supernet, dict]:
+    """``path``'s supernet and sidecar, refused unless it is ``arm``'s quantization of ``space``."""
+    net, meta = load_supernet(path)
+    if net.cfg != ARM_QUANT[arm] or net.space.fingerprint != space.fingerprint:
+        raise SystemExit(f"--{arm} {path}: not a {ARM_TEXT[arm]} supernet of {space.name} ({ARM_QUANT[arm]})")
+    return net, meta
 
 
 def train_run(cfg: TrainConfig) -> dict:
@@ -144,9 +160,7 @@ def main() -> None:
     truth = [standalone[i] for i in range(len(archs))]
     inherited, taus = {}, {}
     for arm in arms:
-        net, _ = load_supernet(supernets[arm])
-        if net.cfg != ARM_QUANT[arm] or net.space.fingerprint != space.fingerprint:
-            raise SystemExit(f"--{arm} {supernets[arm]}: not a {ARM_TEXT[arm]} supernet of {args.space} ({ARM_QUANT[arm]})")
+        net, _ = load_arm(arm, supernets[arm], space)
         inherited[arm] = [evaluate(calibrated_subnet(net, a, data, args.calib_images), data.test, data, a.resolution,
                                    limit=args.eval_images) for a in archs]
         taus[arm] = kendall_tau(inherited[arm], truth)

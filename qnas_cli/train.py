@@ -126,6 +126,8 @@ class TrainConfig:
     # Fields that must match for --resume to continue the same run.
     RESUME_KEYS = ("space", "data", "quant", "epochs", "steps", "float_steps", "batch_size", "lr", "momentum", "weight_decay",
                    "label_smoothing", "num_random", "kd_ratio", "kd_temperature", "warmup_steps", "clip_grad", "seed", "init", "subnet")
+    # The options the resolved phase plan stands for, where a checkpoint records one.
+    LENGTH_KEYS = ("steps", "float_steps", "epochs")
 
 
 @dataclass(frozen=True)
@@ -334,7 +336,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
             raise UserError(f"--resume: no usable checkpoint in {ckpt_dir(out)}; start without --resume")
         payload, meta = found
         check_resumable(meta, cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space, plan_record(plan),
-                        length_keys=("steps", "float_steps", "epochs"))
+                        length_keys=TrainConfig.LENGTH_KEYS)
         try:
             start = int(payload["step"])
             first = [ph.name for ph in plan].index(payload.get("phase", plan[-1].name))

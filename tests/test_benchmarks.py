@@ -63,6 +63,21 @@ def test_scale_ranking_quick(tmp_path):
     assert json.loads((tmp_path / "scale_ranking.json").read_text())["kendall_tau"] == {"convs": result["kendall_tau"]["convs"]}
 
 
+def test_a_finished_arm_is_reused_only_under_the_same_resolved_plan(tmp_path, monkeypatch):
+    """scale_ranking/scale_pareto reuse a finished supernet of the same recipe; one trained when
+    the default float share was another (same options, another plan) is trained again."""
+    import qnas_cli.train as train_module
+    from benchmarks.scale_ranking import supernet_runs
+
+    common = dict(space="tiny", seed=0, steps=4, batch_size=32, eval_images=100, calib_images=64, warmup_steps=1,
+                  ckpt_every=10**9)
+    _, runs = supernet_runs(tmp_path, {"shared": None}, **common)
+    train(runs[0][1], log=lambda *a, **k: None)
+    assert supernet_runs(tmp_path, {"shared": None}, **common)[1] == []
+    monkeypatch.setattr(train_module, "FLOAT_SHARE", 0.5)  # 2 float steps of 4 instead of 1
+    assert [name for name, _ in supernet_runs(tmp_path, {"shared": None}, **common)[1]] == ["shared"]
+
+
 @pytest.mark.slow
 def test_scale_pareto_quick(tmp_path):
     """Both arms' supernets trained with their own --weight-scale, searched under one table and the
