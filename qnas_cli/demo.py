@@ -18,7 +18,7 @@ from rich.table import Table
 
 from .checkpoint import write_json
 from .cli.common import console, logger
-from .latency import Predictor
+from .latency import STATISTIC, Predictor
 from .search_job import SearchConfig, run_search
 from .space import sample
 from .supernet import load_supernet
@@ -73,9 +73,11 @@ def main() -> None:
                      "max_lsb": x["max_abs_lsb"], "exact": x["exact"], "size_kb": r["size_bytes"] / 1024,
                      "passed": r["passed"], "tflite": str(out / r["files"]["tflite"])})
     summary = {"rows": rows, "table": str(table_path), "search": result["evaluations"], "search_seconds": round(search_s, 1),
-               "seconds_after_training": round(time.perf_counter() - t0, 1), "test_images": args.eval_images}
+               "seconds_after_training": round(time.perf_counter() - t0, 1), "test_images": args.eval_images,
+               "latency_statistic": STATISTIC}
     write_json(args.out / "summary.json", summary)
-    t = Table(title=f"qnas demo: int8 TFLite per latency budget (XNNPACK, 1 thread; {args.eval_images} test images)")
+    t = Table(title=f"qnas demo: int8 TFLite per latency budget (XNNPACK, 1 thread, {STATISTIC} "
+                    f"of the invoke times; {args.eval_images} test images)")
     for col in ("budget", "pred. ms", "meas. ms", "search top-1", "int8 test", "exact", "max LSB", "KB", "gate"):
         t.add_column(col)
     for r in rows:

@@ -23,7 +23,7 @@ from .cost import arch_cost
 from .data import load_dataset
 from .errors import UserError, check_count
 from .fitness import Fitness
-from .latency import LatencyTable, Predictor, load_table
+from .latency import LatencyTable, Predictor, load_table, table_statistic
 from .search import PAPER, PARENT_RATIO, Generation, evolve, pareto_front
 from .space import Arch, sample
 from .supernet import load_supernet
@@ -148,12 +148,12 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
     provenance = {"supernet": {"path": str(Path(cfg.supernet).resolve()), "sha256": meta["weights"]["sha256"]},
                   "table": {"path": str(Path(table_path).resolve()), "sha256": sha256_file(table_path),
                             "runtime": table.header["runtime"], "threads": table.header["threads"],
-                            "device": table.header["device"]}}
+                            "statistic": table_statistic(table.header), "device": table.header["device"]}}
     chosen = []
     for budget, a in winners.items():
         doc = {**subnet_document(a, space, rel(cfg.supernet), meta["weights"]["sha256"]),
                "search": {"budget_ms": budget, "runtime": table.header["runtime"], "threads": table.header["threads"],
-                          **figures(a)}}
+                          "latency_statistic": table_statistic(table.header), **figures(a)}}
         name = f"subnet_{budget:g}ms.json"
         write_json(out / name, doc)
         chosen.append({"budget_ms": budget, "file": name, "arch": a.key, **figures(a)})

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from qnas_cli.cli import app
-from qnas_cli.latency import Predictor, table_space
+from qnas_cli.latency import Predictor, table_space, table_statistic
 from qnas_cli.space import PRESETS, load_arch, sample
 from qnas_cli.train import TrainConfig, train
 from tests.test_latency import synthetic_table
@@ -52,6 +52,7 @@ def test_search_meets_every_budget_and_writes_its_outputs(setup, runner):
         assert pred.predict(arch) <= c["budget_ms"] + 1e-9 and c["latency_ms"] == pytest.approx(pred.predict(arch))
         sub = json.loads((out / c["file"]).read_text())
         assert sub["supernet"]["sha256"] == doc["supernet"]["sha256"]  # ready for `qnas export`
+        assert sub["search"]["latency_statistic"] == doc["table"]["statistic"] == table_statistic(table.header)
 
 
 def test_an_infeasible_budget_exits_2_naming_the_fastest(setup, runner):

@@ -81,7 +81,7 @@ def _summary(r: dict) -> None:
     t.add_row("top-1 agreement", *(f"{100 * p[b]['top1_agreement']:.2f}%" for b in CHECKED))
     t.add_row("ops bit-exact (own inputs)",
               *(f"{sum(o['exact'] == 1.0 for o in r['per_op'][b].values())}/{len(r['per_op'][b])}" for b in CHECKED))
-    t.add_row("latency (ms, 1 thread)", *(f"{r['latency_ms'][b]:.3f}" if b in r["latency_ms"] else "-" for b in CHECKED))
+    t.add_row(f"latency (ms, 1 thread, {r['latency_ms'].get('statistic', 'median')})", *(f"{r['latency_ms'][b]:.3f}" if b in r["latency_ms"] else "-" for b in CHECKED))
     console.print(t)
     c, a = r["census"], r["accuracy"]
     say(console, f"ops {dict(c['ops'])}; float tensors {c['float_tensors']}; in/out {c['input_dtype']}/{c['output_dtype']}; "
