@@ -9,7 +9,8 @@ Both start, as in the paper, from one float supernet (trained first for ``--floa
 given with ``--init``); ``--from-scratch`` starts both int8 runs from random weights instead.
 
     python -m benchmarks.fold_ablation [--steps 150] [--float-steps 150] [--from-scratch] [--space small] [--out runs/bench/fold_ablation]
-    python -m benchmarks.fold_ablation --steps 1200 --float-steps 400 --eval-images 10000   # the default recipe's length (~25 min)
+    python -m benchmarks.fold_ablation --steps 1400 --float-steps 1400 --eval-images 10000  # the default recipe's length (~22 min)
+    python -m benchmarks.fold_ablation --init RUN/float_supernet.pt --steps 1400 --eval-images 10000  # from a default run's float phase (~16 min)
     python -m benchmarks.fold_ablation --quick     # tiny space, 30 + 30 steps: about a minute
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ arm's winner per budget is then exported for real (`qnas export`'s pipeline, par
 included) and its int8 TFLite scored on the test split: the figure a user ships.
 
     python -m benchmarks.scale_pareto --jobs 2     # claim 1's supernets; population 64 x 8, 3 budgets: about 1 h
-                                                   # on 2 CPU cores (plus 2 x 16 min if the supernets are missing)
+                                                   # on 2 CPU cores (plus 2 x 14 min if the supernets are missing)
     python -m benchmarks.scale_pareto --quick      # tiny space, two 40-step supernets, 2 budgets: a few minutes
                                                    # (and the tiny host table, built once: a few more)
 

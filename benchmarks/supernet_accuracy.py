@@ -6,8 +6,10 @@
   target >= 92% / >= 90% within 60 minutes. Most steps are float: a float step costs about half
   an int8 one on this CPU, and the int8 phase adapts a trained float supernet.
 
-Measured on this 2-core host, alone (2026-12-02): default 89.05% / 87.01% in 16.3 min (met);
-strong 92.28% / 90.36% in 46.2 min (met).
+Measured on this 2-core host, alone (2026-12-02): strong 92.28% / 90.36% in 46.2 min (met); the
+default of that day (400 float + 1,200 int8 steps) 89.05% / 87.01% in 16.3 min. The default is now
+2,800 steps, half float: 90.25% / 88.63% in 13.4 min (seed 0, alone, 2026-12-05, measured by
+``train_stability --recipes default --seeds 0``, the same ``train`` call; 3 seeds in the README).
 Longer schedules tried before this one: ``--steps 5200 --float-steps 2600`` 91.43% / 89.62% in
 44.6 min; ``--steps 6800 --float-steps 3400`` 91.83% / 90.40% in 58.9 min (largest 0.17 pp short).
 

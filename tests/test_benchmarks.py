@@ -71,10 +71,11 @@ def test_a_finished_arm_is_reused_only_under_the_same_resolved_plan(tmp_path, mo
 
     common = dict(space="tiny", seed=0, steps=4, batch_size=32, eval_images=100, calib_images=64, warmup_steps=1,
                   ckpt_every=10**9)
+    monkeypatch.setattr(train_module, "FLOAT_SHARE", 0.25)  # 1 float step of 4
     _, runs = supernet_runs(tmp_path, {"shared": None}, **common)
     train(runs[0][1], log=lambda *a, **k: None)
     assert supernet_runs(tmp_path, {"shared": None}, **common)[1] == []
-    monkeypatch.setattr(train_module, "FLOAT_SHARE", 0.5)  # 2 float steps of 4 instead of 1
+    monkeypatch.setattr(train_module, "FLOAT_SHARE", 0.5)  # 2 float steps of 4: another plan
     assert [name for name, _ in supernet_runs(tmp_path, {"shared": None}, **common)[1]] == ["shared"]
 
 
