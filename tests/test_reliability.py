@@ -362,7 +362,7 @@ def test_sigint_on_the_last_step_still_checkpoints(finished, tmp_path):
 
 # ---- 2. real processes: SIGKILL and SIGINT ------------------------------------------------------
 
-CLI_RUN = [*TINY, "--steps", "8", "--ckpt-every", "2"]
+CLI_RUN = [*TINY, "--steps", "8", "--float-steps", "2", "--ckpt-every", "2"]  # killed at step 4: in the int8 phase
 
 
 def _train_cmd(out: Path, *extra: str) -> list[str]:
@@ -403,7 +403,7 @@ def test_sigkill_then_resume_reaches_the_same_weights(tmp_path, reference):
     assert _audit(out)[0] == []  # nothing half-written under its final name
     assert "resuming from step 4" in _resume(out)
     assert_same_weights(reference, supernet_weights(out))
-    # each row once: the float phase's last step (a quarter of 8) and the run's last, none repeated by the resume
+    # each row once: the float phase's last step (2) and the run's last, none repeated by the resume
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 8]
     assert _audit(out) == ([], [])
 
