@@ -74,7 +74,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
                on_generation: Callable[[float, Generation], None] | None = None,
                on_evaluation: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """The search; returns pareto.json's content on rank 0 (None on the other torchrun ranks)."""
-    from .train import setup_distributed  # torchrun: each rank evaluates its share of every generation
+    from .train import leave_distributed, setup_distributed  # torchrun: each rank evaluates its share of every generation
 
     t_start = time.perf_counter()
     d = setup_distributed("cpu")
@@ -129,6 +129,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
         history[budget] = [{"generation": g.index, "best_top1": g.best[1], "evaluated": g.evaluated,
                             "cache_hits": g.cache_hits, "predictor_tau": g.predictor_tau} for g in res.history]
     if not d.main:
+        leave_distributed(d)
         return None
     # A budget's winner is the best subnet evaluated by any budget's evolution that fits it:
     # a tighter budget's winner often fits a looser one, and its score is already known.
@@ -166,6 +167,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
               "subnets": sorted(rows, key=lambda r: r["latency_ms"]), "versions": versions()}
     write_json(out / "pareto.json", result)
     plot_pareto(result, out / "pareto.png")
+    leave_distributed(d)
     result["out"] = str(out)
     return result
 

@@ -183,6 +183,16 @@ def setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
+def leave_distributed(d: Dist) -> None:
+    """Wait for every rank, then leave the process group. A rank that exits with its gloo group
+    still open can abort at interpreter exit ("terminate called without an active exception")
+    while another rank is still writing, which torchrun reports as a failed run (gloo's worker
+    threads outlive the interpreter: pytorch/pytorch#190489, #179291)."""
+    if d.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def resolve_device(device: str, d: Dist) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -418,8 +428,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     summary: dict[str, Any] = {}
     if d.main:
         summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world, guard, alone)
-    if d.world > 1:
-        dist.barrier()
+    leave_distributed(d)
     return summary
 
 
