@@ -128,7 +128,7 @@ def main() -> None:
     gap = front_gap(searches["predictor"]["subnets"], searches["shared"]["subnets"])
     result = {"supernets": {arm: {"path": str(supernets[arm]), "sha256": nets[arm][1]["weights"]["sha256"],
                                   "metrics": nets[arm][1].get("metrics")} for arm in ARMS},
-              "table": str(table_path), "budgets_ms": budgets,
+              "table": str(table_path), "runtime": table.header["runtime"], "budgets_ms": budgets,
               "settings": {k: getattr(args, k) for k in ("population", "generations", "eval_images", "calib_images",
                                                          "test_images", "seed")},
               "evaluations": {arm: searches[arm]["evaluations"]["count"] for arm in ARMS},
@@ -163,7 +163,7 @@ def _plot(result: dict, path: Path) -> None:
                 color=color, markeredgecolor="black", label=f"{arm}: exported winners (test, TFLite)")
     for b in result["budgets_ms"]:
         ax.axvline(b, color="0.5", ls=":", lw=0.8)
-    ax.set(xlabel=f"predicted int8 TFLite latency (ms; {Path(result['table']).name})", ylabel="int8 top-1 (%)",
+    ax.set(xlabel=f"predicted int8 TFLite latency (ms, {result['runtime']} table)", ylabel="int8 top-1 (%)",
            title="scale predictor vs shared scale: the same search on both supernets")
     ax.legend(loc="lower right", fontsize=8)
     save_png(fig, path)

@@ -12,15 +12,20 @@ scale, and fully int8 better than partially quantized?
    by multiply-accumulates (the order of their latency on one runtime, near enough for spreading),
    taken at evenly spaced ranks.
 3. Ground truth, shared by every arm: each subnet trained alone from scratch (`qnas train
-   --subnet`), int8, the same recipe and ``--standalone-steps`` for all; its int8 test top-1
-   (fully int8 is what ships, so it is the truth for the convs-only arm too).
+   --subnet`), int8, the same recipe and ``--standalone-steps`` for all, ``--standalone-seeds``
+   times (seeds ``--seed``, ``--seed``+1, ...); its int8 test top-1, averaged over the seeds
+   (fully int8 is what ships, so it is the truth for the convs-only arm too). With two or more
+   seeds the replicas' tau with each other is reported: how reproducible the ranking being
+   predicted is at this budget, the yardstick for every arm's tau.
 4. Per arm: every subnet's supernet-inherited accuracy (extracted, BN calibrated; exact int8 on
-   the test split, fake-quant for convs-only) and Kendall tau against the ground truth. Paper:
-   0.84-0.91 with the predictor, 0.69-0.75 with a shared scale, 0.69-0.78 partially quantized.
+   the test split, fake-quant for convs-only) and Kendall tau against the ground truth (and
+   against each seed's). Paper: 0.84-0.91 with the predictor, 0.69-0.75 with a shared scale,
+   0.69-0.78 partially quantized.
 
 The training runs (the supernets, the stand-alone subnets) run ``--jobs`` at a time.
 
-    python -m benchmarks.scale_ranking --jobs 2          # 3 supernets + 20 stand-alone subnets: about 3 h on 2 CPU cores
+    python -m benchmarks.scale_ranking --jobs 2          # 3 supernets + 2 x 20 stand-alone subnets: about 4 h on 2 CPU cores
+    python -m benchmarks.scale_ranking --jobs 2 --standalone-steps 1400   # half-length ground truth: about 1.5 h
     python -m benchmarks.scale_ranking --quick           # tiny space, 6 subnets, short runs: a few minutes
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import itertools
 import statistics
 from pathlib import Path
 
@@ -102,6 +108,12 @@ def load_arm(arm: str, path: Path, space: SearchSpace) -> tuple[Supernet, dict]:
     return net, meta
 
 
+def standalone_run_name(seed: int, first: int) -> str:
+    """The run folder of one stand-alone seed: ``run`` for the first (as before seeds were
+    repeated, so those runs are reused), ``run_seed<s>`` for the replicas."""
+    return "run" if seed == first else f"run_seed{seed}"
+
+
 def train_run(cfg: TrainConfig) -> dict:
     return train(cfg, log=lambda *a, **k: None)
 
@@ -113,6 +125,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="of the supernets, the stand-alone runs and the subnet sample")
     ap.add_argument("--supernet-steps", type=int, default=None, help="default: qnas train's")
     ap.add_argument("--standalone-steps", type=int, default=None, help="each stand-alone subnet's budget (default: qnas train's)")
+    ap.add_argument("--standalone-seeds", type=int, default=2,
+                    help="stand-alone runs per subnet, seeds --seed, --seed+1, ...: the truth is their mean, their tau "
+                         "with each other the truth's reproducibility")
     ap.add_argument("--predictor", type=Path, help="an int8 supernet.pt trained with --weight-scale predictor (else trained here)")
     ap.add_argument("--shared", type=Path, help="the same with --weight-scale shared (else trained here)")
     ap.add_argument("--convs", type=Path, help="one trained with --quant convs --weight-scale shared (else trained here)")
@@ -127,8 +142,8 @@ def main() -> None:
         args.space, args.subnets = "tiny", min(args.subnets, 6)
         args.supernet_steps, args.standalone_steps = args.supernet_steps or QUICK_SUPERNET_STEPS, args.standalone_steps or 30
         args.eval_images, args.calib_images = args.eval_images or 500, min(args.calib_images, 250)
-    if args.jobs < 1 or args.subnets < 3:
-        ap.error("--jobs must be >= 1 and --subnets >= 3")
+    if args.jobs < 1 or args.subnets < 3 or args.standalone_seeds < 1:
+        ap.error("--jobs and --standalone-seeds must be >= 1 and --subnets >= 3")
     arms = [a for a in args.arms.split(",") if a]
     if not arms or set(arms) - set(ARMS):
         ap.error(f"--arms: choose among {', '.join(ARMS)}")
@@ -139,57 +154,74 @@ def main() -> None:
     common = dict(space=args.space, seed=args.seed, eval_images=args.eval_images, calib_images=args.calib_images, ckpt_every=10**9)
     supernets, runs = supernet_runs(args.out, {arm: getattr(args, arm) for arm in arms},
                                     steps=args.supernet_steps, **common)
-    standalone = {}  # subnet index -> its stand-alone int8 test top-1
+    seeds = [args.seed + k for k in range(args.standalone_seeds)]
+    standalone: dict[tuple[int, int], float] = {}  # (subnet index, seed) -> its stand-alone int8 test top-1
     for i, arch in enumerate(archs):
         out = args.out / "standalone" / f"{i:02d}"
         out.mkdir(parents=True, exist_ok=True)
         (out / "subnet.json").write_text(json.dumps(arch.to_dict(space), indent=1))
-        cfg = TrainConfig(out=str(out / "run"), subnet=str(out / "subnet.json"), steps=args.standalone_steps, **common)
-        if _trained_as(out / "run" / "supernet.pt", cfg):  # finished in an earlier invocation
-            standalone[i] = json.loads((out / "run" / "supernet.json").read_text())["metrics"]["subnet"]["test_top1"]
-        else:
-            runs.append((f"standalone {i}", cfg))
+        for s in seeds:
+            run = out / standalone_run_name(s, args.seed)
+            cfg = TrainConfig(out=str(run), subnet=str(out / "subnet.json"), steps=args.standalone_steps,
+                              **{**common, "seed": s})
+            if _trained_as(run / "supernet.pt", cfg):  # finished in an earlier invocation
+                standalone[i, s] = json.loads((run / "supernet.json").read_text())["metrics"]["subnet"]["test_top1"]
+            else:
+                runs.append((f"standalone {i} seed {s}", cfg))
     print(f"{len(runs)} training runs, {args.jobs} at a time, {threads_per_job(args.jobs)} thread(s) each "
-          f"({len(arms) + len(archs) - len(runs)} finished ones reused)", flush=True)
+          f"({len(arms) + len(archs) * len(seeds) - len(runs)} finished ones reused)", flush=True)
     for (name, cfg), summary in zip(runs, run_parallel(train_run, [(cfg,) for _, cfg in runs], args.jobs)):
         top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}
         print(f"  {name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in top1.items()), flush=True)
         if name.startswith("standalone"):
-            standalone[int(name.split()[1])] = top1["subnet"]
+            standalone[int(name.split()[1]), cfg.seed] = top1["subnet"]
 
-    truth = [standalone[i] for i in range(len(archs))]
-    inherited, taus = {}, {}
+    replicas = {s: [standalone[i, s] for i in range(len(archs))] for s in seeds}
+    truth = [statistics.mean(standalone[i, s] for s in seeds) for i in range(len(archs))]
+    replica_tau = ([kendall_tau(replicas[a], replicas[b]) for a, b in itertools.combinations(seeds, 2)]
+                   if len(seeds) > 1 else [])
+    inherited, taus, taus_per_seed = {}, {}, {}
     for arm in arms:
         net, _ = load_arm(arm, supernets[arm], space)
         inherited[arm] = [evaluate(calibrated_subnet(net, a, data, args.calib_images), data.test, data, a.resolution,
                                    limit=args.eval_images) for a in archs]
         taus[arm] = kendall_tau(inherited[arm], truth)
+        taus_per_seed[arm] = {str(s): kendall_tau(inherited[arm], replicas[s]) for s in seeds}
 
     rows = [{"subnet": i, "arch": a.key, "mflops": arch_cost(space, a, data.in_channels, data.num_classes).mflops,
-             "standalone": truth[i], **{arm: inherited[arm][i] for arm in arms}} for i, a in enumerate(archs)]
+             "standalone": truth[i], "standalone_per_seed": {str(s): replicas[s][i] for s in seeds},
+             **{arm: inherited[arm][i] for arm in arms}} for i, a in enumerate(archs)]
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "supernets": {arm: str(p) for arm, p in supernets.items()}, "kendall_tau": taus, "paper_tau": PAPER_TAU,
+              "supernets": {arm: str(p) for arm, p in supernets.items()}, "kendall_tau": taus,
+              "kendall_tau_per_seed": taus_per_seed, "standalone_replica_tau": replica_tau, "paper_tau": PAPER_TAU,
               "subnets": rows, "versions": versions()}
     write_json(args.out / "scale_ranking.json", result)
-    _plot(rows, taus, args.out / "scale_ranking.png")
-    print(f"\n{len(archs)} subnets of {args.space}, int8 test top-1 ({args.eval_images or 'all'} images)")
-    print(f"{'#':>3} {'MFLOPs':>8} {'stand-alone':>12} " + " ".join(f"{arm:>10}" for arm in arms) + "  arch")
+    _plot(rows, taus, len(seeds), args.out / "scale_ranking.png")
+    print(f"\n{len(archs)} subnets of {args.space}, int8 test top-1 ({args.eval_images or 'all'} images); "
+          f"stand-alone: mean of {len(seeds)} seed(s)" + (f", then seed {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""))
+    per_seed = [f"{'seed ' + str(s):>8}" for s in seeds] if len(seeds) > 1 else []
+    print(f"{'#':>3} {'MFLOPs':>8} {'stand-alone':>12} {' '.join(per_seed)} " + " ".join(f"{arm:>10}" for arm in arms) + "  arch")
     for r in rows:
-        print(f"{r['subnet']:>3} {r['mflops']:>8.2f} {100 * r['standalone']:>11.2f}% "
+        seeds_text = " ".join(f"{100 * v:>7.2f}%" for v in r["standalone_per_seed"].values()) if len(seeds) > 1 else ""
+        print(f"{r['subnet']:>3} {r['mflops']:>8.2f} {100 * r['standalone']:>11.2f}% {seeds_text} "
               + " ".join(f"{100 * r[arm]:>9.2f}%" for arm in arms) + f"  {r['arch']}")
+    if replica_tau:
+        print("Kendall tau between stand-alone seeds (the truth's own reproducibility): "
+              + ", ".join(f"{t:+.3f}" for t in replica_tau))
     for arm in arms:
-        print(f"Kendall tau, {ARM_TEXT[arm]:21} supernet vs stand-alone: {taus[arm]:+.3f} (paper {PAPER_TAU[arm]}); "
-              f"mean inherited top-1 {100 * statistics.mean(inherited[arm]):.2f}%")
+        per = ", ".join(f"seed {s} {t:+.3f}" for s, t in taus_per_seed[arm].items()) if len(seeds) > 1 else ""
+        print(f"Kendall tau, {ARM_TEXT[arm]:21} supernet vs stand-alone: {taus[arm]:+.3f} (paper {PAPER_TAU[arm]})"
+              + (f" [{per}]" if per else "") + f"; mean inherited top-1 {100 * statistics.mean(inherited[arm]):.2f}%")
     print(f"wrote {args.out / 'scale_ranking.json'} and scale_ranking.png")
 
 
-def _plot(rows: list[dict], taus: dict[str, float], path: Path) -> None:
+def _plot(rows: list[dict], taus: dict[str, float], n_seeds: int, path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for arm, marker in zip(taus, "ox^"):
         ax.plot([100 * r["standalone"] for r in rows], [100 * r[arm] for r in rows], marker, ls="none",
                 label=f"{ARM_TEXT[arm]} (tau {taus[arm]:+.2f})")
-    ax.set_xlabel("stand-alone int8 test top-1 (%)")
+    ax.set_xlabel("stand-alone int8 test top-1 (%" + (f", mean of {n_seeds} seeds)" if n_seeds > 1 else ")"))
     ax.set_ylabel("supernet-inherited int8 test top-1 (%)")
     ax.set_title("ranking: scale predictor vs shared scale vs convs-only", fontsize=10)
     ax.legend(fontsize=8)

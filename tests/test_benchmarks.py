@@ -54,12 +54,18 @@ def test_scale_ranking_quick(tmp_path):
         assert (meta["quant"]["mode"], meta["quant"]["weight_scale"]) == (mode, scale)
         assert -1 <= result["kendall_tau"][arm] <= 1
     assert len(result["subnets"]) == 3 and len({r["arch"] for r in result["subnets"]}) == 3
-    for i, r in enumerate(result["subnets"]):
-        meta = json.loads((tmp_path / "standalone" / f"{i:02d}" / "run" / "supernet.json").read_text())
-        assert meta["metrics"] == {"subnet": {"arch": r["arch"], "test_top1": r["standalone"]}}
+    for i, r in enumerate(result["subnets"]):  # two seeds each (the default): the truth is their mean
+        top1 = {}
+        for seed, run in (("0", "run"), ("1", "run_seed1")):
+            meta = json.loads((tmp_path / "standalone" / f"{i:02d}" / run / "supernet.json").read_text())
+            assert meta["metrics"]["subnet"]["arch"] == r["arch"] and meta["config"]["seed"] == int(seed)
+            top1[seed] = meta["metrics"]["subnet"]["test_top1"]
+        assert r["standalone_per_seed"] == top1 and r["standalone"] == pytest.approx((top1["0"] + top1["1"]) / 2)
+    assert len(result["standalone_replica_tau"]) == 1 and set(result["kendall_tau_per_seed"]["shared"]) == {"0", "1"}
     assert "Kendall tau, int8, scale predictor" in out and "Kendall tau, convs-only int8" in out
+    assert "Kendall tau between stand-alone seeds" in out
     again = run_benchmark("scale_ranking", *args, "--arms", "convs")
-    assert "6 training runs" in out and "0 training runs" in again and "(4 finished ones reused)" in again
+    assert "9 training runs" in out and "0 training runs" in again and "(7 finished ones reused)" in again
     assert json.loads((tmp_path / "scale_ranking.json").read_text())["kendall_tau"] == {"convs": result["kendall_tau"]["convs"]}
 
 
