@@ -24,8 +24,8 @@ scale, and fully int8 better than partially quantized?
 
 The training runs (the supernets, the stand-alone subnets) run ``--jobs`` at a time.
 
-    python -m benchmarks.scale_ranking --jobs 2          # 3 supernets + 2 x 20 stand-alone subnets: about 4 h on 2 CPU cores
-    python -m benchmarks.scale_ranking --jobs 2 --standalone-steps 1400   # half-length ground truth: about 1.5 h
+    python -m benchmarks.scale_ranking --jobs 2          # 3 supernets + 2 x 20 stand-alone subnets: about 2.5 h on 2 CPU cores
+    python -m benchmarks.scale_ranking --jobs 2 --standalone-steps 1400   # half-length ground truth (seeds agree less): about 1.5 h
     python -m benchmarks.scale_ranking --quick           # tiny space, 6 subnets, short runs: a few minutes
 """
 from __future__ import annotations
