@@ -31,9 +31,9 @@ The training runs (the supernets, the stand-alone subnets) run ``--jobs`` at a t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
-import itertools
 import statistics
 from pathlib import Path
 
@@ -177,7 +177,7 @@ def main() -> None:
             standalone[int(name.split()[1]), cfg.seed] = top1["subnet"]
 
     replicas = {s: [standalone[i, s] for i in range(len(archs))] for s in seeds}
-    truth = [statistics.mean(standalone[i, s] for s in seeds) for i in range(len(archs))]
+    truth = [statistics.mean(replicas[s][i] for s in seeds) for i in range(len(archs))]
     replica_tau = ([kendall_tau(replicas[a], replicas[b]) for a, b in itertools.combinations(seeds, 2)]
                    if len(seeds) > 1 else [])
     inherited, taus, taus_per_seed = {}, {}, {}
