@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--supernet-steps", type=int, default=None, help="default: qnas train's")
     ap.add_argument("--standalone-steps", type=int, default=None, help="each stand-alone subnet's budget (default: qnas train's)")
     ap.add_argument("--standalone-seeds", type=int, default=2,
-                    help="stand-alone runs per subnet, seeds --seed, --seed+1, ...: the truth is their mean, their tau "
+                    help="stand-alone runs per subnet (default 2), seeds --seed, --seed+1, ...: the truth is their mean, their tau "
                          "with each other the truth's reproducibility")
     ap.add_argument("--predictor", type=Path, help="an int8 supernet.pt trained with --weight-scale predictor (else trained here)")
     ap.add_argument("--shared", type=Path, help="the same with --weight-scale shared (else trained here)")
