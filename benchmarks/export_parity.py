@@ -36,13 +36,13 @@ import numpy as np
 
 from ai_edge_litert.interpreter import Interpreter
 
-from export.fold import quantize_input, to_integer_graph
-from export.graph import QParams
-from export.onnx_export import export_onnx
-from export.pipeline import ONNX2TF_CALIB_IMAGES, int8_images, prepare, subnet_outputs
-from export.reference import dequantize, quantize
-from export.tflite import MAX_CALIB_IMAGES, run_onnx2tf
-from export.verify import CHECKED, arithmetic, float_ops, op_census, parity, run_tflite
+from qnas_cli.export.fold import quantize_input, to_integer_graph
+from qnas_cli.export.graph import QParams
+from qnas_cli.export.onnx_export import export_onnx
+from qnas_cli.export.pipeline import ONNX2TF_CALIB_IMAGES, int8_images, prepare, subnet_outputs
+from qnas_cli.export.reference import dequantize, quantize
+from qnas_cli.export.tflite import MAX_CALIB_IMAGES, run_onnx2tf
+from qnas_cli.export.verify import CHECKED, arithmetic, float_ops, op_census, parity, run_tflite
 from qnas_cli.calibrate import CALIB_IMAGES, subnet_document
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.kernels import TARGETS

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.blocks import arch_graph
-from export.cut import Cutter
-from export.graph import Add
-from export.latency_build import fit_archs, save_table, tables_from_timings, time_cover
-from export.measure import measure_models
-from export.tflite import export_tflite
+from qnas_cli.export.blocks import arch_graph
+from qnas_cli.export.cut import Cutter
+from qnas_cli.export.graph import Add
+from qnas_cli.export.latency_build import fit_archs, save_table, tables_from_timings, time_cover
+from qnas_cli.export.measure import measure_models
+from qnas_cli.export.tflite import export_tflite
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.latency import STATISTICS, Predictor, host_device, load_table, table_statistic
 from qnas_cli.ranking import kendall_tau

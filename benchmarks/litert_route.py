@@ -40,7 +40,7 @@ def float_module(graph):
     import torch
     from torch import nn
 
-    from export.graph import Add, Conv, GlobalAvgPool, Linear
+    from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, Linear
 
     qp = graph.qparams
 
@@ -106,7 +106,7 @@ def run_route(graph, calib: np.ndarray, folder: Path, timeout_s: int = 900) -> P
 
 def run_model(path: Path, images_nchw: np.ndarray, runtime: str = "xnnpack") -> np.ndarray:
     """Float outputs (N, classes) of a float-in/float-out model (its own input layout, NCHW or NHWC)."""
-    from export.measure import interpreter
+    from qnas_cli.export.measure import interpreter
 
     it = interpreter(path, runtime)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]

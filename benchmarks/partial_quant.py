@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from export.blocks import arch_graph
-from export.measure import measure_models, method
-from export.reference import dequantize
-from export.tflite import export_tflite
-from export.verify import float_ops, op_census
+from qnas_cli.export.blocks import arch_graph
+from qnas_cli.export.measure import measure_models, method
+from qnas_cli.export.reference import dequantize
+from qnas_cli.export.tflite import export_tflite
+from qnas_cli.export.verify import float_ops, op_census
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.latency import host_device
 from qnas_cli.space import load_space, sample

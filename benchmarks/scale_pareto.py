@@ -94,7 +94,7 @@ def main() -> None:
     if args.table:
         table, table_path = load_table(args.table, net.space, net.in_channels, net.num_classes), args.table
     else:
-        from export.latency_build import ensure_host_table  # converts and times: TensorFlow, LiteRT
+        from qnas_cli.export.latency_build import ensure_host_table  # converts and times: TensorFlow, LiteRT
 
         table, table_path = ensure_host_table(net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=print)
     budgets = sorted(budgets_for(Predictor(table, net.space), net.space))

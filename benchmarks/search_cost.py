@@ -147,7 +147,7 @@ def main() -> None:
     if args.population and args.generations:
         table = args.table
         if table is None:
-            from export.latency_build import ensure_host_table
+            from qnas_cli.export.latency_build import ensure_host_table
 
             _, table = ensure_host_table(net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=print)
         pred = Predictor(_load(table, net), net.space)

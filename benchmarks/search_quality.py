@@ -20,8 +20,8 @@ import random
 import time
 from pathlib import Path
 
-from export.latency_build import ensure_host_table
-from export.pipeline import export_subnet
+from qnas_cli.export.latency_build import ensure_host_table
+from qnas_cli.export.pipeline import export_subnet
 from qnas_cli.calibrate import subnet_document
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.data import load_dataset

@@ -1,6 +1,6 @@
 """What a subnet costs besides latency: multiply-accumulates and parameters, from its shapes alone.
 
-The same walk as ``latency.part_keys`` and ``export/fold.py``: stem, inverted residual blocks
+The same walk as ``latency.part_keys`` and ``qnas_cli/export/fold.py``: stem, inverted residual blocks
 (1x1 expand, kxk depthwise, 1x1 project), 1x1 head, pooling, optional feature FC, classifier.
 Parameters count what the int8 model stores: weights (int8) and biases (int32), after BN folding.
 """

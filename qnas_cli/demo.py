@@ -40,8 +40,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=5)
     ap.add_argument("--eval-images", type=int, default=2000, help="test images for each export's parity and accuracy")
     args = ap.parse_args()
-    from export.latency_build import ensure_host_table
-    from export.pipeline import export_subnet
+    from qnas_cli.export.latency_build import ensure_host_table
+    from qnas_cli.export.pipeline import export_subnet
 
     log = logger(console)
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ A constant term was tried and dropped: with a dozen noisy points it traded off a
 extrapolated badly (benchmarks/latency_model.py: 88% vs 94% of 32 exports within ±10%).
 
 This module is the model core: it imports no TensorFlow or LiteRT. Measuring and converting
-live in ``export/latency_build.py``.
+live in ``qnas_cli/export/latency_build.py``.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ RUNTIME_HELP = {
     "builtin": "LiteRT's built-in optimized kernels, no delegate (ruy/gemmlowp; what runs when XNNPACK is off)",
 }
 
-# How a table's figures summarise an entry's invoke times (export/measure.py times them). The header
+# How a table's figures summarise an entry's invoke times (qnas_cli/export/measure.py times them). The header
 # names it; an entry and a whole-model measurement are only comparable under the same one. A low
 # quantile is the steadier estimate on a busy machine: interference only ever adds time. Measured
 # by benchmarks/latency_model.py (one timing session, both statistics, 32 exported `small` subnets,
@@ -76,7 +76,7 @@ def key_text(key: PartKey) -> str:
 
 
 def part_keys(space: SearchSpace, arch: Arch, in_channels: int, num_classes: int) -> list[PartKey]:
-    """The parts of ``arch``'s int8 model, in execution order (the same walk as export/fold.py)."""
+    """The parts of ``arch``'s int8 model, in execution order (the same walk as qnas_cli/export/fold.py)."""
     size = arch.resolution
     keys: list[PartKey] = [("stem", size, in_channels, space.stem_channels, 3, 1, space.stem_stride, False)]
     size, c = conv_out(size, space.stem_stride), space.stem_channels

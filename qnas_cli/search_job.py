@@ -186,7 +186,7 @@ def _table(cfg: SearchConfig, net, log, world: int) -> tuple[LatencyTable, Path]
     if world > 1:
         raise UserError("under torchrun, pass --table (build it first with `qnas latency build`): "
                         "timing a table while other processes evaluate would measure their load")
-    from export.latency_build import ensure_host_table  # converts and times: TensorFlow, LiteRT
+    from qnas_cli.export.latency_build import ensure_host_table  # converts and times: TensorFlow, LiteRT
 
     return ensure_host_table(net.space, net.in_channels, net.num_classes, cfg.runtime, cfg.threads, log=log)
 

@@ -15,8 +15,8 @@ from typing import Literal
 
 import numpy as np
 
-from export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op, QParams
-from export.reference import dequantize, quantize, real_output, run_op
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op, QParams
+from qnas_cli.export.reference import dequantize, quantize, real_output, run_op
 
 Scheme = Literal["symmetric", "full_range"]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import make_supernet
-from export.pipeline import prepare
+from qnas_cli.export.pipeline import prepare
 from qnas_cli import calibrate as calibrate_mod
 from qnas_cli.checkpoint import save_weights, sha256_file, write_json
 from qnas_cli.cli import app
@@ -138,7 +138,7 @@ def test_count_options_are_checked_before_any_work(runner, tmp_path, monkeypatch
     def no_work(*a, **k):
         raise AssertionError("work started before the options were checked")
     monkeypatch.setattr("qnas_cli.calibrate.load_supernet", no_work)
-    monkeypatch.setattr("export.pipeline.prepare", no_work)
+    monkeypatch.setattr("qnas_cli.export.pipeline.prepare", no_work)
     subnet = _subnet(tmp_path / "subnet.json", _supernet(tmp_path / "supernet.pt", seed=0))
     r = runner.invoke(app, [command, str(subnet), option, value, "--out", str(tmp_path / "o" / "x.qnas.pt")])
     assert r.exit_code == 2, r.output
@@ -150,7 +150,7 @@ def test_count_options_are_checked_before_any_work(runner, tmp_path, monkeypatch
                                           ("-3", "--verify-images must be a positive integer, got -3"),
                                           ("some", "--verify-images must be a positive integer or 'all', got 'some'")])
 def test_verify_images_is_checked_before_any_work(runner, tmp_path, monkeypatch, value, words):
-    monkeypatch.setattr("export.pipeline.prepare", lambda *a, **k: pytest.fail("work started before --verify-images was checked"))
+    monkeypatch.setattr("qnas_cli.export.pipeline.prepare", lambda *a, **k: pytest.fail("work started before --verify-images was checked"))
     subnet = _subnet(tmp_path / "subnet.json", _supernet(tmp_path / "supernet.pt", seed=0))
     r = runner.invoke(app, ["export", str(subnet), "--verify-images", value, "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
@@ -175,7 +175,7 @@ def test_a_refused_export_creates_no_output_folder(runner, tmp_path):
 
 
 def test_export_to_an_impossible_folder_is_refused_up_front(tmp_path):
-    from export.pipeline import export_subnet
+    from qnas_cli.export.pipeline import export_subnet
 
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="cannot write there"):

@@ -128,7 +128,7 @@ def test_a_wrong_module_or_command_would_be_caught(runner):
 
 def test_a_failed_export_gate_exits_3_and_still_prints_the_report(runner, tmp_path, monkeypatch):
     report = {"schema": "qnas.export_report/3", "passed": False, "problems": ["xnnpack: max |Δ| 4 LSB > 1 [end to end]"]}
-    monkeypatch.setattr("export.pipeline.export_subnet", lambda *a, **k: report)
+    monkeypatch.setattr("qnas_cli.export.pipeline.export_subnet", lambda *a, **k: report)
     r = runner.invoke(app, ["export", str(tmp_path / "subnet.json"), "--json"])
     assert EXIT_GATE_FAILED == 3 and r.exit_code == 3, r.output
     assert json.loads(r.stdout) == report

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import make_supernet
-from export.fold import to_integer_graph
-from export.pipeline import int8_images, subnet_outputs
-from export.tflite import export_tflite
-from export.measure import interpreter, xnnpack_coverage
-from export.verify import run_tflite
+from qnas_cli.export.fold import to_integer_graph
+from qnas_cli.export.pipeline import int8_images, subnet_outputs
+from qnas_cli.export.tflite import export_tflite
+from qnas_cli.export.measure import interpreter, xnnpack_coverage
+from qnas_cli.export.verify import run_tflite
 from qnas_cli.calibrate import calibrated_subnet
 from qnas_cli.data import load_dataset
 from qnas_cli.kernels import TARGETS

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.graph import Conv, GlobalAvgPool, Linear, QParams
-from export.onnx_export import onnx_name, tensor_shapes, to_onnx
-from export.reference import real_output, run_reference_tensors
+from qnas_cli.export.graph import Conv, GlobalAvgPool, Linear, QParams
+from qnas_cli.export.onnx_export import onnx_name, tensor_shapes, to_onnx
+from qnas_cli.export.reference import real_output, run_reference_tensors
 from qnas_cli.kernels import TARGETS
 from tests.graph_factory import mobilenet_like
 

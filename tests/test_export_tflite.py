@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.graph import Conv
-from export.tflite import export_tflite
-from export.tflite_rewrite import MappingError, rewrite
-from export.verify import failures, op_census, per_op_parity, reference_runs, verify_tflite
+from qnas_cli.export.graph import Conv
+from qnas_cli.export.tflite import export_tflite
+from qnas_cli.export.tflite_rewrite import MappingError, rewrite
+from qnas_cli.export.verify import failures, op_census, per_op_parity, reference_runs, verify_tflite
 from qnas_cli.kernels import TARGETS
 from tests.graph_factory import mobilenet_like, sample_images
 
@@ -136,13 +136,13 @@ socket.create_connection = socket.getaddrinfo = _refuse
 _EXPORT = """
 import sys
 from pathlib import Path
-import export.tflite
-from export.verify import op_census
+import qnas_cli.export.tflite
+from qnas_cli.export.verify import op_census
 from tests.graph_factory import mobilenet_like
 if sys.argv[2] == "without-sample-data":  # negative control: let onnx2tf look for its file
-    export.tflite.SAMPLE_DATA_FILE = "not_the_sample_data_file.npy"
+    qnas_cli.export.tflite.SAMPLE_DATA_FILE = "not_the_sample_data_file.npy"
 graph, calib = mobilenet_like(3, 16, "full_range")
-result = export.tflite.export_tflite(graph, calib, Path(sys.argv[1]))
+result = qnas_cli.export.tflite.export_tflite(graph, calib, Path(sys.argv[1]))
 print("census", op_census(result.tflite))
 """
 

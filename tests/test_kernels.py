@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import make_supernet
-from export.fold import quantize_input, quantize_output, to_integer_graph
-from export.reference import run_reference_tensors
+from qnas_cli.export.fold import quantize_input, quantize_output, to_integer_graph
+from qnas_cli.export.reference import run_reference_tensors
 from qnas_cli import kernels
 from qnas_cli.layers import QConvBN, keep_scales_positive, set_runtime
 from qnas_cli.space import sample

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, QParams
-from export.reference import real_output, run_reference_tensors
-from export.tflite import export_tflite
-from export.measure import interpreter, xnnpack_coverage
-from export.verify import per_op_parity
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, QParams
+from qnas_cli.export.reference import real_output, run_reference_tensors
+from qnas_cli.export.tflite import export_tflite
+from qnas_cli.export.measure import interpreter, xnnpack_coverage
+from qnas_cli.export.verify import per_op_parity
 from qnas_cli.kernels import TARGETS
 
 pytestmark = pytest.mark.slow

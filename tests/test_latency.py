@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.blocks import arch_graph, cover_graph
-from export.fold import to_integer_graph
-from export.graph import Add, Conv, GlobalAvgPool, Linear
-from export.onnx_export import tensor_shapes
-from export.phone import parse_benchmark_output
+from qnas_cli.export.blocks import arch_graph, cover_graph
+from qnas_cli.export.fold import to_integer_graph
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, Linear
+from qnas_cli.export.onnx_export import tensor_shapes
+from qnas_cli.export.phone import parse_benchmark_output
 from qnas_cli.cli import app
 from qnas_cli.errors import UserError
 from qnas_cli.latency import (Fit, LatencyTable, Predictor, fit_correction, key_text, load_table, parse_key,
@@ -122,7 +122,7 @@ def test_a_table_names_its_statistic_and_an_unknown_one_is_refused(tmp_path):
 
 
 def test_timing_statistics_are_the_round_median_and_the_invoke_p10():
-    from export.measure import Timing
+    from qnas_cli.export.measure import Timing
     from qnas_cli.latency import STATISTICS
 
     t = Timing(median_ms=2.0, p10_ms=1.5, p90_ms=3.0, spread=0.1, rounds=4, invokes=40)

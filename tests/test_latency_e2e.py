@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from ai_edge_litert.tools import flatbuffer_utils as fbu
 
-from export.blocks import arch_graph
-from export.cut import Cutter
-from export.latency_build import N_WHOLE, convert_covers, cover_folder, fit_archs
-from export.tflite import export_tflite
-from export.tflite_rewrite import OP_NAMES
+from qnas_cli.export.blocks import arch_graph
+from qnas_cli.export.cut import Cutter
+from qnas_cli.export.latency_build import N_WHOLE, convert_covers, cover_folder, fit_archs
+from qnas_cli.export.tflite import export_tflite
+from qnas_cli.export.tflite_rewrite import OP_NAMES
 from qnas_cli.cli import app
 from qnas_cli.latency import Predictor, key_text, load_table, part_keys, table_space
 from qnas_cli.space import PRESETS, sample
@@ -65,7 +65,7 @@ def signature(model: bytes) -> list[tuple]:
 
 def _part_spans(arch) -> list[tuple[str, str]]:
     """(input tensor, output tensor) of each part in an arch_graph, in execution order
-    (export/fold.py's names: a block ends in its residual add, the first of a stage in its project)."""
+    (qnas_cli/export/fold.py's names: a block ends in its residual add, the first of a stage in its project)."""
     spans, prev = [("input", "stem")], "stem"
     for i, stage in enumerate(arch.stages):
         for j in range(len(stage.blocks)):

@@ -78,9 +78,9 @@ def test_cost_counts_what_the_integer_graph_holds(how):
     """Parameters and MACs from shapes alone equal those of the exported integer graph."""
     import numpy as np
 
-    from export.blocks import arch_graph
-    from export.graph import Conv, Linear
-    from export.onnx_export import tensor_shapes
+    from qnas_cli.export.blocks import arch_graph
+    from qnas_cli.export.graph import Conv, Linear
+    from qnas_cli.export.onnx_export import tensor_shapes
     from qnas_cli.cost import arch_cost
 
     space = PRESETS["small"]

@@ -243,7 +243,7 @@ def test_int8_training_lowers_the_loss(tmp_path):
 def test_a_convs_only_supernet_trains_evaluates_and_is_refused_by_search_and_export(tmp_path):
     """--quant convs (the partially quantized baseline): float phase, then convs-only; its subnets
     calibrate and score (fake-quant); search and export, which need fully int8, refuse it."""
-    from export.pipeline import export_subnet
+    from qnas_cli.export.pipeline import export_subnet
     from qnas_cli.calibrate import calibrated_subnet, evaluate, subnet_document
     from qnas_cli.data import load_dataset
     from qnas_cli.errors import UserError

@@ -42,7 +42,7 @@ def export(
     Exit codes: 0 the model passed verification; 3 it failed parity or the op census (the report
     is still written and printed); 2 bad input; 1 internal failure; 130 interrupted.
     """
-    from export.pipeline import export_subnet
+    from qnas_cli.export.pipeline import export_subnet
 
     report = export_subnet(subnet, out, supernet, data, calib_images, eval_images, runtime, _images(verify_images),
                            log=logger(err_console if json_out else console))
@@ -66,7 +66,7 @@ def _images(value: str) -> int | None:
 
 
 def _summary(r: dict) -> None:
-    from export.verify import CHECKED
+    from qnas_cli.export.verify import CHECKED
 
     target, p = r["target"], r["parity"]
     say(console, f"model_int8.tflite  {r['arch_key']}  (target: {target})")

@@ -71,7 +71,7 @@ def measure(
     After warm-up, each round runs about 20 ms of invokes per runtime, runtimes interleaved, so
     a noisy machine spreads its noise over both. The output states threads, rounds and invokes.
     """
-    from export.measure import measure_file
+    from qnas_cli.export.measure import measure_file
 
     check_count("--threads", threads)
     check_count("--rounds", rounds)
@@ -118,7 +118,7 @@ def build(
     and each part is cut out of the flatbuffer. A fit on whole subnets, timed end to end, turns
     the sum of parts into whole-model latency. Conversions are cached and reused.
     """
-    from export.latency_build import build_tables, save_table, table_outputs
+    from qnas_cli.export.latency_build import build_tables, save_table, table_outputs
 
     sp, in_ch, n_cls = _space_and_io(space, supernet, in_channels, classes)
     check_count("--threads", threads)
@@ -214,8 +214,8 @@ def pack(
     On the machine the phone is attached to: ./run_benchmarks.sh (runs TFLite's benchmark_model
     over adb), then `qnas latency import DIR --out TABLE.json` reads the results into a table.
     """
-    from export.latency_build import N_WHOLE, convert_covers, cover_folder, fit_archs
-    from export.phone import write_pack
+    from qnas_cli.export.latency_build import N_WHOLE, convert_covers, cover_folder, fit_archs
+    from qnas_cli.export.phone import write_pack
     from ..latency import cache_dir
 
     sp, in_ch, n_cls = _space_and_io(space, supernet, in_channels, classes)
@@ -246,8 +246,8 @@ def import_(
     json_out: Annotated[bool, typer.Option("--json", help="Print the table's header and fit as JSON.")] = False,
 ) -> None:
     """Turn a phone's benchmark_model outputs into a latency table (with the whole-model fit)."""
-    from export.latency_build import save_table
-    from export.phone import import_pack
+    from qnas_cli.export.latency_build import save_table
+    from qnas_cli.export.phone import import_pack
 
     tab = import_pack(pack_dir)
     save_table(tab, out)

@@ -2,14 +2,14 @@
 
 Latency does not depend on weight values, so these graphs carry random int8 weights and
 fixed, plausible scales; their structure (op types, shapes, strides, fused ReLUs, residual
-adds, pooling, FC layers) is exactly what ``export/fold.py`` produces for a calibrated
+adds, pooling, FC layers) is exactly what ``qnas_cli/export/fold.py`` produces for a calibrated
 subnet, op for op (tests/test_latency.py checks this against a real extracted subnet).
 
 A cover graph converts many parts in one onnx2tf call (one conversion costs 12-15 s; a table
 has hundreds of parts): for one input resolution, a tree rooted at the input in which every
 part of the space at that resolution appears once, each reading a tensor of the shape it
 needs, plus optional whole subnets as separate branches (for the whole-model fit). After
-conversion and the usual rewrite, ``export/cut.py`` cuts each part out of the flatbuffer as
+conversion and the usual rewrite, ``qnas_cli/export/cut.py`` cuts each part out of the flatbuffer as
 its own model, so every op measured is an op the real export produced.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ class _Builder:
         return name
 
     def block(self, p: str, src: str, c_out: int, k: int, e: int, stride: int, residual: bool) -> str:
-        """Inverted residual as export/fold.py writes it: [expand] -> depthwise -> project [-> add]."""
+        """Inverted residual as qnas_cli/export/fold.py writes it: [expand] -> depthwise -> project [-> add]."""
         x = src
         if e > 1:
             x = self.conv(f"{p}_expand", x, mid_channels(self.channels[src], e), 1)
@@ -93,7 +93,7 @@ class _Builder:
         return self.linear(f"{p}logits", x, num_classes, relu=False)
 
     def subnet(self, p: str, space: SearchSpace, arch: Arch, num_classes: int) -> str:
-        """A whole subnet from the input, with export/fold.py's op names under prefix ``p``."""
+        """A whole subnet from the input, with qnas_cli/export/fold.py's op names under prefix ``p``."""
         x = self.conv(f"{p}stem", "input", space.stem_channels, 3, space.stem_stride)
         for i, (spec, stage) in enumerate(zip(space.stages, arch.stages)):
             for j, b in enumerate(stage.blocks):

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from qnas_cli.checkpoint import versions, write_bytes
-from export.graph import IntegerGraph
-from export.onnx_export import export_onnx, onnx_name
-from export.reference import dequantize
-from export.tflite_rewrite import rewrite
+from qnas_cli.export.graph import IntegerGraph
+from qnas_cli.export.onnx_export import export_onnx, onnx_name
+from qnas_cli.export.reference import dequantize
+from qnas_cli.export.tflite_rewrite import rewrite
 
 ONNX2TF_VERSION = "1.29.24"  # the version whose traps (above) this module handles
 SAMPLE_DATA_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qnas_cli.checkpoint import write_bytes
-from export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear
 
 OPSET = 13
 

@@ -1,9 +1,9 @@
 """Build latency tables: convert cover graphs, cut every part out, time them, fit whole models.
 
 The path is the export's own (``export_tflite``: IntegerGraph -> ONNX -> onnx2tf -> rewrite
-with our integers), applied to a few *cover graphs* (export/blocks.py) instead of one graph
+with our integers), applied to a few *cover graphs* (qnas_cli/export/blocks.py) instead of one graph
 per part: one onnx2tf call per input resolution converts every part of the space at that
-resolution, and each part is then cut out of the converted flatbuffer (export/cut.py). The
+resolution, and each part is then cut out of the converted flatbuffer (qnas_cli/export/cut.py). The
 conversions do not depend on the runtime, so they are cached and serve every table of the
 space (XNNPACK and built-in kernels, any thread count, and the phone pack).
 

@@ -5,7 +5,7 @@ Everything returned is JSON-ready.
 Parity is a property of a runtime, not of the file: XNNPACK, TFLite's reference kernels and its
 optimized built-in kernels round requantization differently (``qnas_cli/kernels.py`` states
 how), and one-LSB differences compound with depth. So the model is run on each runtime and
-compared with the *exact* integer forward for that runtime (``export/reference.py`` per op,
+compared with the *exact* integer forward for that runtime (``qnas_cli/export/reference.py`` per op,
 the calibrated subnet end to end): the target runtime must agree bit for bit. The optimized
 built-in kernels round differently in their vector blocks and scalar tails and are not
 emulated; they are compared with the reference arithmetic, the closest, and reported only.
@@ -21,11 +21,11 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 from ai_edge_litert.tools import flatbuffer_utils as fbu
 
-from export.graph import Conv, IntegerGraph, Linear
-from export.measure import interpreter, measure_models, xnnpack_coverage
-from export.onnx_export import tensor_shapes
-from export.reference import run_op
-from export.tflite_rewrite import ALIAS_ROLES, OP_NAMES, TYPE_NAMES, tflite_layout
+from qnas_cli.export.graph import Conv, IntegerGraph, Linear
+from qnas_cli.export.measure import interpreter, measure_models, xnnpack_coverage
+from qnas_cli.export.onnx_export import tensor_shapes
+from qnas_cli.export.reference import run_op
+from qnas_cli.export.tflite_rewrite import ALIAS_ROLES, OP_NAMES, TYPE_NAMES, tflite_layout
 from qnas_cli.kernels import TARGETS
 from qnas_cli.latency import STATISTIC, RUNTIMES as TIMED  # (xnnpack, builtin): what latency is reported for
 
@@ -200,7 +200,7 @@ def per_op_parity(path: Path, graph: IntegerGraph, images_nchw: np.ndarray, runt
 
 
 def latency_ms(path: Path, rounds: int = 8) -> dict:
-    """Single-thread latency (ms) per runtime, timed interleaved (export/measure.py), under the
+    """Single-thread latency (ms) per runtime, timed interleaved (qnas_cli/export/measure.py), under the
     latency tables' statistic, so that it compares with what the search predicted."""
     timings = measure_models({"model": Path(path)}, TIMED, threads=1, rounds=rounds, round_ms=10.0)
     return ({b: timings[("model", b)].ms(STATISTIC) for b in TIMED}
@@ -229,7 +229,7 @@ def verify_tflite(path: Path, graph: IntegerGraph, runs: dict[str, tuple[np.ndar
 def reference_runs(graph: IntegerGraph, images_nchw: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``runs`` for ``verify_tflite`` from the graph executor alone (no PyTorch subnet): every
     checked runtime on all the images."""
-    from export.reference import run_reference
+    from qnas_cli.export.reference import run_reference
 
     want = {a: run_reference(graph, images_nchw, a) for a in TARGETS}
     return {r: (images_nchw, want[arithmetic(r)]) for r in CHECKED}

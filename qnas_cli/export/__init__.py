@@ -2,6 +2,6 @@
 parameters -> parity report. Heavy dependencies (onnx, LiteRT, onnx2tf in a subprocess) are
 imported by the submodules that use them, not here.
 
-    from export.tflite import export_tflite      # one call for the CLI
-    from export.verify import verify_tflite, failures
+    from qnas_cli.export.tflite import export_tflite      # one call for the CLI
+    from qnas_cli.export.verify import verify_tflite, failures
 """

@@ -23,8 +23,8 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 from ai_edge_litert.tools import flatbuffer_utils as fbu
 
-from export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op
-from export.onnx_export import tensor_shapes
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op
+from qnas_cli.export.onnx_export import tensor_shapes
 
 OP_NAMES = {code: name for name, code in vars(fb.BuiltinOperator).items() if not name.startswith("_")}
 TYPE_NAMES = {code: name for name, code in vars(fb.TensorType).items() if not name.startswith("_")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op, QParams
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op, QParams
 from qnas_cli import kernels
 
 

@@ -1,6 +1,6 @@
 """Cut a sub-model out of a converted int8 TFLite flatbuffer: the ops between two tensors.
 
-The latency tables (export/latency_build.py) convert many parts in one onnx2tf call and cut
+The latency tables (qnas_cli/export/latency_build.py) convert many parts in one onnx2tf call and cut
 each part out as its own model, so every op timed is an op the export produced, with its
 exact options, shapes, padding ops and quantization parameters. Tensors are found by the
 names ``tflite_rewrite.rewrite`` gave them (the IntegerGraph's names), never by position.

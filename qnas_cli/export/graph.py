@@ -77,7 +77,7 @@ class IntegerGraph:
     """A topologically ordered int8 network with one input and one output.
 
     A subnet has exactly one output. Latency tables convert many blocks in one graph and cut
-    them apart afterwards (export/blocks.py); such a graph lists its other leaves in
+    them apart afterwards (qnas_cli/export/blocks.py); such a graph lists its other leaves in
     ``extra_outputs`` so that every branch survives conversion.
     """
 
