@@ -1,4 +1,4 @@
-"""Latency predictor vs measured latency of real exports (issue: latency tables, DESIGN §6).
+"""Latency predictor vs measured latency of real exports (issue: latency tables, docs/design.md §9).
 
 1. Build (or reuse, --table-dir) the host tables of the space for XNNPACK and the built-in
    kernels: `qnas latency build`'s code, timed.

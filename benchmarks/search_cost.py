@@ -1,4 +1,4 @@
-"""What a paper-sized search costs, and what its fitness settings are worth (issue: search, DESIGN §5).
+"""What a paper-sized search costs, and what its fitness settings are worth (issue: search, docs/design.md §8).
 
 1. Agreement (``--agreement N``): N subnets of the space (the smallest, the largest and seeded
    random ones) are scored the way the search scores them, exact int8 on the held-out search

@@ -1,4 +1,4 @@
-"""Evolution vs random sampling at the same number of evaluations (issue: search, DESIGN §5).
+"""Evolution vs random sampling at the same number of evaluations (issue: search, docs/design.md §8).
 
 Same supernet, same latency table, same budgets, same fitness (calibrated exact int8 top-1 on
 the held-out search split, `qnas search`'s settings):

@@ -1,4 +1,4 @@
-"""Latency tables: the int8 TFLite latency of any subnet as a sum of look-ups (DESIGN §6).
+"""Latency tables: the int8 TFLite latency of any subnet as a sum of look-ups (docs/design.md §9).
 
 A subnet's int8 TFLite model is a chain of *parts*, each a run of TFLite ops the export
 produces: the stem conv, each inverted-residual block (expand, depthwise, project, residual

@@ -164,7 +164,7 @@ def lsq_grad_scale(numel: int, qmax: int) -> float:
 def mse_optimal_scale(x: Tensor, zero_point: int, qmin: int, qmax: int, grid: int = 100) -> float:
     """The per-tensor step size minimising ``||fake_quant(x) - x||^2`` over a grid of clip ranges.
 
-    Used to initialise weight scales (DESIGN §3) and activation scales from calibration data.
+    Used to initialise weight scales (docs/design.md §4) and activation scales from calibration data.
     """
     x = x.detach().float().flatten()
     if zero_point == qmin:  # full range: non-negative values on [0, (qmax - qmin) * s]

@@ -1,5 +1,5 @@
 """End to end on real data: train a tiny int8 supernet, calibrate subnets, export them to int8
-TFLite with our own parameters, and check the parity report (DESIGN §4, §7)."""
+TFLite with our own parameters, and check the parity report (docs/design.md §7, §10)."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """Write our integer parameters into the int8 TFLite flatbuffer that onnx2tf produced.
 
 onnx2tf gives a correctly *structured* fully-int8 graph, but with scales it re-derived from
-its own calibration (DESIGN §7). TFLite derives every requantization multiplier from the
+its own calibration (docs/design.md §10). TFLite derives every requantization multiplier from the
 scales stored in the flatbuffer at load time, so replacing them (and the int8 weights and
 int32 biases) with ours makes the model compute the integer contract.
 
