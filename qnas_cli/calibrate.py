@@ -1,4 +1,4 @@
-"""BN calibration and evaluation of subnets (DESIGN §4).
+"""BN calibration and evaluation of subnets (docs/design.md §7).
 
 A subnet's BN statistics are re-estimated after extraction: reset, then the cumulative average
 over a fixed, seeded set of training images (no augmentation). In int8 mode the scale predictor

@@ -13,7 +13,10 @@ uses this batch's statistics, computed so that it costs one conv backward (``_ba
 In eval mode the int8 layers compute *exactly* what a target runtime computes (``Exact``): the
 same integers, accumulated exactly and requantized with that runtime's arithmetic
 (``kernels``), so an accuracy measured in PyTorch is the accuracy of the exported file there.
-Training keeps the fast, differentiable fake-quant; the two differ by rounding at near-ties only.
+Training keeps the fast, differentiable fake-quant. Fed the same int8 inputs, one op of it
+differs from the exact forward by at most one LSB, at near-ties only; run end to end, each
+difference is the next layer's input difference, so they compound with depth
+(tests/test_kernels.py allows 2 LSB on a tiny subnet against XNNPACK; docs/design.md §4).
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ class Exact:
     """Mixin: modules whose eval-mode int8 forward is bit-exact for a target runtime.
 
     ``runtime`` is one of ``kernels.TARGETS``, or None for the fake-quant simulation (float
-    arithmetic, round half to even): faster to reason about, within one LSB at near-ties.
+    arithmetic, round half to even): faster to reason about; at most one LSB off per op, at
+    near-ties, and more end to end, where the differences compound with depth.
     """
 
     runtime: str | None = "xnnpack"
