@@ -18,7 +18,7 @@ from .checkpoint import load_weights, save_weights, sidecar
 from .data import Dataset, ImageSource, calibration_indices, load_dataset, ordered_batches, to_input
 from .errors import UserError, check_count
 from .kernels import check_target
-from .layers import BN_MOMENTUM, fixed_integers, set_runtime
+from .layers import BN_MOMENTUM, exact_statistics, fixed_integers, set_runtime
 from .quant import INTEGER_CONTRACT_VERSION, QuantConfig
 from .space import Arch, SearchSpace
 from .supernet import Subnet, Supernet, load_supernet, reset_bn_stats, set_bn_momentum
@@ -49,14 +49,17 @@ def calibration_batches(data: Dataset, resolution: int, images: int = CALIB_IMAG
 @torch.no_grad()
 def calibrate_bn(model: nn.Module, batches: Iterable[Tensor], device: str = "cpu") -> None:
     """Reset every BN and set its running statistics to the average over the input ``batches``
-    (``calibration_batches``; the batch size matters: the batch-statistics fold sees each batch)."""
+    (``calibration_batches``; the batch size matters: the batch-statistics fold sees each batch).
+    An int8 model's statistics and the activations between its layers are computed exactly
+    (``layers.exact_statistics``): the same integers on any thread count, process count or CPU."""
     was_training = model.training
     reset_bn_stats(model)
     set_bn_momentum(model, None)
     model.train()
     try:
-        for x in batches:
-            model(x.to(device))
+        with exact_statistics(model):
+            for x in batches:
+                model(x.to(device))
     finally:
         set_bn_momentum(model, BN_MOMENTUM)
         model.train(was_training)

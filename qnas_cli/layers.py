@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
+from .batch_stats import conv_batch_stats, digit_conv
 from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, inner, lsq_grad_scale, mse_optimal_scale, quantize, scale_grad
 
 BN_EPS = 1e-5
@@ -125,6 +126,21 @@ def init_scales(model: nn.Module) -> Iterator[None]:
             m.observe = False
 
 
+@contextlib.contextmanager
+def exact_statistics(model: nn.Module) -> Iterator[None]:
+    """Within this block (BN calibration) every int8 Conv-BN in train mode takes its batch
+    statistics from exact arithmetic and passes on exactly computed integers
+    (``QConvBN._calibrated``): the calibrated model is the same on any thread count or machine."""
+    mods = [m for m in model.modules() if isinstance(m, QConvBN)]
+    for m in mods:
+        m.calibrating = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.calibrating = False
+
+
 class ActQuant(nn.Module, QuantInit):
     """Per-tensor int8 activation quantizer with an LSQ-learned scale, shared by all subnets.
 
@@ -219,6 +235,8 @@ class QConvBN(nn.Module, QuantInit, Exact):
     ``s_in`` is the scale x was quantized with (None in float mode). Depthwise layers take
     ``out_channels = C_in``.
     """
+
+    calibrating: bool = False  # set only inside ``exact_statistics``
 
     def __init__(self, in_max: int, out_max: int, kernel_max: int, stride: int, cfg: QuantConfig,
                  depthwise: bool = False, relu: bool = True) -> None:
@@ -339,6 +357,8 @@ class QConvBN(nn.Module, QuantInit, Exact):
             if self.cfg.mode == "convs":
                 x, w = self.in_q(x), self.quantized_unfolded(w)
             return self.out_q(F.batch_norm(self.conv(x, w), rm, rv, gamma, beta, self.training, factor, BN_EPS))
+        if self.training and self.calibrating:
+            return self._calibrated(x, s_in, w, rm, rv)
         if self.training and self.cfg.bn_fold == "batch":
             y = self._batch_folded(x, s_in, w, rm, rv, gamma, beta)
         else:
@@ -380,6 +400,27 @@ class QConvBN(nn.Module, QuantInit, Exact):
         bias_error = _bias_quant(bias, s_in, s_w) - bias  # the int32 bias's rounding; no gradient
         error = _WeightQuantError.apply(x, w_fold, s_w, self, lsq_grad_scale(w_fold.numel(), W_QMAX), bias_error)
         return y.add_(error)  # BN's backward needs its input, not its output
+
+    @torch.no_grad()
+    def _calibrated(self, x: Tensor, s_in: Tensor, w: Tensor, rm: Tensor, rv: Tensor) -> Tensor:
+        """BN calibration: the training forward's value, computed so that no bit depends on
+        summation order. This batch's statistics of ``conv(x, w)`` come from exact arithmetic
+        (``batch_stats``) and update the running averages as ``F.batch_norm`` does (unbiased
+        variance); the output ``conv(x, Q(w*g)) + Q(b)``, folded by the batch's statistics (or the
+        running ones with ``--bn-fold moving``), is the integer accumulation (``digit_conv``) plus
+        the int32 bias, times ``s_in * s_w``: elementwise roundings in a fixed order, so the next
+        layer quantizes the same numbers everywhere.
+        """
+        groups = x.shape[1] if self.depthwise else 1
+        u = torch.div(x, s_in).round_()  # q - zero point, as the exact forward reads x
+        mean, var, n = conv_batch_stats(u, s_in, w, self.stride, groups)
+        f = self._bn_factor()
+        rm.mul_(1.0 - f).add_(mean * f)
+        rv.mul_(1.0 - f).add_(var * (n / max(n - 1, 1)) * f)
+        fold_mean, fold_var = (mean, var) if self.cfg.bn_fold == "batch" else (rm.clone(), rv.clone())
+        q_w, q_b, s_w = self._integers(w, fold_mean, fold_var, s_in)
+        acc = digit_conv(u, q_w, self.stride, groups)  # the int8 conv's accumulators, bias aside
+        return self.out_q(acc.add_(q_b.to(torch.float32).view(-1, 1, 1)).mul_(s_in * s_w))
 
     def extract(self, in_channels: int, out_channels: int, kernel: int) -> QConvBN:
         """A static copy holding exactly the active slice."""

@@ -30,7 +30,9 @@ BIAS_QMAX = 2**31 - 1
 # Version of the integer contract above and of how calibration derives integers from a supernet
 # (fold, scale prediction, rounding, pooling). Bump it whenever any of those changes: calibrated
 # subnets record it, and export recalibrates one made under another version.
-INTEGER_CONTRACT_VERSION = 1
+# 2: BN calibration computes its statistics and activations exactly (batch_stats), independent of
+# threads; version-1 calibrations differ from it in the last bits.
+INTEGER_CONTRACT_VERSION = 2
 
 
 @dataclass(frozen=True)
