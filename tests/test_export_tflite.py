@@ -70,8 +70,10 @@ def test_our_parameters_are_stored(exported):
 
 @pytest.mark.parametrize("runtime", TARGETS)
 def test_every_op_bit_exact_on_its_target(exported, runtime):
-    """Each kernel, fed its own int8 inputs, computes exactly what qnas_cli/kernels.py says."""
-    _, _, _, report = exported
+    """Each kernel, fed its own int8 inputs, computes exactly what qnas_cli/kernels.py says: every
+    op of the graph is checked (an empty per-op report would otherwise pass)."""
+    graph, _, _, report = exported
+    assert set(report["per_op"][runtime]) == {op.name for op in graph.ops} and len(graph.ops) >= 8
     for name, stats in report["per_op"][runtime].items():
         assert stats["exact"] == 1.0, (runtime, name, stats)
 

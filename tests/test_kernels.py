@@ -181,8 +181,10 @@ def test_subnet_exact_forward_equals_integer_graph(runtime, quant):
         np.testing.assert_array_equal(quantize_output(sub, logits), want[graph.output])
 
 
-def test_fake_quant_is_well_under_one_lsb_from_exact():
-    """Training's simulation (float arithmetic) vs the exact XNNPACK forward, on every tensor."""
+def test_fake_quant_stays_within_two_lsb_of_exact_end_to_end():
+    """Training's simulation (float arithmetic) vs the exact XNNPACK forward, on every tensor of a
+    whole network: per op they differ by at most 1 LSB, at near-ties; each network then feeds its
+    own outputs forward, so a difference can grow with depth (docs/design.md §4)."""
     net = make_supernet("int8").eval()
     arch = sample(net.space, "largest")
     sub = net.extract(arch).eval()
