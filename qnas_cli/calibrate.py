@@ -133,9 +133,19 @@ def calibration_data_spec(data_spec: str | None, supernet_meta: dict[str, Any]) 
 
 
 def calibration_record(supernet_sha256: str, data_spec: str, calib_images: int) -> dict[str, Any]:
-    """Everything a calibrated subnet's integers depend on besides its architecture."""
+    """Everything a calibrated subnet's integers depend on besides its architecture: what a
+    reused ``.qnas.pt`` is checked against, and the core of the search cache's identity
+    (``search_job``), so that a change here (a contract bump) invalidates both."""
     return {"supernet_sha256": supernet_sha256, "data": data_spec, "calib_images": calib_images,
             "calib_seed": CALIB_SEED, "calib_subset": CALIB_SUBSET, "integer_contract": INTEGER_CONTRACT_VERSION}
+
+
+def check_data_fits(data: Dataset, in_channels: int, num_classes: int, model: str = "the supernet") -> None:
+    """Refuse data the model was not built for: other channels fail deep in a conv (not the
+    user's words), more classes score silently wrong (labels the classifier cannot output)."""
+    if (data.in_channels, data.num_classes) != (in_channels, num_classes):
+        raise UserError(f"--data {data.spec}: {data.in_channels} channels / {data.num_classes} classes, but {model} "
+                        f"was trained for {in_channels} / {num_classes}")
 
 
 def stale_reasons(meta: dict[str, Any], arch: dict[str, Any], expected: dict[str, Any]) -> list[str]:
@@ -187,9 +197,7 @@ def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: s
     arch = Arch.from_dict(raw, net.space)
     spec = calibration_data_spec(data_spec, net_meta)
     data = load_dataset(spec, load_size=max(net.space.resolutions))
-    if (data.in_channels, data.num_classes) != (net.in_channels, net.num_classes):
-        raise UserError(f"--data {data.spec}: {data.in_channels} channels / {data.num_classes} classes, but the supernet "
-                        f"was trained for {net.in_channels} / {net.num_classes}")
+    check_data_fits(data, net.in_channels, net.num_classes)
     sub = calibrated_subnet(net, arch, data, calib_images, device)
     def score(split: ImageSource) -> float | None:
         return evaluate(sub, split, data, arch.resolution, device, eval_images, runtime=runtime) if evaluate_splits else None
