@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from qnas_cli.checkpoint import write_json
-from qnas_cli.errors import UserError
-from qnas_cli.latency import (STATISTIC, Fit, LatencyTable, cache_dir, fit_correction, host_device, host_table_path, key_text,
-                              load_table, part_keys, table_statistic)
+from qnas_cli.errors import UserError, choice_error
+from qnas_cli.latency import (RUNTIMES, STATISTIC, Fit, LatencyTable, cache_dir, fit_correction, host_device, host_table_path,
+                              key_text, load_table, part_keys, table_statistic)
 from qnas_cli.space import Arch, SearchSpace, sample
 
 from .blocks import PartSpan, cover_graph
@@ -231,9 +231,23 @@ def table_outputs(out: Path | None, space: SearchSpace, in_channels: int, num_cl
     return {rt: out.with_name(f"{out.stem}.{rt}{out.suffix or '.json'}") for rt in runtimes}
 
 
+def resolve_table(table_path: Path | str | None, space: SearchSpace, in_channels: int, num_classes: int,
+                  runtime: str = "xnnpack", threads: int = 1,
+                  log: Callable[[str], None] = print) -> tuple[LatencyTable, Path]:
+    """The latency table a search uses: ``--table`` (checked against the space and input), else
+    this host's for ``runtime`` and ``threads``, built on first use (converts and times: minutes)."""
+    if table_path:
+        return load_table(Path(table_path), space, in_channels, num_classes), Path(table_path)
+    return ensure_host_table(space, in_channels, num_classes, runtime, threads, log=log)
+
+
 def ensure_host_table(space: SearchSpace, in_channels: int, num_classes: int, runtime: str = "xnnpack",
                       threads: int = 1, log: Callable[[str], None] = print, **build) -> tuple[LatencyTable, Path]:
     """The cached host table for this (space, input, runtime, threads), built on first use."""
+    # Only the runtimes a table may hold (load_table refuses the others): a table timed on the
+    # reference kernels or TFLite Micro would be built, refused on load and rebuilt on every use.
+    if runtime not in RUNTIMES:
+        raise choice_error("--table-runtime", runtime, RUNTIMES)
     path = host_table_path(space, in_channels, num_classes, runtime, threads)
     if path.is_file():
         try:
