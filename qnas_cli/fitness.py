@@ -17,21 +17,48 @@ from typing import Any
 
 from torch import Tensor
 
-from .calibrate import EVAL_BATCH, calibrated_subnet, calibration_images, top1
+from .calibrate import EVAL_BATCH, calibrated_subnet, calibration_images, calibration_record, top1
 from .data import Dataset, ordered_batches, to_input
-from .errors import UserError
+from .errors import UserError, choice_error
+from .kernels import TARGETS
+from .latency import RUNTIMES
 from .space import Arch
 from .supernet import Supernet
 
-CACHE_FORMAT = "qnas.search_evaluations/1"
+CACHE_FORMAT = "qnas.search_evaluations/2"  # /2: the identity is calibrate.calibration_record's, plus the arithmetic
+# What `qnas search --runtime` targets: every runtime with an exact forward, and the timed-only built-in kernels.
+SEARCH_RUNTIMES = tuple(dict.fromkeys((*TARGETS, *RUNTIMES)))
+
+
+def fitness_arithmetic(runtime: str) -> str:
+    """The exact integer forward that scores a search for ``runtime``: its own where qnas has it
+    (``kernels.TARGETS``). The built-in optimized kernels have none (their vector blocks and
+    scalar tails round differently), so a search for them is scored with XNNPACK's arithmetic
+    and says so (pareto.json ``fitness_arithmetic``)."""
+    if runtime not in SEARCH_RUNTIMES:
+        raise choice_error("--runtime", runtime, SEARCH_RUNTIMES)
+    return runtime if runtime in TARGETS else "xnnpack"
+
+
+def cache_identity(supernet_sha256: str, data_spec: str, calib_images: int, eval_images: int | None,
+                   arithmetic: str) -> dict[str, Any]:
+    """Everything a cached score depends on besides the architecture (the cache's header; --resume
+    refuses a cache whose header differs): the calibrated subnet's inputs, as a reused
+    ``.qnas.pt`` is checked (``calibration_record``: seed, subset and integer contract included),
+    then how it is scored."""
+    return {**calibration_record(supernet_sha256, data_spec, calib_images), "eval_images": eval_images,
+            "fitness_arithmetic": arithmetic}
 
 
 class Fitness:
     """``fitness(archs) -> accuracies``, memoised by architecture key and kept on disk."""
 
     def __init__(self, net: Supernet, data: Dataset, identity: dict[str, Any], path: Path, resume: bool,
-                 calib_images: int, eval_images: int | None, device: str = "cpu", rank: int = 0, world: int = 1) -> None:
-        self.net, self.device = net, device
+                 device: str = "cpu", rank: int = 0, world: int = 1) -> None:
+        """``identity``: ``cache_identity(...)``, what the scores depend on besides the architecture;
+        the calibration and scoring sizes and the arithmetic are read from it, so the cache's
+        header cannot say other than what was done."""
+        self.net, self.device, self.runtime = net, device, identity["fitness_arithmetic"]
         self.path = Path(path)
         self.rank, self.world = rank, world  # under torchrun each rank evaluates its share; rank 0 writes
         self.scores: dict[str, float] = {}
@@ -48,7 +75,7 @@ class Fitness:
         elif rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._append(header)
-        self.inputs = SearchInputs(data, calib_images, eval_images)  # decoded once the cache is known usable
+        self.inputs = SearchInputs(data, identity["calib_images"], identity["eval_images"])  # decoded once the cache is known usable
 
     def _load(self, header: dict) -> None:
         lines = self.path.read_text().splitlines()
@@ -74,7 +101,7 @@ class Fitness:
             os.fsync(f.fileno())
 
     def evaluate_one(self, arch: Arch) -> dict[str, Any]:
-        return evaluate_arch(self.net, arch, self.inputs, self.device)
+        return evaluate_arch(self.net, arch, self.inputs, self.device, self.runtime)
 
     def __call__(self, archs: list[Arch], on_each: Callable[[], None] | None = None) -> list[float]:
         new = list({a.key: a for a in archs if a.key not in self.scores}.values())
@@ -99,12 +126,14 @@ class Fitness:
         return [self.scores[a.key] for a in archs]
 
 
-def evaluate_arch(net: Supernet, arch: Arch, inputs: SearchInputs, device: str = "cpu") -> dict[str, Any]:
-    """One fitness evaluation, timed: extract, calibrate BN, score on the search subset."""
+def evaluate_arch(net: Supernet, arch: Arch, inputs: SearchInputs, device: str = "cpu",
+                  runtime: str = "xnnpack") -> dict[str, Any]:
+    """One fitness evaluation, timed: extract, calibrate BN, score on the search subset with the
+    exact integer forward of ``runtime`` (``kernels.TARGETS``), as `qnas calibrate --runtime` does."""
     t0 = time.perf_counter()
     sub = calibrated_subnet(net, arch, inputs.data, device=device, batches=inputs.calibration(arch.resolution))
     t1 = time.perf_counter()
-    acc = top1(sub, inputs.search(arch.resolution), device)
+    acc = top1(sub, inputs.search(arch.resolution), device, runtime)
     t2 = time.perf_counter()
     return {"arch": arch.key, "accuracy": acc, "seconds": round(t2 - t0, 3),
             "calibrate_seconds": round(t1 - t0, 3), "score_seconds": round(t2 - t1, 3)}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .accuracy_predictor import AccuracyPredictor
-from .errors import UserError
+from .errors import UserError, check_count
 from .ranking import kendall_tau
 from .space import Arch, Block, SearchSpace, Stage, sample
 
@@ -78,6 +78,18 @@ class EvolutionResult:
     history: list[Generation] = field(default_factory=list)
 
 
+def check_settings(population: int, generations: int, mutate_prob: float, crossover_prob: float, screen: float,
+                   parent_ratio: float = PARENT_RATIO) -> None:
+    """The evolution's settings, checked: by ``SearchConfig`` before a search writes anything, and by ``evolve``."""
+    check_count("--population", population)
+    check_count("--generations", generations)
+    for name, v in (("mutate-prob", mutate_prob), ("crossover-prob", crossover_prob), ("parent ratio", parent_ratio)):
+        if not 0.0 <= v <= 1.0:  # also refuses NaN
+            raise UserError(f"--{name} must be in [0, 1], got {v}")
+    if not 0.0 < screen <= 1.0:
+        raise UserError(f"--screen must be in (0, 1], got {screen}")
+
+
 def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], feasible: Callable[[Arch], bool],
            population: int = PAPER["population"], generations: int = PAPER["generations"],
            mutate_prob: float = PAPER["mutate_prob"], crossover_prob: float = PAPER["crossover_prob"],
@@ -88,21 +100,15 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
 
     ``fitness`` scores a list of architectures at once (batched, cached by the caller); it may
     be called with architectures it has seen, and must return the same score for them.
-    ``seeds``: feasible subnets known in advance (e.g. the fastest). Under a tight budget few
-    random subnets are feasible; the first population is then filled with mutants of the
-    feasible ones found so far instead of failing.
+    ``seeds``: feasible subnets known in advance, put first in the first population (once each);
+    give them only where the budget needs them (``search_job.budget_seeds``): they take the place
+    of random subnets. Under a tight budget few random subnets are feasible; the first population
+    is then filled with mutants of the feasible ones found so far instead of failing.
     ``screen`` < 1: of each generation's new children only this share is evaluated, the ones an
     accuracy predictor fitted on every subnet evaluated so far ranks highest (the others are
     dropped, unscored); the first population is always evaluated in full.
     """
-    for name, v in (("population", population), ("generations", generations)):
-        if v < 1:
-            raise UserError(f"--{name} must be a positive integer, got {v}")
-    for name, v in (("mutate-prob", mutate_prob), ("crossover-prob", crossover_prob), ("parent ratio", parent_ratio)):
-        if not 0.0 <= v <= 1.0:
-            raise UserError(f"--{name} must be in [0, 1], got {v}")
-    if not 0.0 < screen <= 1.0:
-        raise UserError(f"--screen must be in (0, 1], got {screen}")
+    check_settings(population, generations, mutate_prob, crossover_prob, screen, parent_ratio)
     rng = random.Random(seed)
 
     def draw(make: Callable[[], Arch]) -> Arch:
@@ -113,7 +119,7 @@ def evolve(space: SearchSpace, fitness: Callable[[list[Arch]], list[float]], fea
         raise UserError("the constraints leave (almost) no subnet of the space: none of "
                         f"{MAX_TRIES} candidates met them; relax the budget")
 
-    pop = [a for a in seeds if feasible(a)]
+    pop = list({a.key: a for a in seeds if feasible(a)}.values())  # a seed given twice is one subnet, evaluated once
     while len(pop) < population:
         try:
             pop.append(draw(lambda: sample(space, "random", rng)))

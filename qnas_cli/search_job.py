@@ -17,16 +17,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .calibrate import subnet_document
+from .calibrate import calibration_data_spec, check_data_fits, subnet_document
 from .checkpoint import sha256_file, versions, write_json
 from .cost import arch_cost
-from .data import load_dataset
-from .errors import UserError, check_count
-from .fitness import Fitness
-from .latency import LatencyTable, Predictor, load_table, table_statistic
-from .search import PAPER, PARENT_RATIO, Generation, evolve, pareto_front
-from .space import Arch, sample
-from .supernet import load_supernet
+from .data import Dataset, load_dataset
+from .errors import UserError, check_count, choice_error
+from .fitness import Fitness, cache_identity, fitness_arithmetic
+from .latency import RUNTIMES, LatencyTable, Predictor, table_statistic
+from .search import PAPER, PARENT_RATIO, Generation, check_settings, evolve, pareto_front
+from .space import Arch, SearchSpace, sample
+from .supernet import Supernet, load_supernet
+
+# Seeding a budget's first population: only where random sampling rarely meets the budget.
+# Seeds take the place of random subnets, and the fastest are the weakest: under a loose budget
+# they would spend the first generation on the least accurate subnets.
+CANDIDATES = 2000  # seeded random subnets drawn to check the budgets and to find seeds
+SEED_BELOW = 0.05  # seed a budget when fewer than this share of them meet it (evolve redraws a subnet up to 200 times)
+MAX_SEEDS = 8
 
 
 @dataclass
@@ -37,8 +44,13 @@ class SearchConfig:
     params_k: float | None = None
     size_kb: float | None = None  # predicted int8 .tflite size (cost.Cost.tflite_kb)
     data: str | None = None  # default: the supernet's
-    table: str | None = None  # default: the host table, built on first use
+    table: str | None = None  # default: the host table, built on first use (resolved by the caller: resolve_table)
+    # The target runtime: its exact integer forward scores fitness (fitness_arithmetic: builtin has
+    # none and is scored with XNNPACK's). Latency comes from the table, timed on table_runtime.
     runtime: str = "xnnpack"
+    # Only xnnpack and builtin are timed (latency.RUNTIMES); None: the runtime's own table where it
+    # is timed, else XNNPACK's (reference and micro do not run on a phone CPU).
+    table_runtime: str | None = None
     threads: int = 1
     population: int = PAPER["population"]
     generations: int = PAPER["generations"]
@@ -55,6 +67,7 @@ class SearchConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        """Every option checked before a search does any work or writes anything."""
         if not self.budgets_ms:
             raise UserError("--latency-ms: give at least one budget (e.g. --latency-ms 0.5 or --latency-ms 0.3,0.6,1.0)")
         for b in self.budgets_ms:
@@ -64,26 +77,86 @@ class SearchConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if not 0.0 < self.screen <= 1.0:
-            raise UserError(f"--screen must be in (0, 1], got {self.screen}")
-        for name in ("calib_images", "threads", "eval_images", "population", "generations"):
+        fitness_arithmetic(self.runtime)  # refuses a runtime outside SEARCH_RUNTIMES
+        if self.table_runtime is not None and self.table_runtime not in RUNTIMES:
+            raise choice_error("--table-runtime", self.table_runtime, RUNTIMES)
+        for name in ("calib_images", "threads", "eval_images"):
             check_count(f"--{name.replace('_', '-')}", getattr(self, name))
+        check_settings(self.population, self.generations, self.mutate_prob, self.crossover_prob, self.screen)
+        for p in (self.out_dir, *self.out_dir.parents):  # the nearest existing one must be a folder
+            if p.exists():
+                if not p.is_dir():
+                    raise UserError(f"--out {self.out_dir}: {p} is a file, not a folder; choose another --out")
+                break
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.supernet).parent / "search"
+
+    @property
+    def timed_runtime(self) -> str:
+        """The runtime of the default host table (latency); ``runtime`` is the arithmetic (accuracy)."""
+        return self.table_runtime or (self.runtime if self.runtime in RUNTIMES else "xnnpack")
+
+
+@dataclass
+class SearchSetup:
+    """What a search reads before it does any work, checked: the int8 supernet and the data it fits."""
+
+    net: Supernet
+    meta: dict[str, Any]
+    data_spec: str
+    data: Dataset
+
+
+def prepare_search(cfg: SearchConfig) -> SearchSetup:
+    """Load and check the supernet and the data (before a latency table is built or anything written)."""
+    net, meta = load_supernet(cfg.supernet)
+    if not net.cfg.enabled:
+        raise UserError(f"{cfg.supernet} is a {net.cfg.label} supernet: search needs a fully int8 one (--quant int8)")
+    spec = calibration_data_spec(cfg.data, meta)
+    data = load_dataset(spec, load_size=max(net.space.resolutions))
+    check_data_fits(data, net.in_channels, net.num_classes)
+    return SearchSetup(net, meta, spec, data)
+
+
+def random_candidates(space: SearchSpace) -> list[Arch]:
+    """The smallest subnet and ``CANDIDATES`` seeded random ones: what the budgets are checked on."""
+    rng = random.Random(0)
+    return [sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(CANDIDATES)]
+
+
+def budget_seeds(candidates: list[Arch], fits: Callable[[Arch], bool]) -> tuple[Arch, ...]:
+    """A budget's seeds for ``evolve``: none when random sampling meets it often enough (the first
+    population is then random, as the paper's), else up to ``MAX_SEEDS`` distinct ``candidates``
+    that meet it (``fits``), in draw order: the feasible subnets random sampling rarely finds.
+    Benchmarks give the same seeds to every arm they compare."""
+    ok = [a for a in candidates if fits(a)]
+    if len(ok) >= SEED_BELOW * len(candidates):
+        return ()
+    return tuple({a.key: a for a in ok}.values())[:MAX_SEEDS]
 
 
 def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
                on_generation: Callable[[float, Generation], None] | None = None,
-               on_evaluation: Callable[[], None] | None = None) -> dict[str, Any] | None:
-    """The search; returns pareto.json's content on rank 0 (None on the other torchrun ranks)."""
+               on_evaluation: Callable[[], None] | None = None, *,
+               table: tuple[LatencyTable, Path] | None = None, setup: SearchSetup | None = None) -> dict[str, Any] | None:
+    """The search; returns pareto.json's content on rank 0 (None on the other torchrun ranks).
+
+    ``table``: the latency table and its file, from ``qnas_cli.export.latency_build.resolve_table``
+    (``cfg.table`` or the host's for ``cfg.timed_runtime``): building one converts and times, which
+    the model core does not. ``setup``: ``prepare_search(cfg)`` when the caller has it already."""
     from .train import leave_distributed, setup_distributed  # torchrun: each rank evaluates its share of every generation
 
     t_start = time.perf_counter()
-    d = setup_distributed("cpu")
-    net, meta = load_supernet(cfg.supernet)
-    if not net.cfg.enabled:
-        raise UserError(f"{cfg.supernet} is a {net.cfg.label} supernet: search needs a fully int8 one (--quant int8)")
+    setup = setup or prepare_search(cfg)
+    if table is None:
+        raise TypeError("run_search needs table=resolve_table(...) (qnas_cli.export.latency_build)")
+    table, table_path = table
+    net, meta, data = setup.net, setup.meta, setup.data
     space = net.space
-    out = Path(cfg.out) if cfg.out else Path(cfg.supernet).parent / "search"
-    table, table_path = _table(cfg, net, log if d.main else (lambda m: None), d.world)
+    out = cfg.out_dir
+    d = setup_distributed("cpu")
     pred = Predictor(table, space)
 
     def cost(a: Arch):
@@ -94,12 +167,20 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
         return ((cfg.flops_m is None or c.mflops <= cfg.flops_m) and (cfg.params_k is None or c.params / 1e3 <= cfg.params_k)
                 and (cfg.size_kb is None or c.tflite_kb <= cfg.size_kb))
 
-    seeds = _check_feasible(cfg, space, pred, cost, within_others, table)
-    data = load_dataset(cfg.data or meta.get("config", {}).get("data", "fashion-mnist"), load_size=max(space.resolutions))
-    identity = {"supernet_sha256": meta["weights"]["sha256"], "data": data.spec, "calib_images": cfg.calib_images,
-                "eval_images": cfg.eval_images}
-    fitness = Fitness(net, data, identity, out / "evaluations.jsonl", cfg.resume, cfg.calib_images, cfg.eval_images,
-                      rank=d.rank, world=d.world)
+    predict_s = [0.0]  # time in constraint checks: latency prediction and FLOPs/params from shapes
+
+    def feasible(a: Arch, budget: float) -> bool:
+        t = time.perf_counter()
+        ok = pred.predict(a) <= budget and within_others(a)
+        predict_s[0] += time.perf_counter() - t
+        return ok
+
+    candidates = random_candidates(space)
+    _check_feasible(cfg, space, pred, cost, within_others, table, candidates)
+    seeds = {b: budget_seeds(candidates, lambda a, b=b: feasible(a, b)) for b in cfg.budgets_ms}
+    arithmetic = fitness_arithmetic(cfg.runtime)
+    identity = cache_identity(meta["weights"]["sha256"], setup.data_spec, cfg.calib_images, cfg.eval_images, arithmetic)
+    fitness = Fitness(net, data, identity, out / "evaluations.jsonl", cfg.resume, rank=d.rank, world=d.world)
     if not d.main:  # the other ranks only evaluate; rank 0 reports and writes
         log, on_generation = (lambda m: None), None
     if fitness.scores:
@@ -110,21 +191,14 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
         archs.update((a.key, a) for a in batch)
         return fitness(batch, on_evaluation)
 
-    predict_s = [0.0]  # time in constraint checks: latency prediction and FLOPs/params from shapes
-
-    def feasible(a: Arch, budget: float) -> bool:
-        t = time.perf_counter()
-        ok = pred.predict(a) <= budget and within_others(a)
-        predict_s[0] += time.perf_counter() - t
-        return ok
-
     winners, history = {}, {}
     for i, budget in enumerate(sorted(cfg.budgets_ms)):
-        log(f"budget {budget:g} ms: population {cfg.population}, {cfg.generations} generations")
+        log(f"budget {budget:g} ms: population {cfg.population}, {cfg.generations} generations"
+            + (f", {len(seeds[budget])} feasible seed(s): few random subnets meet it" if seeds[budget] else ""))
         res = evolve(space, scored, lambda a, b=budget: feasible(a, b),
                      cfg.population, cfg.generations, cfg.mutate_prob, cfg.crossover_prob, PARENT_RATIO,
                      seed=cfg.seed + i, on_generation=(lambda g, b=budget: on_generation(b, g)) if on_generation else None,
-                     seeds=tuple(seeds), screen=cfg.screen)
+                     seeds=seeds[budget], screen=cfg.screen)
         winners[budget] = res.best
         history[budget] = [{"generation": g.index, "best_top1": g.best[1], "evaluated": g.evaluated,
                             "cache_hits": g.cache_hits, "predictor_tau": g.predictor_tau} for g in res.history]
@@ -134,7 +208,7 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
     # A budget's winner is the best subnet evaluated by any budget's evolution that fits it:
     # a tighter budget's winner often fits a looser one, and its score is already known.
     for budget in winners:
-        fits = [a for a in archs.values() if pred.predict(a) <= budget and within_others(a)]
+        fits = [a for a in archs.values() if feasible(a, budget)]
         winners[budget] = max(fits, key=lambda a: (fitness.scores[a.key], -pred.predict(a)))
 
     def figures(a: Arch) -> dict[str, float]:
@@ -154,11 +228,14 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
     for budget, a in winners.items():
         doc = {**subnet_document(a, space, rel(cfg.supernet), meta["weights"]["sha256"]),
                "search": {"budget_ms": budget, "runtime": table.header["runtime"], "threads": table.header["threads"],
-                          "latency_statistic": table_statistic(table.header), **figures(a)}}
+                          "latency_statistic": table_statistic(table.header), "fitness_arithmetic": arithmetic,
+                          **figures(a)}}
         name = f"subnet_{budget:g}ms.json"
         write_json(out / name, doc)
         chosen.append({"budget_ms": budget, "file": name, "arch": a.key, **figures(a)})
     result = {"format": "qnas.search/1", "config": asdict(cfg), **provenance, "chosen": chosen,
+              "runtime": cfg.runtime, "fitness_arithmetic": arithmetic,  # builtin: scored with another's arithmetic
+              "seeds": {f"{b:g}": [a.key for a in seeds[b]] for b in sorted(seeds)},
               "evaluations": {"count": len(fitness.scores), "new": fitness.evaluations,
                               # children already scored (this evolution's or another budget's) or in a resumed cache
                               "cache_hits": fitness.hits + sum(g["cache_hits"] for h in history.values() for g in h)},
@@ -180,24 +257,8 @@ def _seconds(wall: float, evaluation: dict[str, float], predict: float, world: i
             "other": round(max(wall - spent, 0.0), 1), "ranks": world}
 
 
-def _table(cfg: SearchConfig, net, log, world: int) -> tuple[LatencyTable, Path]:
-    if cfg.table:
-        return load_table(Path(cfg.table), net.space, net.in_channels, net.num_classes), Path(cfg.table)
-    if world > 1:
-        raise UserError("under torchrun, pass --table (build it first with `qnas latency build`): "
-                        "timing a table while other processes evaluate would measure their load")
-    from qnas_cli.export.latency_build import ensure_host_table  # converts and times: TensorFlow, LiteRT
-
-    return ensure_host_table(net.space, net.in_channels, net.num_classes, cfg.runtime, cfg.threads, log=log)
-
-
-def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table) -> list[Arch]:
-    """Exit 2 naming the fastest subnet when a budget is below anything the space can do;
-    else return the fastest subnets that meet the other constraints (seeds for tight budgets)."""
-    rng = random.Random(0)
-    candidates = [sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(2000)]
-    fastest = min(candidates, key=pred.predict)
-    fast_ms = pred.predict(fastest)
+def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table, candidates: list[Arch]) -> None:
+    """Exit 2 naming the fastest subnet when a budget is below anything the space can do."""
     ok = [a for a in candidates if within_others(a)]
     h = table.header
     where = f"on {h['runtime']}, {h['threads']} thread(s), {h['device'].get('cpu', h['device'].get('kind'))}"
@@ -205,13 +266,14 @@ def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table) -> 
         c = cost(sample(space, "smallest"))
         raise UserError(f"--flops-m/--params-k/--size-kb: no subnet of space {space.name!r} fits; the smallest has "
                         f"{c.mflops:.2f} MFLOPs, {c.params / 1e3:.1f} k parameters and {c.tflite_kb:.1f} KiB as int8 TFLite")
+    fastest = min(ok, key=pred.predict)  # of the subnets that meet the other constraints: the fastest feasible one
+    fast_ms = pred.predict(fastest)
     for budget in cfg.budgets_ms:
         if budget < fast_ms:
             c = cost(fastest)
             raise UserError(f"--latency-ms {budget:g}: no subnet of space {space.name!r} is predicted that fast {where}; "
                             f"the fastest takes about {fast_ms:.4f} ms ({fastest.key}: {c.mflops:.2f} MFLOPs, "
                             f"{c.params / 1e3:.1f} k parameters, {c.tflite_kb:.1f} KiB)")
-    return sorted(ok, key=pred.predict)[:8]
 
 
 def plot_pareto(result: dict, path: Path) -> None:

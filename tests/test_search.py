@@ -134,3 +134,42 @@ def test_screening_evaluates_a_share_of_the_children_and_still_finds_the_toy_opt
     assert None not in taus and sum(taus) / len(taus) > 0.25
     with pytest.raises(UserError, match="--screen"):
         evolve(space, lambda archs: [0.0] * len(archs), lambda a: True, screen=0.0)
+
+
+def test_seeds_only_where_the_budget_needs_them_and_each_once():
+    """The fastest subnets are the weakest: a loose budget starts from random subnets; a tight one
+    from the distinct feasible ones random sampling rarely finds."""
+    from qnas_cli.search_job import MAX_SEEDS, budget_seeds, random_candidates
+
+    space = PRESETS["small"]
+    candidates = random_candidates(space)
+    costs = sorted(_budget(a) for a in candidates)
+    assert budget_seeds(candidates, lambda a: _budget(a) <= costs[len(costs) // 2]) == ()  # half of them fit
+    tight = costs[20]
+    seeds = budget_seeds(candidates + candidates[:50], lambda a: _budget(a) <= tight)  # duplicates among them
+    assert 0 < len(seeds) <= MAX_SEEDS and len({a.key for a in seeds}) == len(seeds)
+    assert all(_budget(a) <= tight for a in seeds)
+
+    first = []
+    smallest = sample(space, "smallest")
+    evolve(space, lambda archs: first.append(archs) or [_toy_fitness(a) for a in archs], lambda a: True,
+           population=6, generations=1, seeds=(smallest,) * 4)
+    assert [a.key for a in first[0]].count(smallest.key) == 1  # a repeated seed is one member, not four
+
+
+def test_search_settings_are_checked_before_any_work():
+    """Every option, the evolution's and the runtimes included, is refused by SearchConfig itself."""
+    from qnas_cli.fitness import fitness_arithmetic
+    from qnas_cli.search_job import SearchConfig
+
+    for bad, says in (({"mutate_prob": 1.5}, "--mutate-prob"), ({"crossover_prob": float("nan")}, "--crossover-prob"),
+                      ({"runtime": "typo"}, "--runtime"), ({"table_runtime": "micro"}, "--table-runtime"),
+                      ({"generations": 0}, "--generations")):
+        with pytest.raises(UserError, match=says):
+            SearchConfig(budgets_ms=[1.0], **bad)
+    # the arithmetic that scores (accuracy) and the runtime that is timed (latency) are two things
+    assert [fitness_arithmetic(r) for r in ("xnnpack", "reference", "micro", "builtin")] == \
+        ["xnnpack", "reference", "micro", "xnnpack"]  # builtin has no exact forward: XNNPACK's scores it
+    assert [SearchConfig(budgets_ms=[1.0], runtime=r).timed_runtime for r in ("xnnpack", "reference", "micro", "builtin")] == \
+        ["xnnpack", "xnnpack", "xnnpack", "builtin"]
+    assert SearchConfig(budgets_ms=[1.0], runtime="micro", table_runtime="builtin").timed_runtime == "builtin"

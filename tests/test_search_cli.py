@@ -160,3 +160,128 @@ def test_size_kb_constrains_the_predicted_file_size_and_an_impossible_one_exits_
     assert all(s["tflite_kb"] <= limit for s in doc["subnets"]) and doc["chosen"][0]["tflite_kb"] <= limit
     r = runner.invoke(app, [*base, "--size-kb", "1", "--out", str(root / "size2")])
     assert r.exit_code == 2 and "KiB" in r.output and "--size-kb" in r.output, r.output
+
+
+def _args(root, *extra):
+    return ["search", "--supernet", str(root / "run" / "supernet.pt"), *extra]
+
+
+def _one_line_error(r) -> str:
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "Traceback" not in r.output, r.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad, says", [
+    (["--mutate-prob", "1.5"], "--mutate-prob"),
+    (["--crossover-prob", "-0.1"], "--crossover-prob"),
+    (["--runtime", "typo"], "--runtime"),
+    (["--table-runtime", "reference"], "--table-runtime"),  # reference and micro are not timed
+    (["--population", "0"], "--population"),
+])
+def test_every_option_is_checked_before_anything_is_written(setup, runner, bad, says):
+    """A refused option leaves no evaluations.jsonl behind, so the corrected command runs without --resume."""
+    root, table = setup
+    budgets, _ = _budgets(table)
+    out = root / f"refused{bad[0]}"
+    r = runner.invoke(app, _args(root, "--table", str(root / "table.json"), "--latency-ms", f"{budgets[1]:.6f}",
+                                 "--out", str(out), *SMALL_SEARCH, *bad))
+    assert says in _one_line_error(r)
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_file_exits_2(setup, runner):
+    root, table = setup
+    budgets, _ = _budgets(table)
+    taken = root / "taken.txt"
+    taken.write_text("mine")
+    for out in (taken, taken / "search"):
+        r = runner.invoke(app, _args(root, "--table", str(root / "table.json"), "--latency-ms", f"{budgets[1]:.6f}",
+                                     "--out", str(out), *SMALL_SEARCH))
+        assert "is a file" in _one_line_error(r)
+    assert taken.read_text() == "mine"
+
+
+def test_torchrun_without_a_table_is_refused_before_any_work(setup, runner, tmp_path):
+    root, table = setup
+    budgets, _ = _budgets(table)
+    r = runner.invoke(app, _args(root, "--latency-ms", f"{budgets[1]:.6f}", "--out", str(tmp_path / "s")),
+                      env={"WORLD_SIZE": "2", "QNAS_CACHE": str(tmp_path / "cache")})
+    assert "pass --table" in _one_line_error(r)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "cache").exists()
+
+
+def _images(folder, mode: str, classes: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1)):
+        for c in range(classes):
+            (folder / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                shape = (24, 24) + ((3,) if mode == "RGB" else ())
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / split / f"c{c}" / f"{i}.png")
+    return f"imagefolder:{folder}"
+
+
+@pytest.mark.parametrize("mode, classes, says", [("RGB", 10, "3 channels"), ("L", 12, "12 classes")])
+def test_data_the_supernet_was_not_trained_for_exits_2(setup, runner, tmp_path, mode, classes, says):
+    """Other channels failed deep in a conv (exit 1); more classes scored silently wrong."""
+    root, table = setup
+    budgets, _ = _budgets(table)
+    spec = _images(tmp_path / "images", mode, classes)
+    r = runner.invoke(app, _args(root, "--table", str(root / "table.json"), "--latency-ms", f"{budgets[1]:.6f}",
+                                 "--data", spec, "--out", str(tmp_path / "s"), *SMALL_SEARCH))
+    assert says in _one_line_error(r) and "trained for 1 / 10" in r.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_fitness_is_the_exact_forward_of_runtime_and_the_cache_knows_it(setup, runner, tmp_path, monkeypatch):
+    """--runtime micro: scored with TFLite Micro's arithmetic, exactly as `qnas calibrate --runtime
+    micro` scores; latency from this host's XNNPACK table (micro is not timed), found in the
+    cache and not rebuilt. --resume refuses a cache scored with another arithmetic or made under
+    another integer contract (as a reused .qnas.pt is refused)."""
+    from qnas_cli.calibrate import calibrate_file
+    from qnas_cli.latency import STATISTIC, host_table_path
+
+    root, table = setup
+    budgets, _ = _budgets(table)
+    monkeypatch.setenv("QNAS_CACHE", str(tmp_path / "cache"))
+    host = host_table_path(SPACE, 1, 10, "xnnpack", 1)
+    host.parent.mkdir(parents=True)
+    cached = table.to_dict()
+    cached["header"]["method"] = {"statistic_name": STATISTIC}
+    host.write_text(json.dumps(cached))
+    out = tmp_path / "micro"
+    args = _args(root, "--latency-ms", f"{budgets[1]:.6f}", "--runtime", "micro", "--out", str(out), *SMALL_SEARCH)
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "building" not in r.output, r.output
+    doc = json.loads((out / "pareto.json").read_text())
+    assert doc["fitness_arithmetic"] == "micro" and doc["table"]["path"] == str(host.resolve())
+    assert doc["table"]["runtime"] == "xnnpack"
+    header = json.loads((out / "evaluations.jsonl").read_text().splitlines()[0])
+    assert header["fitness_arithmetic"] == "micro" and header["eval_images"] == 200 and "integer_contract" in header
+    chosen = doc["chosen"][0]
+    _, meta, _ = calibrate_file(out / chosen["file"], calib_images=64, eval_images=200, runtime="micro",
+                                out=tmp_path / "check.qnas.pt")
+    assert meta["accuracy"]["search_top1"] == chosen["search_top1"]
+
+    r = runner.invoke(app, [*args, "--resume", "--runtime", "reference"])
+    assert "fitness_arithmetic" in _one_line_error(r)
+    monkeypatch.setattr("qnas_cli.calibrate.INTEGER_CONTRACT_VERSION", "a later contract")
+    r = runner.invoke(app, [*args, "--resume"])
+    assert "integer_contract" in _one_line_error(r)
+
+
+def test_a_host_table_is_only_built_for_a_timed_runtime(tmp_path, monkeypatch):
+    """A reference or micro host table was timed, refused on load (tables hold xnnpack or builtin)
+    and rebuilt on every search: refused before any conversion instead."""
+    from qnas_cli.errors import UserError
+    from qnas_cli.export.latency_build import resolve_table
+
+    monkeypatch.setenv("QNAS_CACHE", str(tmp_path))
+    for runtime in ("reference", "micro"):
+        with pytest.raises(UserError, match="--table-runtime"):
+            resolve_table(None, SPACE, 1, 10, runtime, 1, log=lambda m: None)
+    assert not any(tmp_path.iterdir())

@@ -1,6 +1,7 @@
 """``qnas search``: the most accurate int8 subnet for each latency budget."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -9,8 +10,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UserError
+from ..fitness import SEARCH_RUNTIMES
+from ..latency import RUNTIMES
 from ..search import PAPER, PARENT_RATIO
-from ..search_job import SearchConfig, run_search
+from ..search_job import SearchConfig, prepare_search, run_search
 from .common import console, err_console, interactive, logger, print_json, say
 
 D = SearchConfig(budgets_ms=[1.0])
@@ -31,7 +34,12 @@ def search(
     params_k: Annotated[float, typer.Option("--params-k", help="Also at most this many thousand parameters.")] = None,
     size_kb: Annotated[float, typer.Option("--size-kb", help="Also at most this many KiB of int8 .tflite file (predicted from the shapes: weights, biases and 374 bytes per op; within 0.3% of real exports).")] = None,
     table: Annotated[Path, typer.Option(help="Latency table (`qnas latency build`/`import`; default: this host's, built on first use).")] = None,
-    runtime: Annotated[str, typer.Option(help="Runtime of the default host table: xnnpack (LiteRT's default on phones) | builtin.")] = D.runtime,
+    runtime: Annotated[str, typer.Option(help=f"Target runtime, {' | '.join(SEARCH_RUNTIMES)}: fitness is its exact int8 forward "
+                                                "(the accuracy `qnas calibrate/export --runtime` report). builtin has no exact "
+                                                "forward: it is scored with xnnpack's arithmetic (pareto.json: fitness_arithmetic).")] = D.runtime,
+    table_runtime: Annotated[str, typer.Option(help=f"Runtime the default host table times, {' | '.join(RUNTIMES)} (the only ones "
+                                                    "timed; default: --runtime where timed, else xnnpack). Ignored with --table: "
+                                                    "its own runtime gives the latency.")] = None,
     threads: Annotated[int, typer.Option(help="Threads of the default host table.")] = D.threads,
     population: Annotated[int, typer.Option(help="Subnets per generation (paper: 512).")] = PAPER["population"],
     generations: Annotated[int, typer.Option(help="Generations per budget (paper: 20).")] = PAPER["generations"],
@@ -51,31 +59,42 @@ def search(
 ) -> None:
     """Evolutionary search of the int8 supernet under predicted int8 TFLite latency (QuantNAS §5.1).
 
-    Fitness is the calibrated int8 subnet's top-1 on the held-out search split. Every candidate
+    Fitness is the calibrated int8 subnet's top-1 on the held-out search split, computed with the
+    exact integer forward of --runtime; latency is predicted from the table (--table, or this
+    host's, timed on --table-runtime). Every candidate
     meets every constraint by prediction. Writes pareto.json, pareto.png and one
     subnet_<budget>ms.json per budget (ready for `qnas export`) into --out.
     Many processes share the evaluations, with the same result as one:
     torchrun --nproc_per_node 2 -m qnas_cli search --table TABLE.json --latency-ms 1.0
     """
     cfg = SearchConfig(supernet=str(supernet), budgets_ms=_budgets(latency_ms), flops_m=flops_m, params_k=params_k, size_kb=size_kb,
-                       data=data, table=str(table) if table else None, runtime=runtime, threads=threads,
+                       data=data, table=str(table) if table else None, runtime=runtime, table_runtime=table_runtime, threads=threads,
                        population=population, generations=generations, mutate_prob=mutate_prob,
                        crossover_prob=crossover_prob, screen=screen, calib_images=calib_images, eval_images=eval_images, seed=seed,
                        out=str(out) if out else None, resume=resume)
+    if cfg.table is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun, before any work
+        raise UserError("under torchrun, pass --table (build it first with `qnas latency build`): "
+                        "timing a table while other processes evaluate would measure their load")
     log = logger(err_console if json_out else console)
+    setup = prepare_search(cfg)  # the supernet and --data, checked before a table is built
+    from ..export.latency_build import resolve_table  # converts and times: TensorFlow, LiteRT
+
+    net = setup.net
+    resolved = resolve_table(cfg.table, net.space, net.in_channels, net.num_classes, cfg.timed_runtime, cfg.threads, log)
     if interactive() and not json_out:
-        result = _with_progress(cfg, log)
+        result = _with_progress(cfg, log, resolved, setup)
     else:
         def plain(budget, g):
             log(f"budget {budget:g} ms, generation {g.index}/{cfg.generations}: best {100 * g.best[1]:.2f}% "
                 f"({g.evaluated} new evaluations, {g.cache_hits} cache hits)")
-        result = run_search(cfg, log, plain)
+        result = run_search(cfg, log, plain, table=resolved, setup=setup)
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return
     if json_out:
         print_json({k: result[k] for k in ("chosen", "evaluations", "seconds", "table", "supernet", "out")})
         return
-    t = Table(title=f"qnas search ({result['table']['runtime']}, {result['table']['threads']} thread(s))")
+    t = Table(title=f"qnas search (latency: {result['table']['runtime']}, {result['table']['threads']} thread(s); "
+                    f"top-1: {result['fitness_arithmetic']} arithmetic)")
     for col in ("budget", "predicted ms", "search top-1", "MFLOPs", "k params", "KiB", "file"):
         t.add_column(col, overflow="fold")
     for c in result["chosen"]:
@@ -90,7 +109,7 @@ def search(
                  f"{s['latency_prediction']:.1f} s); wrote pareto.json, pareto.png and the subnet files to {result['out']}")
 
 
-def _with_progress(cfg: SearchConfig, log) -> dict:
+def _with_progress(cfg: SearchConfig, log, table, setup) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -104,4 +123,4 @@ def _with_progress(cfg: SearchConfig, log) -> dict:
             bar.update(tasks[budget], completed=g.index,
                        info=f"best {100 * g.best[1]:.2f}%  new {g.evaluated}  hits {g.cache_hits}")
 
-        return run_search(cfg, logger(bar.console), on_generation)
+        return run_search(cfg, logger(bar.console), on_generation, table=table, setup=setup)
