@@ -24,7 +24,8 @@ from pathlib import Path
 
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.demo import budgets_for
-from qnas_cli.latency import Predictor, load_table
+from qnas_cli.export.latency_build import resolve_table
+from qnas_cli.latency import Predictor
 from qnas_cli.search_job import SearchConfig, run_search
 from qnas_cli.space import load_arch, load_space
 
@@ -91,12 +92,7 @@ def main() -> None:
     space = load_space(args.space)
     nets = {arm: load_arm(arm, supernets[arm], space) for arm in ARMS}
     net = nets["predictor"][0]
-    if args.table:
-        table, table_path = load_table(args.table, net.space, net.in_channels, net.num_classes), args.table
-    else:
-        from qnas_cli.export.latency_build import ensure_host_table  # converts and times: TensorFlow, LiteRT
-
-        table, table_path = ensure_host_table(net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=print)
+    table, table_path = resolve_table(args.table, net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=print)
     budgets = sorted(budgets_for(Predictor(table, net.space), net.space))
     if args.quick:
         budgets = budgets[::2]
@@ -109,7 +105,7 @@ def main() -> None:
                            generations=args.generations, calib_images=args.calib_images, eval_images=args.eval_images,
                            seed=args.seed, out=str(args.out / arm / "search"), resume=True)  # cached by supernet hash
         searches[arm] = run_search(cfg, log=lambda m: None, on_generation=lambda b, g, arm=arm: print(
-            f"  {arm}, {b:g} ms: generation {g.index}, best {100 * g.best[1]:.2f}%", flush=True))
+            f"  {arm}, {b:g} ms: generation {g.index}, best {100 * g.best[1]:.2f}%", flush=True), table=(table, table_path))
 
     rows = []
     for budget in budgets:

@@ -10,18 +10,21 @@ Everything lands in OUT (search/, export_<budget>ms/, summary.json).
 """
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from rich.table import Table
 
 from .checkpoint import write_json
+from .cli import _Group
 from .cli.common import console, logger
+from .errors import check_count
 from .latency import STATISTIC, Predictor
-from .search_job import SearchConfig, run_search
+from .search_job import SearchConfig, prepare_search, run_search
 from .space import sample
-from .supernet import load_supernet
 
 BUDGET_POINTS = (0.15, 0.4, 0.8)  # where the budgets sit between the fastest and the slowest subnet
 
@@ -32,52 +35,67 @@ def budgets_for(pred: Predictor, space) -> list[float]:
     return [float(f"{lo + f * (hi - lo):.2g}") for f in BUDGET_POINTS]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("supernet", type=Path)
-    ap.add_argument("--out", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--population", type=int, default=32)
-    ap.add_argument("--generations", type=int, default=5)
-    ap.add_argument("--eval-images", type=int, default=2000, help="test images for each export's parity and accuracy")
-    args = ap.parse_args()
-    from qnas_cli.export.latency_build import ensure_host_table
+# The qnas CLI's error handling (_Group: a UserError is exit 2 and one line, --debug shows the
+# traceback), for a command that is a module of its own. Its one callback is the whole demo.
+app = typer.Typer(cls=_Group, invoke_without_command=True, add_completion=False, pretty_exceptions_enable=False,
+                  subcommand_metavar="", help=__doc__.split("\n")[0],
+                  context_settings={"allow_interspersed_args": True, "help_option_names": ["-h", "--help"]})
+
+
+@app.callback()
+def demo(
+    supernet: Annotated[Path, typer.Argument(help="The int8 supernet.pt (`qnas train`).", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
+    population: Annotated[int, typer.Option(help="Subnets per generation.")] = 32,
+    generations: Annotated[int, typer.Option(help="Generations per budget.")] = 5,
+    eval_images: Annotated[int, typer.Option(help="Test images for each export's parity and accuracy.")] = 2000,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """The rest of `make demo` after training: latency table -> search -> export -> one summary."""
+    for name, v in (("--population", population), ("--generations", generations), ("--eval-images", eval_images)):
+        check_count(name, v)
+    from qnas_cli.export.latency_build import resolve_table
     from qnas_cli.export.pipeline import export_subnet
 
     log = logger(console)
     t0 = time.perf_counter()
-    net, _ = load_supernet(args.supernet)
-    table, table_path = ensure_host_table(net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=log)
+    # Every option and input checked before the table is built: the budgets come from the table,
+    # so the search's settings are checked with a stand-in budget, then given the real ones.
+    cfg = SearchConfig(supernet=str(supernet), budgets_ms=[1.0], population=population, generations=generations,
+                       eval_images=1000, out=str(out / "search"), resume=(out / "search" / "evaluations.jsonl").is_file())
+    setup = prepare_search(cfg)
+    net = setup.net
+    table, table_path = resolve_table(None, net.space, net.in_channels, net.num_classes, cfg.timed_runtime, cfg.threads, log)
     budgets = budgets_for(Predictor(table, net.space), net.space)
     log(f"latency table {table_path}; budgets {', '.join(f'{b:g} ms' for b in budgets)}")
     t_search = time.perf_counter()
-    result = run_search(SearchConfig(supernet=str(args.supernet), budgets_ms=budgets, table=str(table_path),
-                                     population=args.population, generations=args.generations, eval_images=1000,
-                                     out=str(args.out / "search"), resume=(args.out / "search" / "evaluations.jsonl").is_file()),
-                        log, lambda b, g: log(f"  {b:g} ms, generation {g.index}: best {100 * g.best[1]:.2f}% "
-                                              f"({g.evaluated} new, {g.cache_hits} cached)"))
+    result = run_search(replace(cfg, budgets_ms=budgets, table=str(table_path)), log,
+                        lambda b, g: log(f"  {b:g} ms, generation {g.index}: best {100 * g.best[1]:.2f}% "
+                                         f"({g.evaluated} new, {g.cache_hits} cached)"),
+                        table=(table, table_path), setup=setup)
     search_s = time.perf_counter() - t_search
     rows, exported = [], {}
     for c in result["chosen"]:
         if c["arch"] in exported:  # a tighter budget's winner also won this one: one file, one gate
-            out, r = exported[c["arch"]]
-            log(f"the {c['budget_ms']:g} ms winner is the one already exported to {out}")
+            folder, r = exported[c["arch"]]
+            log(f"the {c['budget_ms']:g} ms winner is the one already exported to {folder}")
         else:
-            out = args.out / f"export_{c['budget_ms']:g}ms"
-            log(f"exporting the {c['budget_ms']:g} ms winner to {out}")
-            r = export_subnet(args.out / "search" / c["file"], out, eval_images=args.eval_images, log=log)
-            exported[c["arch"]] = out, r
+            folder = out / f"export_{c['budget_ms']:g}ms"
+            log(f"exporting the {c['budget_ms']:g} ms winner to {folder}")
+            r = export_subnet(out / "search" / c["file"], folder, eval_images=eval_images, log=log)
+            exported[c["arch"]] = folder, r
         x = r["parity"]["xnnpack"]  # the gate's target: exact on every image the file ran when passed
         rows.append({"budget_ms": c["budget_ms"], "arch": c["arch"], "predicted_ms": c["latency_ms"],
                      "measured_ms": r["latency_ms"]["xnnpack"], "search_top1": c["search_top1"],
                      "test_top1": r["accuracy"]["top1"], "fake_quant_test_top1": r["accuracy"]["fake_quant_top1"],
                      "max_lsb": x["max_abs_lsb"], "exact": x["exact"], "size_kb": r["size_bytes"] / 1024,
-                     "passed": r["passed"], "tflite": str(out / r["files"]["tflite"])})
+                     "passed": r["passed"], "tflite": str(folder / r["files"]["tflite"])})
     summary = {"rows": rows, "table": str(table_path), "search": result["evaluations"], "search_seconds": round(search_s, 1),
-               "seconds_after_training": round(time.perf_counter() - t0, 1), "test_images": args.eval_images,
+               "seconds_after_training": round(time.perf_counter() - t0, 1), "test_images": eval_images,
                "latency_statistic": STATISTIC}
-    write_json(args.out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     t = Table(title=f"qnas demo: int8 TFLite per latency budget (XNNPACK, 1 thread, {STATISTIC} "
-                    f"of the invoke times; {args.eval_images} test images)")
+                    f"of the invoke times; {eval_images} test images)")
     for col in ("budget", "pred. ms", "meas. ms", "search top-1", "int8 test", "exact", "max LSB", "KB", "gate"):
         t.add_column(col)
     for r in rows:
@@ -89,7 +107,11 @@ def main() -> None:
     for r in rows:
         log(f"{r['budget_ms']:g} ms: {r['arch']} -> {r['tflite']}")
     log(f"search {search_s:.0f} s, everything after training {summary['seconds_after_training']:.0f} s; "
-        f"pictures: {args.out / 'search' / 'pareto.png'}; figures: {args.out / 'summary.json'}")
+        f"pictures: {out / 'search' / 'pareto.png'}; figures: {out / 'summary.json'}")
+
+
+def main() -> None:
+    app(prog_name="python -m qnas_cli.demo")
 
 
 if __name__ == "__main__":
