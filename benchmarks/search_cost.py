@@ -145,12 +145,10 @@ def main() -> None:
                   f"{s['max_abs_diff_pp']:>10.2f} {s['seconds_per_evaluation']:>7.2f}")
         write_json(args.out / "search_cost.json", doc)
     if args.population and args.generations:
-        table = args.table
-        if table is None:
-            from qnas_cli.export.latency_build import ensure_host_table
+        from qnas_cli.export.latency_build import resolve_table  # converts and times: TensorFlow, LiteRT
 
-            _, table = ensure_host_table(net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=print)
-        pred = Predictor(_load(table, net), net.space)
+        loaded, table = resolve_table(args.table, net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=print)
+        pred = Predictor(loaded, net.space)
         lo, hi = pred.predict(sample(net.space, "smallest")), pred.predict(sample(net.space, "largest"))
         budget = args.budget_ms or float(f"{(lo + hi) / 2:.2g}")
         doc["search"] = run_search(args, budget, Path(table), args.out)
@@ -161,12 +159,6 @@ def main() -> None:
               f"{e['new']} evaluations, {e['cache_hits']} cache hits")
         write_json(args.out / "search_cost.json", doc)
     print(f"wrote {args.out / 'search_cost.json'}")
-
-
-def _load(table: Path, net):
-    from qnas_cli.latency import load_table
-
-    return load_table(Path(table), net.space, net.in_channels, net.num_classes)
 
 
 def _machine() -> dict:

@@ -20,32 +20,37 @@ import random
 import time
 from pathlib import Path
 
-from qnas_cli.export.latency_build import ensure_host_table
+from qnas_cli.export.latency_build import resolve_table
 from qnas_cli.export.pipeline import export_subnet
 from qnas_cli.calibrate import subnet_document
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.data import load_dataset
 from qnas_cli.demo import budgets_for
-from qnas_cli.fitness import SearchInputs, evaluate_arch
+from qnas_cli.fitness import SearchInputs, evaluate_arch, fitness_arithmetic
 from qnas_cli.latency import Predictor
-from qnas_cli.search_job import SearchConfig, run_search
+from qnas_cli.search_job import SearchConfig, budget_seeds, random_candidates, run_search
 from qnas_cli.space import load_arch, sample
 from qnas_cli.supernet import load_supernet
 
 
 def random_search(net, data, pred: Predictor, budgets: list[float], evaluations: int, cfg: SearchConfig,
                   seed: int) -> dict[str, dict]:
-    """``evaluations`` random subnets, an equal share under each budget; every one scored."""
+    """``evaluations`` random subnets, an equal share under each budget; every one scored as the
+    search scores. A budget's share starts with the seeds the search's first population starts
+    with (``budget_seeds``: only under a budget random sampling rarely meets), so both arms start alike."""
     rng = random.Random(seed)
     inputs = SearchInputs(data, cfg.calib_images, cfg.eval_images)
+    runtime = fitness_arithmetic(cfg.runtime)
+    candidates = random_candidates(net.space)
     scored: dict[str, tuple] = {}
     per_budget = -(-evaluations // len(budgets))
     for b in budgets:
         drawn = 0
+        seeds = iter(budget_seeds(candidates, lambda a, b=b: pred.predict(a) <= b))
         while drawn < per_budget and len(scored) < evaluations:
-            a = sample(net.space, "random", rng)
+            a = next(seeds, None) or sample(net.space, "random", rng)
             if pred.predict(a) <= b and a.key not in scored:
-                scored[a.key] = (a, evaluate_arch(net, a, inputs)["accuracy"])
+                scored[a.key] = (a, evaluate_arch(net, a, inputs, runtime=runtime)["accuracy"])
                 drawn += 1
                 print(f"  random: {len(scored)}/{evaluations}", end="\r", flush=True)
     print()
@@ -82,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     net, meta = load_supernet(args.supernet)
     sha = meta["weights"]["sha256"]
-    table, table_path = ensure_host_table(net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=print)
+    table, table_path = resolve_table(None, net.space, net.in_channels, net.num_classes, "xnnpack", 1, log=print)
     pred = Predictor(table, net.space)
     budgets = budgets_for(pred, net.space)[:2]
     out = args.out
@@ -93,7 +98,7 @@ def main() -> None:
                        generations=args.generations, seed=args.seed, out=str(evo_dir))
     print(f"evolution: budgets {budgets} ms, population {args.population} x {args.generations} generations")
     t0 = time.perf_counter()
-    evo = run_search(cfg, log=print)
+    evo = run_search(cfg, log=print, table=(table, table_path))
     evo_s = time.perf_counter() - t0
     n_eval = evo["evaluations"]["count"]
     data = load_dataset(meta.get("config", {}).get("data", "fashion-mnist"), load_size=max(net.space.resolutions))
