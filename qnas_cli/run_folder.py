@@ -2,7 +2,7 @@
 
 Checkpoints (``ckpt/step_*.pt``, atomic, the newest ``KEEP_CHECKPOINTS`` kept), the newest one that
 verifies, the refusals that keep a resume the same run (other options, another space, an
-unfinished run in the way of a new one), ``metrics.jsonl`` (appended; cut back to the checkpoint on
+earlier run, finished or not, in the way of a new one), ``metrics.jsonl`` (appended; cut back to the checkpoint on
 resume) and the Ctrl-C handling that finishes a step and checkpoints before stopping.
 """
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write, load_weights, save_weights
+from .checkpoint import atomic_write, load_weights, save_weights, sidecar
 from .errors import UserError
 from .guard import CollapseGuard
 from .space import SearchSpace
 from .supernet import Supernet
 
 KEEP_CHECKPOINTS = 2
+RESULTS = ("supernet.pt", "float_supernet.pt")  # a run's results (each with its .json sidecar)
 
 
 class StopFlag:
@@ -113,20 +114,36 @@ def check_resumable(meta: dict[str, Any], config: dict[str, Any], keys: tuple[st
                         "restore it or use a new --out")
 
 
-def start_afresh(out: Path, log: Callable[[str], None]) -> None:
-    """A new run in a used folder. An unfinished run there is refused (--resume continues it); a
-    finished run's checkpoints go, or pruning (by name) would keep them and delete ours."""
+def check_fresh(out: Path, overwrite: bool = False) -> list[Path]:
+    """The files of an earlier run in ``out`` that a new run there replaces; reads only (every
+    rank may call it). Without ``overwrite`` a run in the way is refused: an unfinished one
+    (checkpoints without their supernet.pt: continue it with --resume) and a finished one
+    (supernet.pt) alike, so nothing is lost that the user did not name."""
     ckpts = sorted(ckpt_dir(out).glob("step_*.pt"))
-    if ckpts and not finished(out, ckpts[-1]):
-        raise UserError(f"{out} holds an unfinished run (last checkpoint {ckpts[-1].name}): continue it with --resume, "
-                        f"or choose a new --out (or delete {ckpt_dir(out)})")
-    if ckpts:
-        log(f"note: starting afresh in {out}; removing the checkpoints of the finished run there")
+    results = [p for name in RESULTS for p in (out / name, sidecar(out / name)) if p.exists()]
+    if not overwrite:
+        if ckpts and not finished(out, ckpts[-1]):
+            raise UserError(f"{out} holds an unfinished run (last checkpoint {ckpts[-1].name}): continue it with --resume, "
+                            "replace it with --overwrite, or choose a new --out")
+        done = [name for name in RESULTS if (out / name).exists()]
+        if done or ckpts:
+            raise UserError(f"{out} holds a finished run ({', '.join(done) or 'its checkpoints'}): pass --overwrite "
+                            "to replace it, or choose a new --out")
+    return [*ckpts, *results, *ckpt_dir(out).glob("step_*.json")]  # weights first: a kill midway leaves no orphan
+
+
+def start_afresh(out: Path, log: Callable[[str], None], overwrite: bool = False) -> None:
+    """A new run in ``out``: refused where ``check_fresh`` refuses; with ``overwrite``, the earlier
+    run's checkpoints (pruning by name would keep them and delete ours), its supernet.pt and
+    float_supernet.pt go first, so the folder never mixes two runs."""
+    old = check_fresh(out, overwrite)
+    if old:
+        log(f"note: --overwrite: removing the earlier run in {out} (its checkpoints, supernet.pt, float_supernet.pt)")
     try:
-        for p in [*ckpts, *ckpt_dir(out).glob("step_*.json")]:  # weights first: a kill here leaves no orphan
+        for p in old:
             p.unlink(missing_ok=True)
     except OSError as e:
-        raise UserError(f"cannot clear {ckpt_dir(out)}: {e.strerror}") from None
+        raise UserError(f"cannot clear the earlier run in {out}: {e.strerror}") from None
 
 
 def finished(out: Path, last: Path) -> bool:

@@ -49,7 +49,7 @@ from .diagnostics import grad_norms, layer_diagnostics
 from .guard import CollapseGuard, TrainingCollapsed, scales_finite
 from .layers import QConvBN, QLinear, QuantInit, init_scales, keep_scales_positive
 from .quant import QuantConfig
-from .run_folder import (Interrupted, StopFlag, append_metrics, check_resumable, ckpt_dir, latest_checkpoint,
+from .run_folder import (Interrupted, StopFlag, append_metrics, check_fresh, check_resumable, ckpt_dir, latest_checkpoint,
                          remove_temp_files, save_checkpoint, start_afresh, truncate_metrics)
 from .space import Arch, SearchSpace, load_arch, load_space, sample
 from .supernet import Supernet, load_supernet
@@ -183,13 +183,16 @@ def setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
-def leave_distributed(d: Dist) -> None:
-    """Wait for every rank, then leave the process group. A rank that exits with its gloo group
-    still open can abort at interpreter exit ("terminate called without an active exception")
-    while another rank is still writing, which torchrun reports as a failed run (gloo's worker
-    threads outlive the interpreter: pytorch/pytorch#190489, #179291)."""
+def leave_distributed(d: Dist, wait: bool = True) -> None:
+    """Leave the process group, on every exit path. A rank that exits with its gloo group still
+    open can abort at interpreter exit ("terminate called without an active exception") while
+    another rank is still writing, which torchrun reports as a failed run (gloo's worker threads
+    outlive the interpreter: pytorch/pytorch#190489, #179291). ``wait``: first wait for every rank
+    (the normal end); False on an error path, where a rank that died or stopped elsewhere would
+    leave a barrier waiting forever."""
     if d.world > 1 and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -315,24 +318,36 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
 def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
     """Train a supernet per ``cfg``; returns the summary also written to ``OUT/supernet.json``.
 
     ``on_step(step, total, metrics)`` after every step; ``metrics["phase"]`` names the phase.
     Raises ``Interrupted`` on SIGINT/SIGTERM (after a checkpoint) and ``TrainingCollapsed``.
+    Every input is checked before the run folder is touched; an earlier run there, finished or
+    not, is refused unless ``overwrite`` (``resume`` continues it instead). Under torchrun every
+    exit, an error's too, leaves the process group (``leave_distributed``).
     """
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     space = load_space(cfg.space)
     alone = load_arch(Path(cfg.subnet), space) if cfg.subnet else None
-    anchor = alone or sample(space, "largest")  # the subnet trained on the labels: scales initialise on it, diagnostics run it
     out = Path(cfg.out)
-    d = setup_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    device = resolve_device(cfg.device, d)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; the run folder must be a folder (or not exist yet)")
-    if d.main:
-        remove_temp_files(out)
-        if not resume:
-            start_afresh(out, log)
+    d = setup_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        summary = _train(cfg, space, alone, out, d, resume, overwrite, on_step, log)
+    except BaseException:
+        leave_distributed(d, wait=False)
+        raise
+    leave_distributed(d)
+    return summary
+
+
+def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, d: Dist, resume: bool, overwrite: bool,
+           on_step: StepCallback | None, log: Callable[[str], None]) -> dict[str, Any]:
+    anchor = alone or sample(space, "largest")  # the subnet trained on the labels: scales initialise on it, diagnostics run it
+    device = resolve_device(cfg.device, d)
     data = load_dataset(cfg.data, load_size=max(space.resolutions))
     steps_per_epoch = len(data.train) // (cfg.batch_size * d.world)
     if steps_per_epoch == 0:
@@ -341,6 +356,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     total = plan[-1].end
     guard = CollapseGuard(data.num_classes, cfg.collapse_patience, cfg.collapse_give_up)
 
+    # Everything is checked before the folder is touched: a refused run changes nothing there.
     start, first = 0, 0  # the step and the phase (index in plan) to continue from
     if resume:
         found = latest_checkpoint(out, log)
@@ -360,11 +376,20 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"--resume: {meta['weights']['file']} is not a checkpoint of this run: "
                             f"{str(e).splitlines()[0][:200]}") from None
+    else:
+        init = float_init(Path(cfg.init), space, data) if cfg.init else None
+        check_fresh(out, overwrite)  # every rank, reading only: all refuse together
+    if d.main:
+        remove_temp_files(out)
+        if not resume:
+            start_afresh(out, log, overwrite)
+    if resume:
         log(f"resuming from step {start} ({meta['weights']['file']})")
     else:
         model = _new_model(space, data, plan[0], cfg, device)
-        if cfg.init:
-            _load_float_init(model, Path(cfg.init), space)
+        if init is not None:
+            _, unexpected = model.load_state_dict(init.state_dict(), strict=False)  # float_init checked that it fits
+            assert not unexpected, unexpected  # a float supernet holds a subset of the int8 one's tensors
         if plan[0].quant.quantized:
             init_quant_scales(model, data, space, device, arch=anchor)
         opt = make_optimizer(model, cfg)
@@ -418,7 +443,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
                     _save_float_supernet(model, data, space, cfg, out, step + 1)
                 if requested:
                     if d.world > 1:
-                        dist.barrier()
+                        dist.barrier()  # every rank waits for rank 0's checkpoint
                     raise Interrupted(step + 1, ckpt_dir(out))
 
     if d.world > 1:
@@ -428,7 +453,6 @@ def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None =
     summary: dict[str, Any] = {}
     if d.main:
         summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world, guard, alone)
-    leave_distributed(d)
     return summary
 
 
@@ -521,16 +545,23 @@ def _broadcast(model: nn.Module, d: Dist) -> None:
             dist.broadcast(t.data, 0)
 
 
-def _load_float_init(model: Supernet, path: Path, space: SearchSpace) -> None:
-    """Start from a float supernet (the paper reloads gamma etc. from one): same space, float mode."""
+def float_init(path: Path, space: SearchSpace, data: Dataset) -> Supernet:
+    """The float supernet of ``--init``, once it fits this run: a float supernet (--quant none, or
+    a run's float_supernet.pt) of the same space, for the same input channels and classes."""
     float_net, _ = load_supernet(path)
-    if float_net.space.fingerprint != space.fingerprint:
-        raise UserError(f"--init {path}: that supernet is of space {float_net.space.name!r}, not {space.name!r}")
     if float_net.cfg.quantized:
-        raise UserError(f"--init {path}: expected a float supernet (trained with --quant none)")
-    missing, unexpected = model.load_state_dict(float_net.state_dict(), strict=False)
-    if unexpected:
-        raise UserError(f"--init {path}: unexpected tensors {unexpected[:3]}")
+        raise UserError(f"--init {path}: expected a float supernet (trained with --quant none, or a run's "
+                        f"float_supernet.pt), got a {float_net.cfg.label} one")
+    if float_net.space.fingerprint != space.fingerprint:
+        other = (f"{float_net.space.name!r}" if float_net.space.name != space.name
+                 else f"another {space.name!r} (the two differ in their fields)")
+        raise UserError(f"--init {path}: that supernet is of space {other}, not this run's --space {space.name!r}")
+    differ = [f"{a} {what}" for what, a, b in (("input channels", float_net.in_channels, data.in_channels),
+                                                 ("classes", float_net.num_classes, data.num_classes)) if a != b]
+    if differ:
+        raise UserError(f"--init {path}: that supernet is for {' and '.join(differ)}, but --data {data.spec} has "
+                        f"{data.in_channels} input channels and {data.num_classes} classes")
+    return float_net
 
 
 @torch.no_grad()

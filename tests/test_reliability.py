@@ -181,16 +181,59 @@ def test_resume_from_a_checkpoint_of_another_shape_is_refused(run_copy):
         train(_cfg(run_copy), resume=True, log=quiet)
 
 
+def _listing(out: Path) -> dict[str, str]:
+    """Every file under ``out`` and its sha256: what a refused command must leave as it was."""
+    return {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
 def test_a_new_run_does_not_bury_an_unfinished_one(run_copy):
-    (run_copy / "supernet.json").unlink()  # killed before it finished
-    with pytest.raises(UserError, match="unfinished run .* --resume"):
+    (run_copy / "supernet.pt").unlink()  # killed before it finished
+    (run_copy / "supernet.json").unlink()
+    before = _listing(run_copy)
+    with pytest.raises(UserError, match="unfinished run .* continue it with --resume, replace it with --overwrite"):
         train(_cfg(run_copy), log=quiet)
+    assert _listing(run_copy) == before
 
 
-def test_a_new_run_replaces_a_finished_ones_checkpoints(run_copy):
-    """Pruning keeps the two newest names: an old step_4 must not outlive (and outrank) the new run's."""
-    train(_cfg(run_copy, steps=2, ckpt_every=1), log=quiet)
+def test_a_new_run_does_not_replace_a_finished_one(run_copy):
+    before = _listing(run_copy)
+    with pytest.raises(UserError, match=r"holds a finished run \(supernet.pt, float_supernet.pt\): pass --overwrite"):
+        train(_cfg(run_copy, steps=2, ckpt_every=1), log=quiet)
+    assert _listing(run_copy) == before
+
+
+BAD_TRAIN = [["--data", "fashion-mnits"], ["--init", "no-such.pt"], ["--subnet", "no-such.json"], ["--space", "huge"],
+             ["--batch-size", "100000"], ["--device", "tpu"]]
+
+
+@pytest.mark.parametrize("overwrite, bad", [([], b) for b in BAD_TRAIN] + [(["--overwrite"], b) for b in BAD_TRAIN]
+                         + [(["--overwrite"], ["--resume"])])
+def test_a_refused_run_leaves_the_finished_run_whole(runner, run_copy, overwrite, bad):
+    """Every input is checked before the folder is touched: a typo loses nothing, with --overwrite
+    or without (the finished run's checkpoints used to go first, then the typo exited 2)."""
+    before = _listing(run_copy)
+    extra = ["--float-steps", "0"] if "--init" in bad else []
+    r = runner.invoke(app, ["train", *TINY, "--steps", "2", "--out", str(run_copy), *overwrite, *extra, *bad])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert _listing(run_copy) == before
+
+
+def test_a_used_out_without_overwrite_exits_2_naming_it(runner, run_copy):
+    r = runner.invoke(app, ["train", *TINY, "--steps", "2", "--out", str(run_copy)])
+    assert r.exit_code == 2 and "holds a finished run" in r.output and "--overwrite" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("unfinished", [False, True])
+def test_overwrite_replaces_the_earlier_run_whole(run_copy, unfinished):
+    """Pruning keeps the two newest names: an old step_4 must not outlive (and outrank) the new run's;
+    nor may the old run's float_supernet.pt sit beside a run that has no float phase."""
+    if unfinished:
+        (run_copy / "supernet.pt").unlink()
+    train(_cfg(run_copy, steps=2, ckpt_every=1, float_steps=0), log=quiet, overwrite=True)
     assert sorted(p.name for p in (run_copy / "ckpt").glob("*.pt")) == ["step_00000001.pt", "step_00000002.pt"]
+    assert not (run_copy / "float_supernet.pt").exists() and not (run_copy / "float_supernet.json").exists()
+    assert load_weights(run_copy / "supernet.pt")[1]["steps"] == 2
 
 
 # ---- 2. atomic writes -------------------------------------------------------------------------

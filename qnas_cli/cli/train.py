@@ -45,6 +45,9 @@ def train(
     eval_images: Annotated[int, typer.Option(help="Test images for the final evaluation: a seeded, class-stratified subset (default: all).")] = None,
     calib_images: Annotated[int, typer.Option(help="Training images (seeded, class-stratified) for BN calibration before the final evaluation.")] = D.calib_images,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out, finished or not: its checkpoints, "
+                                                                "supernet.pt and float_supernet.pt are deleted once every option has been "
+                                                                "checked. Without it, a used --out is refused.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
     """Train a weight-sharing supernet with the sandwich rule and in-place distillation.
@@ -55,6 +58,7 @@ def train(
 
     Under torchrun every process trains its shard: torchrun --nproc_per_node 2 -m qnas_cli train ...
     Ctrl-C saves a checkpoint; --resume continues exactly where it stopped (across phases too).
+    A used --out (a finished run, or an unfinished one) is refused unless --overwrite replaces it.
     """
     cfg = TrainConfig(space=space, data=data, out=str(out),
                       quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale),
@@ -64,9 +68,9 @@ def train(
     log = logger(err_console if json_out else console)
     try:
         if interactive() and not json_out:
-            summary = _with_progress(cfg, resume, log)
+            summary = _with_progress(cfg, resume, overwrite, log)
         else:
-            summary = run_train(cfg, resume, on_step=_plain_logger(log), log=log)
+            summary = run_train(cfg, resume, on_step=_plain_logger(log), log=log, overwrite=overwrite)
     except Interrupted as e:
         say(err_console, str(e))
         raise typer.Exit(130) from None
@@ -87,7 +91,7 @@ def train(
     console.print(t)
 
 
-def _with_progress(cfg: TrainConfig, resume: bool, log) -> dict:
+def _with_progress(cfg: TrainConfig, resume: bool, overwrite: bool, log) -> dict:
     cols = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*cols, console=console, transient=False) as bar:
@@ -99,7 +103,7 @@ def _with_progress(cfg: TrainConfig, resume: bool, log) -> dict:
                 on_step.speed = m["img_per_s"]
             bar.update(task, completed=step, total=total, info=info + f" {getattr(on_step, 'speed', 0):.0f} img/s")
 
-        return run_train(cfg, resume, on_step=on_step, log=logger(bar.console))
+        return run_train(cfg, resume, on_step=on_step, log=logger(bar.console), overwrite=overwrite)
 
 
 def _plain_logger(log):
