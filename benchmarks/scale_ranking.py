@@ -41,15 +41,13 @@ from qnas_cli.calibrate import calibrated_subnet, evaluate
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.cost import arch_cost
 from qnas_cli.data import load_dataset
-from qnas_cli.errors import UserError
 from qnas_cli.quant import QuantConfig
 from qnas_cli.ranking import kendall_tau
-from qnas_cli.run_folder import check_resumable
 from qnas_cli.space import Arch, SearchSpace, load_space, sample
 from qnas_cli.supernet import Supernet, load_supernet
-from qnas_cli.train import TrainConfig, phase_plan, plan_record, train
+from qnas_cli.train import TrainConfig, train
 
-from benchmarks.parallel import run_parallel, threads_per_job
+from benchmarks.parallel import run_difference, run_parallel, threads_per_job
 from benchmarks.plots import pyplot, save_png
 
 # Table 1's rows: fully int8 with the scale predictor, fully int8 with one shared scale, and
@@ -86,18 +84,47 @@ def supernet_runs(root: Path, given: dict[str, Path | None], **config) -> tuple[
 
 
 def _trained_as(supernet: Path, cfg: TrainConfig) -> bool:
-    """A finished supernet.pt whose run had ``cfg``'s recipe: the check `--resume` makes (options,
-    space, and the resolved phase plan, so a run under an older default length does not pass)."""
+    """A finished supernet.pt whose run had ``cfg``'s recipe (options, space, resolved phase plan)."""
     meta = supernet.with_suffix(".json")
-    if not (supernet.is_file() and meta.is_file()):
-        return False
-    plan = plan_record(phase_plan(cfg, steps_per_epoch=0))  # these runs give --steps or its default, never --epochs
-    try:
-        check_resumable(json.loads(meta.read_text()), cfg.to_dict(), TrainConfig.RESUME_KEYS, load_space(cfg.space),
-                        cfg.space, plan, length_keys=TrainConfig.LENGTH_KEYS)
-    except UserError:
-        return False
-    return True
+    return supernet.is_file() and meta.is_file() and run_difference(json.loads(meta.read_text()), cfg) is None
+
+
+# A stand-alone run's result (its test top-1) also depends on how it was evaluated.
+STANDALONE_KEYS = (*TrainConfig.RESUME_KEYS, "eval_images", "calib_images")
+
+
+def standalone_runs(root: Path, archs: list[Arch], seeds: list[int], data: dict,
+                    **config) -> tuple[dict[tuple[int, int], float], list[tuple[str, TrainConfig]]]:
+    """Each subnet's stand-alone runs, one per seed, in ``root/standalone/<index>/``: the int8 test
+    top-1 of those finished in an earlier invocation as the same run (the same architecture, not
+    the same subnet.json path; the same options, space, plan and ``data``), and the runs still to
+    do. A folder holding a finished run of anything else is refused before anything is written or
+    trained: retraining would destroy a finished result (another subnet's truth, or the same
+    subnet under another recipe), so that choice is left to the user (another --out)."""
+    done: dict[tuple[int, int], float] = {}
+    runs: list[tuple[str, TrainConfig]] = []
+    for i, arch in enumerate(archs):
+        out = root / "standalone" / f"{i:02d}"
+        for s in seeds:
+            run = out / standalone_run_name(s, seeds[0])
+            cfg = TrainConfig(out=str(run), subnet=str(out / "subnet.json"), **{**config, "seed": s})
+            if not (run / "supernet.pt").is_file():
+                runs.append((f"standalone {i} seed {s}", cfg))
+                continue
+            meta = json.loads((run / "supernet.json").read_text()) if (run / "supernet.json").is_file() else {}
+            trained = meta.get("metrics", {}).get("subnet", {})
+            why = ("its supernet.json is missing" if not meta else
+                   f"subnet {trained.get('arch')} there, {arch.key} now (another --space, --subnets or --seed?)"
+                   if trained.get("arch") != arch.key else run_difference(meta, cfg, STANDALONE_KEYS, data))
+            if why:
+                raise SystemExit(f"error: {run} holds a finished stand-alone run that is not subnet {i} of this invocation: "
+                                 f"{why}; use another --out (or remove that run to train it again)")
+            done[i, s] = trained["test_top1"]
+    space = load_space(config["space"])
+    for i, arch in enumerate(archs):  # only now: nothing is rewritten when a folder is refused
+        (root / "standalone" / f"{i:02d}").mkdir(parents=True, exist_ok=True)
+        (root / "standalone" / f"{i:02d}" / "subnet.json").write_text(json.dumps(arch.to_dict(space), indent=1))
+    return done, runs
 
 
 def load_arm(arm: str, path: Path, space: SearchSpace) -> tuple[Supernet, dict]:
@@ -154,20 +181,13 @@ def main() -> None:
     common = dict(space=args.space, seed=args.seed, eval_images=args.eval_images, calib_images=args.calib_images, ckpt_every=10**9)
     supernets, runs = supernet_runs(args.out, {arm: getattr(args, arm) for arm in arms},
                                     steps=args.supernet_steps, **common)
+    for arm, cfg in runs:  # _trained_as said no: a finished supernet there is another one, and train would refuse it mid-way
+        if (meta := Path(cfg.out, "supernet.json")).is_file():
+            raise SystemExit(f"error: {cfg.out} holds a finished supernet that is not this invocation's {arm} arm: "
+                             f"{run_difference(json.loads(meta.read_text()), cfg)}; use another --out, or pass it as --{arm}")
     seeds = [args.seed + k for k in range(args.standalone_seeds)]
-    standalone: dict[tuple[int, int], float] = {}  # (subnet index, seed) -> its stand-alone int8 test top-1
-    for i, arch in enumerate(archs):
-        out = args.out / "standalone" / f"{i:02d}"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "subnet.json").write_text(json.dumps(arch.to_dict(space), indent=1))
-        for s in seeds:
-            run = out / standalone_run_name(s, args.seed)
-            cfg = TrainConfig(out=str(run), subnet=str(out / "subnet.json"), steps=args.standalone_steps,
-                              **{**common, "seed": s})
-            if _trained_as(run / "supernet.pt", cfg):  # finished in an earlier invocation
-                standalone[i, s] = json.loads((run / "supernet.json").read_text())["metrics"]["subnet"]["test_top1"]
-            else:
-                runs.append((f"standalone {i} seed {s}", cfg))
+    standalone, todo = standalone_runs(args.out, archs, seeds, data.describe(), steps=args.standalone_steps, **common)
+    runs += todo
     print(f"{len(runs)} training runs, {args.jobs} at a time, {threads_per_job(args.jobs)} thread(s) each "
           f"({len(arms) + len(archs) * len(seeds) - len(runs)} finished ones reused)", flush=True)
     for (name, cfg), summary in zip(runs, run_parallel(train_run, [(cfg,) for _, cfg in runs], args.jobs)):

@@ -12,11 +12,12 @@ stopped), final int8 test top-1 of the largest and smallest subnets, wall time. 
     python -m benchmarks.train_stability --jobs 2   # two runs at a time, one thread each (more throughput on 2 cores;
                                                     # the per-run wall times are then those of a shared core)
     python -m benchmarks.train_stability --recipes default --jobs 3   # the default recipe only, 3 seeds at once
-    python -m benchmarks.train_stability --resume   # after an interruption: finished runs kept, the rest continue
+    python -m benchmarks.train_stability --resume   # after an interruption: finished runs of the same options kept, the rest continue
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -25,9 +26,10 @@ from pathlib import Path
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.guard import TrainingCollapsed
 from qnas_cli.run_folder import ckpt_dir
-from qnas_cli.train import DEFAULT_STEPS, TrainConfig, train
+from qnas_cli.space import load_space
+from qnas_cli.train import DEFAULT_STEPS, TrainConfig, phase_plan, plan_record, train
 
-from benchmarks.parallel import run_parallel, threads_per_job
+from benchmarks.parallel import run_difference, run_parallel, threads_per_job
 from benchmarks.plots import pyplot, save_png
 
 RUN_RESULT = "stability_run.json"  # one finished run's result, reused by --resume
@@ -38,14 +40,37 @@ def metric_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def run_config(recipe: str, seed: int, args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(space=args.space, out=str(args.out / f"{recipe}_seed{seed}"), seed=seed, steps=args.steps,
+                       eval_images=args.eval_images, calib_images=args.calib_images, ckpt_every=args.ckpt_every,
+                       **RECIPES[recipe])
+
+
+# What a run's result depends on besides the recipe: how it was evaluated, when the guard stops it.
+RESULT_KEYS = (*TrainConfig.RESUME_KEYS, "eval_images", "calib_images", "log_every", "collapse_patience", "collapse_give_up")
+
+
+def finished_result(cfg: TrainConfig, resume: bool) -> dict | None:
+    """The result of a run finished in an earlier invocation as ``cfg``'s run (reused under
+    ``--resume``), None where there is none. A finished result of another run (other options,
+    space or plan: it records them), or any finished result without ``--resume``, is refused
+    with one line before anything runs: training again would destroy it, and that choice is the
+    user's (another --out)."""
+    done = Path(cfg.out) / RUN_RESULT
+    if not done.is_file():
+        return None
+    result = json.loads(done.read_text())
+    why = run_difference(result, cfg, RESULT_KEYS) if "config" in result else "it records no configuration (an older version's)"
+    if why:
+        raise SystemExit(f"error: {done} is the result of another run: {why}; use another --out")
+    if not resume:
+        raise SystemExit(f"error: {done} is a finished run: pass --resume to reuse it, or use another --out")
+    return result
+
+
 def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict:
-    out = args.out / f"{recipe}_seed{seed}"
-    done = out / RUN_RESULT
-    if args.resume and done.is_file():  # finished in an earlier invocation
-        return json.loads(done.read_text())
-    done.unlink(missing_ok=True)
-    cfg = TrainConfig(space=args.space, out=str(out), seed=seed, steps=args.steps, eval_images=args.eval_images,
-                      calib_images=args.calib_images, ckpt_every=args.ckpt_every, **RECIPES[recipe])
+    cfg = run_config(recipe, seed, args)
+    out = Path(cfg.out)
     resume = args.resume and any(ckpt_dir(out).glob("step_*.pt"))
     t = time.perf_counter()
     stopped, top1 = None, {}
@@ -60,8 +85,11 @@ def run_one(recipe: str, seed: int, args: argparse.Namespace) -> dict:
               "test_top1": top1, "collapse_events": sum(r.get("event") in ("collapse", "non-finite") for r in rows),
               "events": [{k: r[k] for k in ("step", "event", "loss_largest")} for r in rows if "event" in r],
               "steps": [r["step"] for r in curve], "loss_largest": [r["loss_largest"] for r in curve],
-              "phase": [r.get("phase") for r in curve]}
-    write_json(done, result)
+              "phase": [r.get("phase") for r in curve],
+              # what was trained, for the reuse check (run_difference reads these keys)
+              "config": cfg.to_dict(), "space": load_space(cfg.space).to_dict(),
+              "phases": plan_record(phase_plan(cfg, steps_per_epoch=0))}
+    write_json(out / RUN_RESULT, result)
     return result
 
 
@@ -94,8 +122,9 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=2000)
     ap.add_argument("--ckpt-every", type=int, default=100, help="steps between a run's checkpoints (for --resume)")
     ap.add_argument("--resume", action="store_true",
-                    help="continue an interrupted invocation in the same --out: finished runs are reused, "
-                         "the others continue from their last checkpoint (wall times then cover the last part only)")
+                    help="continue an interrupted invocation in the same --out: finished runs are reused where they "
+                         "record these options (another run's result is refused, never overwritten), the others continue "
+                         "from their last checkpoint (wall times then cover the last part only)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/train_stability"))
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores/jobs threads (default 1: one run, all cores)")
     args = ap.parse_args()
@@ -112,15 +141,20 @@ def main() -> None:
     if unknown := set(recipes) - set(RECIPES):
         ap.error(f"--recipes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(RECIPES)})")
 
-    todo = [(recipe, seed) for seed in seeds for recipe in recipes]
+    planned = [(recipe, seed) for seed in seeds for recipe in recipes]
+    reused = {rs: finished_result(run_config(*rs, args), args.resume) for rs in planned}  # all checked before anything runs
+    todo = [rs for rs in planned if reused[rs] is None]
     threads = threads_per_job(args.jobs)
-    print(f"{len(todo)} runs of {args.steps} steps, {args.jobs} at a time, {threads} thread(s) each", flush=True)
-    runs = []
-    for (recipe, seed), r in zip(todo, run_parallel(run_one, [(recipe, seed, args) for recipe, seed in todo], args.jobs)):
-        runs.append(r)
+    print(f"{len(todo)} runs of {args.steps} steps, {args.jobs} at a time, {threads} thread(s) each "
+          f"({len(planned) - len(todo)} finished ones reused)", flush=True)
+    results = dict(reused)
+    trained = zip(todo, run_parallel(run_one, [(*rs, args) for rs in todo], args.jobs))
+    for (recipe, seed), r in itertools.chain(((rs, r) for rs, r in reused.items() if r), trained):  # as they finish
+        results[recipe, seed] = r
         print(f"{recipe} seed {seed}: {r['wall_s'] / 60:.1f} min, collapse events {r['collapse_events']}, "
               + (f"stopped: {r['stopped']}" if r["stopped"] else
                  f"top-1 {100 * r['test_top1']['largest']:.2f}% / {100 * r['test_top1']['smallest']:.2f}%"), flush=True)
+    runs = [results[rs] for rs in planned]
     table = summarize(runs)
     result = {"config": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "threads_per_run": threads},
               "summary": table,

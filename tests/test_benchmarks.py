@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,30 +44,55 @@ def test_scale_finetune_moves_scales_only_when_it_trains(int8_tiny, tmp_path):
 
 @pytest.mark.slow
 def test_scale_ranking_quick(tmp_path):
-    """Every arm trained with its own quantization, the stand-alone runs trained alone, tau per arm;
-    a second invocation reuses every finished run instead of training it again."""
+    """Every arm trained with its own quantization, the stand-alone runs trained alone; the truth is
+    the mean of what the stand-alone runs wrote, every tau is the one of the JSON's own lists, the
+    printed table is the JSON's. A second invocation reuses every finished run instead of training
+    it again, and refuses (one line, nothing rewritten) a finished folder whose recorded subnet is
+    not the one at its index."""
+    from qnas_cli.ranking import kendall_tau
+
     args = ["--quick", "--subnets", "3", "--supernet-steps", "8", "--standalone-steps", "6", "--out", str(tmp_path)]
     out = run_benchmark("scale_ranking", *args)
     result = json.loads((tmp_path / "scale_ranking.json").read_text())
+    rows = result["subnets"]
     for arm, (mode, scale) in {"predictor": ("int8", "predictor"), "shared": ("int8", "shared"),
                                "convs": ("convs", "shared")}.items():
         meta = json.loads((tmp_path / f"supernet_{arm}" / "supernet.json").read_text())
         assert (meta["quant"]["mode"], meta["quant"]["weight_scale"]) == (mode, scale)
-        assert -1 <= result["kendall_tau"][arm] <= 1
-    assert len(result["subnets"]) == 3 and len({r["arch"] for r in result["subnets"]}) == 3
-    for i, r in enumerate(result["subnets"]):  # two seeds each (the default): the truth is their mean
+        inherited = [r[arm] for r in rows]
+        assert all(0 < v <= 1 and round(v * 500) == pytest.approx(v * 500) for v in inherited)  # top-1 of 500 images
+        assert result["kendall_tau"][arm] == kendall_tau(inherited, [r["standalone"] for r in rows])
+        assert result["kendall_tau_per_seed"][arm] == {
+            s: kendall_tau(inherited, [r["standalone_per_seed"][s] for r in rows]) for s in ("0", "1")}
+        assert f"supernet vs stand-alone: {result['kendall_tau'][arm]:+.3f}" in out
+    assert len(rows) == 3 and len({r["arch"] for r in rows}) == 3
+    for i, r in enumerate(rows):  # two seeds each (the default): the truth is their mean
         top1 = {}
         for seed, run in (("0", "run"), ("1", "run_seed1")):
             meta = json.loads((tmp_path / "standalone" / f"{i:02d}" / run / "supernet.json").read_text())
             assert meta["metrics"]["subnet"]["arch"] == r["arch"] and meta["config"]["seed"] == int(seed)
             top1[seed] = meta["metrics"]["subnet"]["test_top1"]
         assert r["standalone_per_seed"] == top1 and r["standalone"] == pytest.approx((top1["0"] + top1["1"]) / 2)
-    assert len(result["standalone_replica_tau"]) == 1 and set(result["kendall_tau_per_seed"]["shared"]) == {"0", "1"}
-    assert "Kendall tau, int8, scale predictor" in out and "Kendall tau, convs-only int8" in out
+        line = next(x.split() for x in out.splitlines() if x.endswith(f"  {r['arch']}"))
+        assert line[:5] == [str(i), f"{r['mflops']:.2f}", *(f"{100 * v:.2f}%" for v in (r["standalone"], top1["0"], top1["1"]))]
+    assert result["standalone_replica_tau"] == [kendall_tau(*([r["standalone_per_seed"][s] for r in rows] for s in ("0", "1")))]
     assert "Kendall tau between stand-alone seeds" in out
     again = run_benchmark("scale_ranking", *args, "--arms", "convs")
     assert "9 training runs" in out and "0 training runs" in again and "(7 finished ones reused)" in again
     assert json.loads((tmp_path / "scale_ranking.json").read_text())["kendall_tau"] == {"convs": result["kendall_tau"]["convs"]}
+
+    # subnet 1's finished run recorded as another subnet's (an earlier invocation's subnet at that index)
+    meta_path = tmp_path / "standalone" / "01" / "run" / "supernet.json"
+    meta = json.loads(meta_path.read_text())
+    meta["metrics"]["subnet"]["arch"] = rows[2]["arch"]
+    meta_path.write_text(json.dumps(meta))
+    subnet = (tmp_path / "standalone" / "01" / "subnet.json").read_text()
+    r = subprocess.run([sys.executable, "-m", "benchmarks.scale_ranking", *args, "--arms", "convs"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode != 0 and "0 training runs" not in r.stdout
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "holds a finished stand-alone run that is not subnet 1" in r.stderr
+    assert f"subnet {rows[2]['arch']} there, {rows[1]['arch']} now" in r.stderr
+    assert (tmp_path / "standalone" / "01" / "subnet.json").read_text() == subnet
 
 
 def test_a_finished_arm_is_reused_only_under_the_same_resolved_plan(tmp_path, monkeypatch):
@@ -83,6 +109,73 @@ def test_a_finished_arm_is_reused_only_under_the_same_resolved_plan(tmp_path, mo
     assert supernet_runs(tmp_path, {"shared": None}, **common)[1] == []
     monkeypatch.setattr(train_module, "FLOAT_SHARE", 0.5)  # 2 float steps of 4: another plan
     assert [name for name, _ in supernet_runs(tmp_path, {"shared": None}, **common)[1]] == ["shared"]
+
+
+def finished_meta(cfg: TrainConfig, **extra) -> dict:
+    """What a finished run records about itself (supernet.json's identity keys), without training it."""
+    from qnas_cli.space import load_space
+    from qnas_cli.train import phase_plan, plan_record
+
+    return {"config": cfg.to_dict(), "space": load_space(cfg.space).to_dict(),
+            "phases": plan_record(phase_plan(cfg, steps_per_epoch=0)), **extra}
+
+
+def test_a_standalone_run_is_reused_only_for_the_same_architecture_and_recipe(tmp_path):
+    """A finished stand-alone folder is reused for the subnet it trained (its recorded architecture,
+    not its subnet.json path); at the same index a run of another subnet, of another
+    --standalone-steps or --eval-images, or on other data is refused before anything is written."""
+    from benchmarks.scale_ranking import spread_subnets, standalone_runs
+    from qnas_cli.space import PRESETS
+
+    space, data = PRESETS["tiny"], {"spec": "fashion-mnist", "test": 10000}
+    a, b, c = spread_subnets(space, 3, 0, 1, 10)
+    common = dict(space="tiny", steps=6, eval_images=100, calib_images=64, ckpt_every=10**9, seed=0)
+    done, runs = standalone_runs(tmp_path, [a], [0], data, **common)
+    assert done == {} and [name for name, _ in runs] == ["standalone 0 seed 0"]
+    run = Path(runs[0][1].out)
+    run.mkdir()
+    (run / "supernet.pt").write_bytes(b"weights")
+    (run / "supernet.json").write_text(json.dumps(finished_meta(runs[0][1], data=data, metrics={
+        "subnet": {"arch": a.key, "test_top1": 0.625}})))
+    assert standalone_runs(tmp_path, [a], [0], data, **common) == ({(0, 0): 0.625}, [])
+    subnet = (tmp_path / "standalone" / "00" / "subnet.json").read_text()
+    for archs, options, text in [([b], common, f"subnet {a.key} there, {b.key} now"),
+                                 ([a], {**common, "steps": 8}, "phases"),
+                                 ([a], {**common, "eval_images": 200}, "'eval_images'"),
+                                 ([a], {**common, "calib_images": 32}, "'calib_images'"),
+                                 ([a], {**common, "seed": 1}, "'seed'")]:
+        with pytest.raises(SystemExit, match=text):
+            standalone_runs(tmp_path, archs, [options["seed"]] if options["seed"] else [0], data, **options)
+        assert (tmp_path / "standalone" / "00" / "subnet.json").read_text() == subnet  # not rewritten
+    with pytest.raises(SystemExit, match="other data"):
+        standalone_runs(tmp_path, [a], [0], {**data, "test": 500}, **common)
+    # another subnet at another index is trained; the finished one is still reused
+    assert standalone_runs(tmp_path, [a, c], [0], data, **common)[0] == {(0, 0): 0.625}
+
+
+def test_train_stability_reuses_only_a_result_of_the_same_run(tmp_path):
+    """--resume reuses a finished run's stability_run.json only where it records this run's options
+    (here: the same steps and test images); another run's, one recording nothing, and any finished
+    one without --resume are refused with one line."""
+    import argparse
+
+    from benchmarks.train_stability import RUN_RESULT, finished_result, run_config
+
+    args = argparse.Namespace(space="tiny", out=tmp_path, steps=8, eval_images=100, calib_images=64, ckpt_every=4)
+    cfg = run_config("default", 0, args)
+    assert finished_result(cfg, resume=True) is None
+    Path(cfg.out).mkdir()
+    (Path(cfg.out) / RUN_RESULT).write_text(json.dumps(finished_meta(cfg, recipe="default", seed=0)))
+    assert finished_result(run_config("default", 0, argparse.Namespace(**{**vars(args), "ckpt_every": 2})),
+                           resume=True)["recipe"] == "default"  # checkpoint spacing changes nothing trained
+    for change, text in [({"steps": 10}, "phases"), ({"eval_images": 200}, "'eval_images'"), ({"space": "small"}, "'space'")]:
+        with pytest.raises(SystemExit, match=text):
+            finished_result(run_config("default", 0, argparse.Namespace(**{**vars(args), **change})), resume=True)
+    with pytest.raises(SystemExit, match="pass --resume"):
+        finished_result(cfg, resume=False)
+    (Path(cfg.out) / RUN_RESULT).write_text(json.dumps({"recipe": "default", "seed": 0}))
+    with pytest.raises(SystemExit, match="records no configuration"):
+        finished_result(cfg, resume=True)
 
 
 @pytest.mark.slow
