@@ -41,10 +41,14 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Every benchmark at full size (hours), in an order that runs on a clean clone: supernet_accuracy
+# trains the supernet that search_cost, search_quality and scale_finetune then use.
+# train_stability --resume: a rerun reuses its finished runs where they record the same options.
+# fault_injection comes last: it exits 1 on any unclean refusal, and nothing else waits on it.
 bench: setup
 	$(BIN)/python -m benchmarks.train_throughput
 	$(BIN)/python -m benchmarks.supernet_accuracy
-	$(BIN)/python -m benchmarks.train_stability --quick
+	$(BIN)/python -m benchmarks.train_stability --quick --resume
 	$(BIN)/python -m benchmarks.fold_ablation
 	$(BIN)/python -m benchmarks.export_parity
 	$(BIN)/python -m benchmarks.latency_model
@@ -56,6 +60,7 @@ bench: setup
 	@if [ -x .venv-baselines/bin/python ]; then $(BIN)/python -m benchmarks.partial_quant; \
 	 else echo "partial_quant skipped: run make baselines-venv first"; fi
 	$(BIN)/python -m benchmarks.cost
+	$(BIN)/python -m benchmarks.fault_injection
 
 # Every paper claim's benchmark at tiny sizes, into runs/bench-quick (BENCHMARKS.md: the quick
 # mode; meant to stay under 30 min on 2 CPU cores). The figures say nothing; that they run does.

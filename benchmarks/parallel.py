@@ -7,9 +7,11 @@ network's kernels do not keep two cores busy. Per-job wall times are then those 
 """
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,22 @@ from qnas_cli.errors import UserError
 from qnas_cli.run_folder import check_resumable
 from qnas_cli.space import load_space
 from qnas_cli.train import TrainConfig, phase_plan, plan_record
+
+
+# The supernet `make bench` trains first (benchmarks.supernet_accuracy's default recipe): the
+# default --supernet of the benchmarks that search one, so that they run on a clean clone.
+BENCH_SUPERNET = "runs/bench/supernet_accuracy/default/supernet.pt"
+
+
+def trained_supernet(text: str) -> Path:
+    """argparse ``type`` of a --supernet (its default included): a supernet.pt that exists, else
+    one line naming what makes it."""
+    path = Path(text)
+    if not path.is_file():
+        make = ("python -m benchmarks.supernet_accuracy first (make bench does)" if path == Path(BENCH_SUPERNET)
+                else f"qnas train --out {path.parent} first")
+        raise argparse.ArgumentTypeError(f"{path} does not exist: run {make}, or pass another --supernet")
+    return path
 
 
 def threads_per_job(jobs: int) -> int:

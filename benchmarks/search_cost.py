@@ -44,6 +44,8 @@ from qnas_cli.ranking import kendall_tau
 from qnas_cli.space import sample
 from qnas_cli.supernet import load_supernet
 
+from benchmarks.parallel import BENCH_SUPERNET, trained_supernet
+
 CALIB_SIZES = (CALIB_IMAGES, 500, 250, 125)  # the first is the reference (qnas calibrate's default)
 EVAL_SIZES = (None, 2000, 1000, 500)  # None: the whole search split (the reference)
 
@@ -115,7 +117,7 @@ def run_search(args, budget: float, table: Path, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--supernet", type=Path, default=Path("runs/demo/train/supernet.pt"))
+    ap.add_argument("--supernet", type=trained_supernet, default=BENCH_SUPERNET)
     ap.add_argument("--agreement", type=int, default=30, help="subnets in the agreement study (0: skip it)")
     ap.add_argument("--population", type=int, default=512)
     ap.add_argument("--generations", type=int, default=20)

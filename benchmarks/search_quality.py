@@ -32,6 +32,8 @@ from qnas_cli.search_job import SearchConfig, budget_seeds, random_candidates, r
 from qnas_cli.space import load_arch, sample
 from qnas_cli.supernet import load_supernet
 
+from benchmarks.parallel import BENCH_SUPERNET, trained_supernet
+
 
 def random_search(net, data, pred: Predictor, budgets: list[float], evaluations: int, cfg: SearchConfig,
                   seed: int) -> dict[str, dict]:
@@ -78,7 +80,7 @@ def print_winners(rows: list[dict], arms: tuple[str, str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--supernet", type=Path, default=Path("runs/demo/train/supernet.pt"))
+    ap.add_argument("--supernet", type=trained_supernet, default=BENCH_SUPERNET)
     ap.add_argument("--population", type=int, default=64)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--test-images", type=int, default=5000, help="test images each exported winner is scored on")

@@ -227,6 +227,21 @@ def test_train_stability_two_jobs(tmp_path):
     assert all(0 < r["test_top1"]["largest"] <= 1 for r in result["runs"])
 
 
+@pytest.mark.parametrize("module", ["search_cost", "search_quality"])
+def test_searching_benchmarks_default_to_the_supernet_make_bench_trains_first(module, tmp_path):
+    """On a clean clone (no runs/) the default --supernet is the one benchmarks.supernet_accuracy
+    trains, earlier in `make bench`; missing, it is one usage error naming that command."""
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--out", str(tmp_path / "out")], capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "runs/bench/supernet_accuracy/default/supernet.pt does not exist: run python -m benchmarks.supernet_accuracy "
+        "first (make bench does), or pass another --supernet")
+
+
 def test_cost_lists_what_is_missing_and_turns_phase_times_into_epochs(tmp_path):
     """No source: every row is 'not measured yet' with its command. A supernet_accuracy result with
     a 10-minute float phase of 1,000 steps gives 0.6 s per float step, and an epoch at that rate."""
