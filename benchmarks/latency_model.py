@@ -42,7 +42,7 @@ from qnas_cli.export.latency_build import fit_archs, save_table, tables_from_tim
 from qnas_cli.export.measure import measure_models
 from qnas_cli.export.tflite import export_tflite
 from qnas_cli.checkpoint import versions, write_json
-from qnas_cli.latency import STATISTICS, Predictor, host_device, load_table, table_statistic
+from qnas_cli.latency import STATISTIC, STATISTICS, Predictor, host_device, load_table, table_statistic
 from qnas_cli.ranking import kendall_tau
 from qnas_cli.space import load_space, sample
 
@@ -87,7 +87,7 @@ def export_all(space, archs, in_ch, classes, folder: Path, jobs: int = 2) -> dic
 
 
 def op_breakdown(space, arch, model: bytes, in_ch, classes, rounds) -> dict:
-    """Each op of an exported model timed alone on both runtimes, summed per op kind."""
+    """Each op of an exported model timed alone on both runtimes, summed per op kind (``STATISTIC``)."""
     graph = arch_graph(space, arch, in_ch, classes)
     cutter = Cutter(model)
     ops = {}
@@ -103,7 +103,7 @@ def op_breakdown(space, arch, model: bytes, in_ch, classes, rounds) -> dict:
     per_kind: dict[str, dict[str, float]] = defaultdict(lambda: {rt: 0.0 for rt in RUNTIMES})
     for (name, kind) in ops:
         for rt in RUNTIMES:
-            per_kind[kind][rt] += t[(f"{name}|{kind}", rt)].median_ms
+            per_kind[kind][rt] += t[(f"{name}|{kind}", rt)].ms(STATISTIC)
     return {k: {**v, "xnnpack/builtin": v["xnnpack"] / v["builtin"]} for k, v in sorted(per_kind.items())}
 
 
@@ -230,7 +230,7 @@ def main() -> None:
               "table_build_s": build_s,
               "table_header": {stat: {rt: t.header for rt, t in by_rt.items()} for stat, by_rt in tables.items()},
               "export_s": export_s, "statistics": {stat: STATISTICS[stat] for stat in tables},
-              "summary": summary, "rows": rows, "op_breakdown": breakdown,
+              "summary": summary, "rows": rows, "op_breakdown": breakdown, "op_breakdown_statistic": STATISTIC,
               "targets": {"within_10pct": 0.9, "kendall_tau": 0.9}}
     write_json(out / "latency_model.json", result)
     plot(rows, out / "latency_model.png")
@@ -257,7 +257,7 @@ def main() -> None:
                 print(f"  {stat:<8}{rt:<9} {name:<30} within ±10% {100 * v['within_10pct']:>5.1f}%  MAPE {100 * v['mape']:>5.1f}%  "
                       f"max {100 * v['max_abs_error']:>5.1f}%  tau {v['kendall_tau']:.3f}")
     for how, per_kind in breakdown.items():
-        print(f"\nop by op, {how} subnet (each op timed alone, ms summed per kind):")
+        print(f"\nop by op, {how} subnet (each op timed alone, {STATISTIC} ms summed per kind):")
         print(f"  {'op kind':<22} {'xnnpack':>9} {'builtin':>9} {'xnnpack/builtin':>16}")
         for kind, v in per_kind.items():
             print(f"  {kind:<22} {v['xnnpack']:>9.4f} {v['builtin']:>9.4f} {v['xnnpack/builtin']:>16.2f}")

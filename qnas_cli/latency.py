@@ -13,7 +13,8 @@ where (a, b) is fitted on whole subnets measured end to end: each separately tim
 the interpreter's per-invoke overhead once where the whole model pays it once in all (b, a
 small negative number), and caches and memory traffic differ between one model and many (a).
 A constant term was tried and dropped: with a dozen noisy points it traded off against b and
-extrapolated badly (benchmarks/latency_model.py: 88% vs 94% of 32 exports within ±10%).
+extrapolated badly (benchmarks/latency_model.py scores corrections on real exports; BENCHMARKS.md
+keeps its results).
 
 This module is the model core: it imports no TensorFlow or LiteRT. Measuring and converting
 live in ``qnas_cli/export/latency_build.py``.
@@ -37,8 +38,10 @@ TABLE_FORMAT = "qnas.latency_table/1"
 # A table belongs to one runtime: the two differ per kernel configuration, not by a factor. On
 # x86, XNNPACK's int8 depthwise kernels stop at 25 taps (google/XNNPACK src/configs/dwconv-config.c:
 # tiles 3p/9p/25p), so a 7x7 depthwise conv falls back to a padded grouped IGEMM
-# (src/operators/convolution-nhwc.c) and runs ~5x slower than TFLite's built-in
-# DepthwiseConvGeneral, while 3x3 depthwise and 1x1 convs run 2.5-5x faster (README, "Which runtime").
+# (src/operators/convolution-nhwc.c) and runs slower than TFLite's built-in DepthwiseConvGeneral,
+# while 3x3 depthwise and 1x1 convs run faster (benchmarks/latency_model.py times them op by op).
+# Only these two are timed: the reference kernels (bit-reproducible checks) and TFLite Micro
+# (microcontrollers) are export targets without tables, so a table naming them is refused.
 RUNTIMES = ("xnnpack", "builtin")
 RUNTIME_HELP = {
     "xnnpack": "LiteRT with its default XNNPACK delegate (what the TFLite/LiteRT interpreter runs on a phone CPU by default)",
@@ -47,10 +50,11 @@ RUNTIME_HELP = {
 
 # How a table's figures summarise an entry's invoke times (qnas_cli/export/measure.py times them). The header
 # names it; an entry and a whole-model measurement are only comparable under the same one. A low
-# quantile is the steadier estimate on a busy machine: interference only ever adds time. Measured
-# by benchmarks/latency_model.py (one timing session, both statistics, 32 exported `small` subnets,
-# 2026-12-05): p10 tables predicted 93.8% / 100% of them within +-10% (XNNPACK / built-in, tau
-# 0.996 / 0.995), median tables 62.5% / 78.1% (tau 0.944 / 0.923). Hence the default.
+# quantile is the steadier estimate on a busy machine: interference only ever adds time. The
+# default is the statistic whose tables predict real exports best: benchmarks/latency_model.py
+# builds tables under both from one timing session and scores each against exported subnets
+# timed under the same statistic (results in BENCHMARKS.md). Tables, export reports and
+# `qnas latency measure` all give STATISTIC unless told otherwise, and name it.
 STATISTICS = {
     "median": "median over interleaved rounds of each round's median invoke time",
     "p10": "10th percentile of every timed invoke over the interleaved rounds",
@@ -152,7 +156,7 @@ class LatencyTable:
     """Measured part latencies (ms) for one (space, input, runtime, threads, device)."""
 
     header: dict[str, Any]
-    entries: dict[str, float]  # key_text(part) -> median ms
+    entries: dict[str, float]  # key_text(part) -> ms, under the statistic the header names (table_statistic)
     fit: Fit
     spread: dict[str, float] = field(default_factory=dict)  # key -> round-to-round spread / median, informative
 

@@ -6,12 +6,14 @@ Method (stated in every result, as TFLite's ``benchmark_model`` states its own):
 - then ``rounds`` interleaved rounds: in each round every (model, runtime) pair runs a batch of
   invokes, in an order shuffled per round (seeded), so drift in the machine's load falls on
   all models alike instead of on whichever ran last;
-- every invoke is timed on its own (``perf_counter_ns``); a model's figure is the median over
-  rounds of each round's median, reported with p10/p90 of all invokes and the spread of the
-  round medians. Latency tables may use the p10 instead (``qnas_cli.latency.STATISTICS``).
+- every invoke is timed on its own (``perf_counter_ns``); ``summarize`` turns them into the
+  statistics of ``qnas_cli.latency.STATISTICS`` (the 10th percentile of all invokes, the
+  median of the round medians) plus the p90 and the spread of the round medians. Tables,
+  export reports and ``qnas latency measure`` give ``qnas_cli.latency.STATISTIC`` unless told
+  otherwise, and name the one they give.
 
-On this kind of host the median of one 50-invoke round was seen anywhere from -18% to +62%
-of an eight-round median, so a single round is never a figure.
+A single round is never a figure: on a shared host one round's median moves far from the
+median over many rounds.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from qnas_cli.checkpoint import versions
-from qnas_cli.latency import STATISTICS
+from qnas_cli.latency import STATISTIC, STATISTICS
 
 WARMUP = 5  # invokes per (model, runtime) before timing: XNNPACK packs weights on the first
 
@@ -202,10 +204,11 @@ def measure_models(models: Mapping[str, bytes | Path], runtimes: tuple[str, ...]
             samples[pair].append(_time(its[pair], batch[pair]))
         if progress:
             progress(r + 1, rounds)
-    return {pair: _summary(rows) for pair, rows in samples.items()}
+    return {pair: summarize(rows) for pair, rows in samples.items()}
 
 
-def _summary(rows: list[list[int]]) -> Timing:
+def summarize(rows: list[list[int]]) -> Timing:
+    """One (model, runtime)'s invoke times in nanoseconds, one list per round -> its ``Timing`` in ms."""
     medians = [statistics.median(r) / 1e6 for r in rows]
     every = np.concatenate([np.asarray(r, np.float64) for r in rows]) / 1e6
     med = statistics.median(medians)
@@ -214,7 +217,7 @@ def _summary(rows: list[list[int]]) -> Timing:
                   rounds=len(rows), invokes=int(every.size))
 
 
-def method(threads: int, rounds: int, round_ms: float, warmup: int = WARMUP, statistic: str = "median") -> dict:
+def method(threads: int, rounds: int, round_ms: float, warmup: int = WARMUP, statistic: str = STATISTIC) -> dict:
     """How the figures were taken, for headers and reports."""
     return {"threads": threads, "rounds": rounds, "round_ms": round_ms, "warmup_invokes": warmup,
             "statistic": STATISTICS[statistic], "statistic_name": statistic,
@@ -222,18 +225,25 @@ def method(threads: int, rounds: int, round_ms: float, warmup: int = WARMUP, sta
 
 
 def measure_file(path: Path, runtimes: tuple[str, ...] = ("xnnpack",), threads: int = 1, rounds: int = 10,
-                 round_ms: float = 20.0, progress: Callable[[int, int], None] | None = None) -> dict:
+                 round_ms: float = 20.0, progress: Callable[[int, int], None] | None = None,
+                 statistic: str = STATISTIC) -> dict:
     """``qnas latency measure``: a .tflite timed on each runtime, interleaved, with its method.
 
-    Refuses (UserError) only a file LiteRT cannot load and run; a model that is not a qnas
-    int8 export is timed all the same, and the report says what it is.
+    Each runtime's ``latency_ms`` is ``statistic`` (a key of ``STATISTICS``, named in the result
+    as ``statistic``); the other statistics come beside it. Refuses (UserError) only a file
+    LiteRT cannot load and run; a model that is not a qnas int8 export is timed all the same,
+    and the report says what it is.
     """
-    from qnas_cli.errors import UserError
+    from qnas_cli.errors import UserError, choice_error
 
+    if statistic not in STATISTICS:
+        raise choice_error("--statistic", statistic, STATISTICS)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist or is not a file")
     data = path.read_bytes()
+    if not data:
+        raise UserError(f"{path} is empty, not a .tflite model")
     info = {}
     for rt in runtimes:
         try:
@@ -251,7 +261,8 @@ def measure_file(path: Path, runtimes: tuple[str, ...] = ("xnnpack",), threads: 
     timings = measure_models({"model": data}, runtimes, threads, rounds, round_ms, progress=progress)
     return {
         "model": str(path), "size_bytes": len(data), "input_dtypes": dtypes[0], "output_dtypes": dtypes[1],
-        "int8_in_out": dtypes == (["int8"], ["int8"]),
-        "runtimes": {rt: {**timings[("model", rt)].to_dict(), **info[rt]} for rt in runtimes},
-        "method": method(threads, rounds, round_ms),
+        "int8_in_out": dtypes == (["int8"], ["int8"]), "statistic": statistic,
+        "runtimes": {rt: {"latency_ms": timings[("model", rt)].ms(statistic), **timings[("model", rt)].to_dict(), **info[rt]}
+                     for rt in runtimes},
+        "method": method(threads, rounds, round_ms, statistic=statistic),
     }
