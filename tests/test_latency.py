@@ -121,13 +121,34 @@ def test_a_table_names_its_statistic_and_an_unknown_one_is_refused(tmp_path):
         load_table(path, space, 1, 10)
 
 
-def test_timing_statistics_are_the_round_median_and_the_invoke_p10():
-    from qnas_cli.export.measure import Timing
+def test_summarize_gives_the_round_median_the_invoke_percentiles_and_the_spread():
+    """measure.summarize on known invoke times (ns): the statistics every table and report takes."""
+    from qnas_cli.export.measure import summarize
     from qnas_cli.latency import STATISTICS
 
-    t = Timing(median_ms=2.0, p10_ms=1.5, p90_ms=3.0, spread=0.1, rounds=4, invokes=40)
-    assert (t.ms("median"), t.ms("p10")) == (2.0, 1.5)
-    assert all(t.ms(s) > 0 for s in STATISTICS)  # every statistic a table may name can be measured
+    rows = [[1_000_000, 2_000_000, 9_000_000], [4_000_000, 5_000_000, 6_000_000], [3_000_000, 3_000_000, 3_000_000]]
+    t = summarize(rows)
+    # round medians 2, 5, 3 ms -> their median 3 ms, spread (5 - 2) / 3; all nine invokes sorted:
+    # 1 2 3 3 3 4 5 6 9 ms -> p10 at rank 0.8 (linear): 1 + 0.8 * (2 - 1), p90 at rank 7.2: 6 + 0.2 * (9 - 6)
+    assert t.median_ms == pytest.approx(3.0) and t.spread == pytest.approx(1.0)
+    assert t.p10_ms == pytest.approx(1.8) and t.p90_ms == pytest.approx(6.6)
+    assert (t.rounds, t.invokes) == (3, 9)
+    assert (t.ms("median"), t.ms("p10")) == (t.median_ms, t.p10_ms)
+    assert set(STATISTICS) == {"median", "p10"}  # every statistic a table may name is one summarize gives
+
+
+def test_every_timing_defaults_to_the_one_statistic():
+    """Tables, measure and the method header all take latency.STATISTIC unless told otherwise."""
+    import inspect
+
+    from qnas_cli.cli.latency import build, measure
+    from qnas_cli.export.latency_build import build_tables
+    from qnas_cli.export.measure import measure_file, method
+    from qnas_cli.latency import STATISTIC
+
+    for fn in (build, measure, build_tables, measure_file, method):
+        assert inspect.signature(fn).parameters["statistic"].default == STATISTIC, fn.__qualname__
+    assert method(1, 2, 3.0)["statistic_name"] == STATISTIC
 
 
 def test_predict_cli_prints_the_sum(tmp_path, runner):
@@ -213,3 +234,108 @@ def test_kendall_tau_matches_known_values():
     assert kendall_tau([1, 2, 3, 4, 5], [3, 1, 2, 5, 4]) == pytest.approx(0.4)
     # tau-b with a tie in y: scipy gives 0.9128709291752769
     assert kendall_tau([1, 2, 3, 4], [1, 2, 3, 3]) == pytest.approx(0.9128709291752769)
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """A file, a folder, an empty .tflite and a malformed pack, for the refusal tests."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty.tflite").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "manifest.json").write_text(json.dumps({"format": "qnas.latency_pack/1", "space": [1]}))
+    return tmp_path
+
+
+REFUSALS = [  # (argv with {d} for the folder, what the one line must say)
+    (["pack", "--space", "tiny", "--out", "{d}/afile"], "is a file"),
+    (["pack", "--space", "tiny", "--out", "{d}/afile/sub"], "is a file, not a folder"),
+    (["pack", "--space", "tiny", "--out", "{d}/pk", "--runs", "0"], "--runs must be a positive integer"),
+    (["pack", "--space", "tiny", "--out", "{d}/pk", "--runtime", "both"], "one runtime"),
+    (["build", "--space", "tiny", "--out", "{d}/folder"], "is a folder"),
+    (["build", "--space", "tiny", "--out", "{d}/afile/t.json"], "is a file, not a folder"),
+    (["build", "--space", "tiny", "--runtime", "both", "--out", "{d}/afile/t.json"], "is a file, not a folder"),
+    (["build", "--space", "tiny", "--rounds", "0", "--out", "{d}/t.json"], "--rounds must be a positive integer"),
+    (["build", "--space", "tiny", "--statistic", "mean", "--out", "{d}/t.json"], "--statistic: 'mean'"),
+    (["build", "--space", "tiny", "--runtime", "reference", "--out", "{d}/t.json"], "export target"),
+    (["build", "--space", "tiny", "--runtime", "micro", "--out", "{d}/t.json"], "export target"),
+    (["build", "--space", "tiny", "--runtime", "fast", "--out", "{d}/t.json"], "--runtime: 'fast' is not allowed"),
+    (["measure", "{d}/empty.tflite"], "is empty"),
+    (["measure", "{d}/missing.tflite"], "does not exist"),
+    (["measure", "{d}/empty.tflite", "--statistic", "mean"], "--statistic: 'mean'"),
+    (["measure", "{d}/empty.tflite", "--threads", "0"], "--threads must be a positive integer"),
+    (["import", "{d}/afile", "--out", "{d}/t.json"], "is not a folder"),
+    (["import", "{d}/folder", "--out", "{d}/t.json"], "does not exist"),
+    (["import", "{d}/pack", "--out", "{d}/t.json"], "malformed"),
+    (["import", "{d}/pack", "--out", "{d}/folder"], "is a folder"),
+    (["predict", "{d}/afile", "--table", "{d}/afile"], "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("argv, says", REFUSALS, ids=[f"{a[0]}: {s}" for a, s in REFUSALS])
+def test_latency_commands_refuse_bad_input_before_any_work(bad_inputs, argv, says, runner, monkeypatch):
+    """Exit 2, one line naming the problem, and nothing converted, cached or written first."""
+    cache = bad_inputs / "cache"
+    monkeypatch.setenv("QNAS_CACHE", str(cache))
+    before = sorted(p.relative_to(bad_inputs) for p in bad_inputs.rglob("*"))
+    r = runner.invoke(app, ["latency", *(a.replace("{d}", str(bad_inputs)) for a in argv)])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], r.output
+    assert sorted(p.relative_to(bad_inputs) for p in bad_inputs.rglob("*")) == before  # nothing written, cache included
+
+
+def _pack(folder: Path, space, **change) -> Path:
+    """A pack manifest as `qnas latency pack` writes it (models not needed to read it), with ``change``."""
+    from qnas_cli.export.latency_build import fit_archs
+    from qnas_cli.export.phone import PACK_FORMAT
+
+    files = {f"m{i:04d}": {"part": key_text(k)} for i, k in enumerate(space_part_keys(space, 1, 10))}
+    files |= {f"w{i}": {"whole": a.key, "arch": a.to_dict(space)} for i, a in enumerate(fit_archs(space, 2))}
+    man = {"format": PACK_FORMAT, "space": space.to_dict() | {"fingerprint": space.fingerprint}, "in_channels": 1,
+           "num_classes": 10, "settings": {"threads": 1, "runtime": "xnnpack", "use_xnnpack": True, "rounds": 1,
+                                           "warmup_runs": 1, "num_runs": 1}, "files": files}
+    for k, v in change.items():
+        if k in man["settings"]:
+            man["settings"][k] = v
+        else:
+            man[k] = v(man[k]) if callable(v) else v
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(man))
+    return folder
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"runtime": "reference"}, "settings.runtime: 'reference' is not allowed"),
+    ({"threads": 0}, "settings.threads must be a positive integer"),
+    ({"in_channels": "1"}, "in_channels must be a positive integer"),
+    ({"files": lambda f: dict(list(f.items())[1:])}, "1 missing"),
+    ({"files": lambda f: f | {"x": {"part": "block:99px:1>2:k3:e1:s1"}}}, "1 foreign"),
+    ({"files": lambda f: {k: v for k, v in f.items() if "part" in v}}, "no whole subnet"),
+    ({"files": lambda f: f | {"x": {"part": ["a"]}}}, "files must map"),
+    ({"settings": None}, "malformed"),
+])
+def test_import_refuses_a_malformed_pack_manifest(tmp_path, runner, change, says):
+    pack = _pack(tmp_path / "pack", PRESETS["tiny"], **change)
+    r = runner.invoke(app, ["latency", "import", str(pack), "--out", str(tmp_path / "t.json")])
+    assert r.exit_code == 2 and says in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "t.json").exists()
+    # the unchanged manifest gets as far as the missing phone results
+    good = _pack(tmp_path / "good", PRESETS["tiny"])
+    r = runner.invoke(app, ["latency", "import", str(good), "--out", str(tmp_path / "t.json")])
+    assert r.exit_code == 2 and "no benchmark output" in r.output, r.output
+
+
+def test_tflite_size_fit_recovers_known_constants():
+    """benchmarks/tflite_size.py's least squares: file = weights + per_op * ops + fixed."""
+    from benchmarks.tflite_size import fit_size_model
+
+    rng = np.random.default_rng(0)
+    rows = [(int(w), int(n), int(w) + 371 * int(n) + 1666) for w, n in zip(rng.integers(1e3, 2e6, 9), rng.integers(8, 80, 9))]
+    assert fit_size_model(rows) == pytest.approx((371, 1666), rel=1e-9)
+    noisy = [(w, n, s + e) for (w, n, s), e in zip(rows, rng.integers(-3, 4, 9))]
+    per_op, fixed = fit_size_model(noisy)
+    assert abs(per_op - 371) < 1 and abs(fixed - 1666) < 40
+    with pytest.raises(ValueError, match="two different op counts"):
+        fit_size_model([(100, 10, 5000), (200, 10, 5100)])

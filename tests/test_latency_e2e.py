@@ -95,14 +95,24 @@ def test_whole_subnets_cut_from_the_cover_equal_separate_exports(cover, exported
 
 
 def test_measure_times_a_real_export_on_both_runtimes(exported, runner):
+    """The figure is the tables' statistic (p10) unless told otherwise, named in JSON and text."""
     _, _, tflite = exported["largest"]
     r = runner.invoke(app, ["latency", "measure", str(tflite), "--runtime", "both", "--rounds", "3", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
     assert res["int8_in_out"] and set(res["runtimes"]) == {"xnnpack", "builtin"}
+    assert res["statistic"] == res["method"]["statistic_name"] == "p10"
     for v in res["runtimes"].values():
         assert 0 < v["p10_ms"] <= v["median_ms"] <= v["p90_ms"] and v["rounds"] == 3 and v["invokes"] >= 9
+        assert v["latency_ms"] == v["p10_ms"]
     assert res["runtimes"]["xnnpack"]["delegated_nodes"] >= 1
+    r = runner.invoke(app, ["latency", "measure", str(tflite), "--rounds", "2", "--statistic", "median", "--json"])
+    res = json.loads(r.output[r.output.index("{"):])
+    assert res["statistic"] == res["method"]["statistic_name"] == "median"
+    assert res["runtimes"]["xnnpack"]["latency_ms"] == res["runtimes"]["xnnpack"]["median_ms"]
+    r = runner.invoke(app, ["latency", "measure", str(tflite), "--rounds", "2"])
+    text = " ".join(r.output.split())  # the table wraps at the console's width
+    assert r.exit_code == 0 and "latency = p10: 10th percentile" in text, r.output
 
 
 def test_build_then_predict(cache, cover, tmp_path, runner, monkeypatch):
@@ -151,3 +161,20 @@ def test_pack_then_import_a_phone_run(cache, cover, tmp_path, runner, monkeypatc
     assert table.entries == {k: v for k, v in want.items() if k in table.entries}
     assert table.header["device"]["kind"] == "android" and table.header["method"]["tool"] == "benchmark_model"
     assert {p["arch"]: p["measured_ms"] for p in table.fit.points} == {k: v for k, v in want.items() if k not in table.entries}
+
+
+def test_tflite_size_benchmark_quick_fits_real_exports(tmp_path):
+    """benchmarks/tflite_size.py --quick: real exports sized, the fit and each file's error, with provenance."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "benchmarks.tflite_size", "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "tflite_size.json").read_text())
+    assert res["command"].startswith("python -m benchmarks.tflite_size --quick") and res["commit"]
+    on_disk = {(d / "arch.txt").read_text(): (d / "model_int8.tflite").stat().st_size
+               for d in (tmp_path / "exports" / "tiny").iterdir()}
+    assert len(res["files"]) == len(on_disk) == 3
+    assert {f["arch"]: f["file_bytes"] for f in res["files"]} == on_disk
+    assert res["fit"]["max_abs_error"] < 0.01 and "tflite_size" in r.stdout  # the form fits real files

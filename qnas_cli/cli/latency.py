@@ -1,6 +1,7 @@
 """``qnas latency``: time int8 TFLite models, build and import latency tables, predict subnets."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -19,14 +20,62 @@ app = typer.Typer(help="Latency of int8 TFLite models: measure a file, build or 
 _RT_TEXT = "; ".join(f"{k}: {v}" for k, v in RUNTIME_HELP.items())
 RuntimeOpt = Annotated[str, typer.Option(help=f"xnnpack | builtin | both. {_RT_TEXT}.")]
 ThreadsOpt = Annotated[int, typer.Option(help="Interpreter threads (num_threads). Tables hold one thread count.")]
+_STAT_TEXT = "; ".join(f"{k}: {v}" for k, v in STATISTICS.items())
+StatisticOpt = Annotated[str, typer.Option(help=f"The figure given (and named in the output): {_STAT_TEXT}. "
+                                                "A low quantile is the default: interference on a busy machine only "
+                                                "adds time (benchmarks/latency_model.py scores both).")]
 
 
 def _runtimes(runtime: str) -> tuple[str, ...]:
     if runtime == "both":
         return RUNTIMES
     if runtime not in RUNTIMES:
+        from ..kernels import TARGETS
+
+        if runtime in TARGETS:  # an export target whose arithmetic qnas emulates, but which has no tables
+            raise UserError(f"--runtime {runtime}: latency tables and timings are for {', '.join(RUNTIMES)} only "
+                            f"({runtime} is an export target for exact integers, not timed); pick one of "
+                            f"{', '.join((*RUNTIMES, 'both'))}")
         raise choice_error("--runtime", runtime, (*RUNTIMES, "both"))
     return (runtime,)
+
+
+def _check_statistic(statistic: str) -> None:
+    if statistic not in STATISTICS:
+        raise choice_error("--statistic", statistic, STATISTICS)
+
+
+def _check_parent(out: Path, option: str) -> None:
+    """The nearest existing folder above ``out`` must be a folder this user may write in."""
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {out}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"{option} {out}: cannot write in {parent} (permission denied)")
+            return
+
+
+def check_out_file(out: Path, option: str = "--out") -> None:
+    """Refuse, before any work, a file to write that is a folder or cannot be created."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{option} {out} is a folder; give the file to write, e.g. {out / 'table.json'}")
+    _check_parent(out, option)
+
+
+def check_out_folder(out: Path, option: str = "--out") -> None:
+    """Refuse, before any work, a folder to write that is a file, is not empty, or cannot be created."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is a file; give a new (or empty) folder")
+    if out.is_dir():
+        try:
+            if any(out.iterdir()):
+                raise UserError(f"{option} {out}: the folder is not empty; choose a new one")
+        except OSError as e:
+            raise UserError(f"{option} {out}: cannot read the folder ({e.strerror})") from None
+    _check_parent(out, option)
 
 
 class _Progress:
@@ -63,29 +112,37 @@ def measure(
     model: Annotated[Path, typer.Argument(help="An int8 .tflite file (e.g. model_int8.tflite from `qnas export`).")],
     runtime: RuntimeOpt = "xnnpack",
     threads: ThreadsOpt = 1,
-    rounds: Annotated[int, typer.Option(help="Interleaved rounds; the figure is the median of the round medians.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds of invokes (about 20 ms per runtime each).")] = 10,
+    statistic: StatisticOpt = STATISTIC,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Time one model with the LiteRT interpreter: median, p10, p90 and round-to-round spread.
+    """Time one model with the LiteRT interpreter: --statistic (p10 by default, as tables and
+    export reports), with the other statistics, p90 and round-to-round spread beside it.
 
     After warm-up, each round runs about 20 ms of invokes per runtime, runtimes interleaved, so
-    a noisy machine spreads its noise over both. The output states threads, rounds and invokes.
+    a noisy machine spreads its noise over both. The output states the statistic, threads,
+    rounds and invokes.
     """
     from qnas_cli.export.measure import measure_file
 
     check_count("--threads", threads)
     check_count("--rounds", rounds)
+    _check_statistic(statistic)
+    runtimes = _runtimes(runtime)
     with _Progress(logger(err_console)) as prog:
-        r = measure_file(model, _runtimes(runtime), threads, rounds, progress=lambda d, n: prog("measure", d, n))
+        r = measure_file(model, runtimes, threads, rounds, progress=lambda d, n: prog("measure", d, n), statistic=statistic)
     if json_out:
         print_json(r)
         return
-    t = Table(title=f"{escape(str(model))}  ({r['size_bytes']} bytes, {threads} thread(s))")
-    for col in ("runtime", "median ms", "p10 ms", "p90 ms", "round spread", "rounds x invokes"):
+    others = [s for s in STATISTICS if s != statistic]
+    t = Table(title=f"{escape(str(model))}  ({r['size_bytes']} bytes, {threads} thread(s)); "
+                    f"latency = {statistic}: {STATISTICS[statistic]}")
+    for col in ("runtime", f"latency ms ({statistic})", *(f"{s} ms" for s in others), "p90 ms", "round spread",
+                "rounds x invokes"):
         t.add_column(col)
     for rt, v in r["runtimes"].items():
-        t.add_row(rt, f"{v['median_ms']:.4f}", f"{v['p10_ms']:.4f}", f"{v['p90_ms']:.4f}", f"{100 * v['spread']:.1f}%",
-                  f"{v['rounds']} x {v['invokes'] // v['rounds']}")
+        t.add_row(rt, f"{v['latency_ms']:.4f}", *(f"{v[f'{s}_ms']:.4f}" for s in others), f"{v['p90_ms']:.4f}",
+                  f"{100 * v['spread']:.1f}%", f"{v['rounds']} x {v['invokes'] // v['rounds']}")
     console.print(t)
     for rt, v in r["runtimes"].items():
         if v.get("warning"):
@@ -103,9 +160,7 @@ def build(
     runtime: RuntimeOpt = "xnnpack",
     threads: ThreadsOpt = 1,
     rounds: Annotated[int, typer.Option(help="Interleaved timing rounds over all parts (this shared host drifts: fewer rounds, noisier entries).")] = 40,
-    statistic: Annotated[str, typer.Option(help="What an entry is: p10 (10th percentile of all invokes; interference only adds time, so it is "
-                                                "the steadier figure: 94-100% of subnets within ±10% here, against 63-78% for the median) | "
-                                                "median (of the round medians).")] = STATISTIC,
+    statistic: StatisticOpt = STATISTIC,
     out: Annotated[Path, typer.Option("--out", "-o", help="Table file (default: the host cache, "
                                                            "$QNAS_CACHE or ~/.cache/qnas/latency). With --runtime both, "
                                                            "the runtime is added to the name.")] = None,
@@ -123,10 +178,11 @@ def build(
     sp, in_ch, n_cls = _space_and_io(space, supernet, in_channels, classes)
     check_count("--threads", threads)
     check_count("--rounds", rounds)
-    if statistic not in STATISTICS:
-        raise choice_error("--statistic", statistic, STATISTICS)
+    _check_statistic(statistic)
     runtimes = _runtimes(runtime)
     paths = table_outputs(out, sp, in_ch, n_cls, runtimes, threads)
+    for path in paths.values():  # before minutes of conversion and timing
+        check_out_file(path)
     with _Progress(logger(err_console if json_out else console)) as prog:
         tables = build_tables(sp, in_ch, n_cls, runtimes, threads, rounds, statistic=statistic, log=prog.log, progress=prog)
     summary = {}
@@ -224,8 +280,7 @@ def pack(
     rt = _runtimes(runtime)
     if len(rt) != 1:
         raise UserError("--runtime: a pack times one runtime (xnnpack or builtin)")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out}: the folder is not empty; choose a new one")
+    check_out_folder(out)
     done: list[int] = []
     with _Progress(logger(console)) as prog:
         def converted(r: int) -> None:
@@ -249,6 +304,7 @@ def import_(
     from qnas_cli.export.latency_build import save_table
     from qnas_cli.export.phone import import_pack
 
+    check_out_file(out)
     tab = import_pack(pack_dir)
     save_table(tab, out)
     fit = tab.fit

@@ -23,8 +23,8 @@ import statistics
 from pathlib import Path
 
 from qnas_cli.checkpoint import write_bytes, write_json
-from qnas_cli.errors import UserError
-from qnas_cli.latency import LatencyTable, check_table_fits
+from qnas_cli.errors import UserError, choice_error
+from qnas_cli.latency import RUNTIMES, LatencyTable, check_table_fits, key_text, space_part_keys
 from qnas_cli.space import Arch, SearchSpace, read_structured
 
 from .latency_build import Cover, make_table
@@ -118,20 +118,53 @@ def write_pack(cover: Cover, space: SearchSpace, in_channels: int, num_classes: 
     return manifest
 
 
+def _read_manifest(folder: Path) -> tuple[SearchSpace, int, int, dict, dict[str, dict]]:
+    """A pack's manifest, checked: (space, in_channels, num_classes, settings, files); every
+    problem is a one-line UserError naming the manifest."""
+    where = f"latency pack manifest {folder / 'manifest.json'}"
+    man = read_structured(folder / "manifest.json", "latency pack manifest")
+    if man.get("format") != PACK_FORMAT:
+        raise UserError(f"{folder}: not a qnas latency pack (manifest format {man.get('format')!r}, expected {PACK_FORMAT!r})")
+    try:
+        space = SearchSpace.from_dict({k: v for k, v in man["space"].items() if k != "fingerprint"})
+        in_ch, classes, settings, files = man["in_channels"], man["num_classes"], man["settings"], man["files"]
+        for what, v in (("in_channels", in_ch), ("num_classes", classes), ("settings.threads", settings["threads"]),
+                        ("settings.rounds", settings["rounds"]), ("settings.warmup_runs", settings["warmup_runs"]),
+                        ("settings.num_runs", settings["num_runs"])):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise UserError(f"{where}: {what} must be a positive integer, got {v!r}")
+        if settings["runtime"] not in RUNTIMES:
+            raise choice_error(f"{where}: settings.runtime", settings["runtime"], RUNTIMES)
+        if not isinstance(files, dict) or not all(isinstance(w, dict) and ("part" in w) != ("whole" in w)
+                                                  and isinstance(w.get("part", ""), str) for w in files.values()):
+            raise UserError(f"{where}: files must map each model to {{'part': KEY}} or {{'whole': ARCH, 'arch': {{...}}}}")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{where}: malformed ({type(e).__name__}: {e})") from None
+    parts = {w["part"] for w in files.values() if "part" in w}
+    want = [key_text(k) for k in space_part_keys(space, in_ch, classes)]
+    missing, foreign = [k for k in want if k not in parts], sorted(map(str, parts - set(want)))
+    if missing or foreign:
+        raise UserError(f"{where}: the pack's parts are not those of its space ("
+                        + (f"{len(missing)} missing, e.g. {missing[0]!r}" if missing else f"{len(foreign)} foreign, e.g. {foreign[0]!r}")
+                        + "); write a new one with `qnas latency pack`")
+    if not any("whole" in w for w in files.values()):
+        raise UserError(f"{where}: the pack holds no whole subnet to fit the correction on; "
+                        "write a new one with `qnas latency pack`")
+    return space, in_ch, classes, settings, files
+
+
 def import_pack(folder: Path) -> LatencyTable:
     """Read ``folder/results`` (from run_benchmarks.sh) into a latency table for that phone."""
     folder = Path(folder)
-    man = read_structured(folder / "manifest.json", "latency pack manifest")
-    if man.get("format") != PACK_FORMAT:
-        raise UserError(f"{folder}: not a qnas latency pack (manifest format {man.get('format')!r})")
-    space = SearchSpace.from_dict({k: v for k, v in man["space"].items() if k != "fingerprint"})
-    in_ch, classes, settings = int(man["in_channels"]), int(man["num_classes"]), man["settings"]
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder (a pack written by `qnas latency pack`)")
+    space, in_ch, classes, settings, files = _read_manifest(folder)
     results = folder / "results"
     entries: dict[str, float] = {}
     measured: dict[str, float] = {}
     wholes: list[Arch] = []
     statistic = set()
-    for name, what in man["files"].items():
+    for name, what in files.items():
         runs = sorted(results.glob(f"{name}.round*.txt"))
         if not runs:
             raise UserError(f"{folder}: no benchmark output for {name} ({what.get('part') or what.get('whole')}); "
@@ -142,17 +175,21 @@ def import_pack(folder: Path) -> LatencyTable:
                 parsed = parse_benchmark_output(f.read_text(errors="replace"))
             except ValueError as e:
                 raise UserError(f"{f}: {e}") from None
+            except OSError as e:
+                raise UserError(f"cannot read {f}: {e.strerror}") from None
+            if not parsed["inference_us"] > 0:
+                raise UserError(f"{f}: the inference time {parsed['inference_us']} us is not positive")
             values.append(parsed["inference_us"] / 1e3)
             statistic.add(parsed["statistic"])
         ms = statistics.median(values)
         if "part" in what:
             entries[what["part"]] = ms
         else:
-            arch = Arch.from_dict(what["arch"], space)
+            arch = Arch.from_dict(what.get("arch"), space)
             wholes.append(arch)
             measured[arch.key] = ms
     device_txt = results / "device.txt"
-    device = {"kind": "android", "getprop": device_txt.read_text().split("\n") if device_txt.is_file() else []}
+    device = {"kind": "android", "getprop": device_txt.read_text(errors="replace").split("\n") if device_txt.is_file() else []}
     header = {"runtime": settings["runtime"], "runtime_version": "benchmark_model (version of the binary on the phone)",
               "threads": settings["threads"], "device": device,
               "method": {"tool": "benchmark_model", "warmup_runs": settings["warmup_runs"], "num_runs": settings["num_runs"],
