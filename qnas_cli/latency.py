@@ -22,6 +22,7 @@ live in ``qnas_cli/export/latency_build.py``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from collections.abc import Iterable
@@ -181,8 +182,14 @@ class LatencyTable:
             raise UserError(f"{where}: not a qnas latency table (format {got!r}, expected {TABLE_FORMAT!r})")
         try:
             header, fit, entries = d["header"], d["fit"], d["entries"]
-            for k in ("space", "runtime", "threads", "in_channels", "num_classes"):
+            for k in ("space", "runtime", "threads", "in_channels", "num_classes", "device"):
                 header[k]  # noqa: B018 - presence check
+            for k in ("space", "device"):
+                if not isinstance(header[k], dict):
+                    raise UserError(f"{where}: header.{k} must be an object, got {header[k]!r}")
+            for k in ("threads", "in_channels", "num_classes"):
+                if isinstance(header[k], bool) or not isinstance(header[k], int) or header[k] <= 0:
+                    raise UserError(f"{where}: header.{k} must be a positive integer, got {header[k]!r}")
             if header["runtime"] not in RUNTIMES:
                 raise choice_error(f"{where}: header.runtime", header["runtime"], RUNTIMES)
             if table_statistic(header) not in (*STATISTICS, "phone"):
@@ -190,12 +197,17 @@ class LatencyTable:
             clean = {str(k): float(v) for k, v in entries.items()}
             for k, v in clean.items():
                 parse_key(k)
-                if not v > 0:
-                    raise UserError(f"{where}: entry {k!r} has a non-positive latency {v}")
+                if not 0 < v < math.inf:
+                    raise UserError(f"{where}: entry {k!r} has a latency {v} that is not a positive number")
+            if not isinstance(fit.get("points", []), list):
+                raise UserError(f"{where}: fit.points must be a list, got {fit['points']!r}")
             f = Fit(float(fit["a"]), float(fit["b"]), list(fit.get("points", [])))
+            if not (math.isfinite(f.a) and math.isfinite(f.b)):
+                raise UserError(f"{where}: fit ({f.a}, {f.b}) is not finite")
+            spread = {str(k): float(v) for k, v in d.get("spread", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{where}: malformed latency table ({type(e).__name__}: {e})") from None
-        return cls(header, clean, f, {str(k): float(v) for k, v in d.get("spread", {}).items()})
+        return cls(header, clean, f, spread)
 
 
 def table_statistic(header: dict) -> str:

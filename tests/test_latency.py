@@ -107,6 +107,32 @@ def test_a_foreign_or_corrupt_table_is_refused_with_exit_2(tmp_path, runner):
     assert r.exit_code == 2 and "not a qnas latency table" in r.output, r.output
 
 
+@pytest.mark.parametrize("where, value, says", [
+    (("header", "space"), 5, "header.space must be an object"),
+    (("header", "device"), "x", "header.device must be an object"),
+    (("header", "in_channels"), "1", "header.in_channels must be a positive integer"),
+    (("header", "threads"), 0, "header.threads must be a positive integer"),
+    (("header", "runtime"), "reference", "header.runtime: 'reference' is not allowed"),
+    (("fit", "a"), float("nan"), "is not finite"),
+    (("fit", "points"), "abc", "fit.points must be a list"),
+    (("spread",), [1], "malformed latency table"),
+    (("entries", "stem:20px:1>8:k3:s2"), float("inf"), "not a positive number"),
+])
+def test_a_malformed_table_is_refused_with_one_line(tmp_path, runner, where, value, says):
+    space = PRESETS["tiny"]
+    d = synthetic_table(space).to_dict()
+    parent = d
+    for k in where[:-1]:
+        parent = parent[k]
+    parent[where[-1]] = value
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(d))
+    subnet = tmp_path / "s.json"
+    subnet.write_text(json.dumps(sample(space, "largest").to_dict(space)))
+    r = runner.invoke(app, ["latency", "predict", str(subnet), "--table", str(path)])
+    assert r.exit_code == 2 and says in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
 def test_a_table_names_its_statistic_and_an_unknown_one_is_refused(tmp_path):
     space = PRESETS["tiny"]
     table = synthetic_table(space).to_dict()
