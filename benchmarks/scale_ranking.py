@@ -22,7 +22,11 @@ scale, and fully int8 better than partially quantized?
    against each seed's). Paper: 0.84-0.91 with the predictor, 0.69-0.75 with a shared scale,
    0.69-0.78 partially quantized.
 
-The training runs (the supernets, the stand-alone subnets) run ``--jobs`` at a time.
+The training runs (the supernets, the stand-alone subnets) run ``--jobs`` at a time. A finished
+run in OUT is reused only where it records what this invocation would train (its subnet's
+architecture, options, space, phase plan, evaluation images and data), never because of its
+path; a finished run of anything else there is refused in one line before any training (use
+another --out): training over it would destroy a result.
 
     python -m benchmarks.scale_ranking --jobs 2          # 3 supernets + 2 x 20 stand-alone subnets: about 2.5 h on 2 CPU cores
     python -m benchmarks.scale_ranking --jobs 2 --standalone-steps 1400   # half-length ground truth (seeds agree less): about 1.5 h
