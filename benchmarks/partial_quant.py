@@ -36,7 +36,7 @@ from qnas_cli.export.reference import dequantize
 from qnas_cli.export.tflite import export_tflite
 from qnas_cli.export.verify import float_ops, op_census
 from qnas_cli.checkpoint import versions, write_json
-from qnas_cli.latency import host_device
+from qnas_cli.latency import STATISTIC, host_device
 from qnas_cli.space import load_space, sample
 
 from benchmarks.litert_route import FLOAT_TFLITE, recipe_file, run_route
@@ -87,7 +87,7 @@ def main() -> None:
             rows.append({"subnet": spec, "arch": arch, "file": name, "path": str(path), "ops": sum(c["ops"].values()),
                          "float_ops": sum(floats.values()), "float_op_kinds": floats,
                          "quantize": c["quantize_ops"], "dequantize": c["dequantize_ops"], "size_bytes": c["size_bytes"],
-                         "latency_ms": {rt: t[(f"{spec}|{name}", rt)].median_ms for rt in RUNTIMES},
+                         "latency_ms": {rt: t[(f"{spec}|{name}", rt)].ms(STATISTIC) for rt in RUNTIMES},
                          "spread": {rt: t[(f"{spec}|{name}", rt)].spread for rt in RUNTIMES}})
     ratios = {rt: [by["partial"]["latency_ms"][rt] / by["qnas"]["latency_ms"][rt]
                    for by in ({r["file"]: r for r in rows if r["subnet"] == s} for s in subnets)] for rt in RUNTIMES}
@@ -99,7 +99,7 @@ def main() -> None:
                                                  "versions": versions()})
     _plot(rows, list(subnets), args.out / "partial_quant.png")
 
-    print(f"\n{space.name}, 1 thread, median of {rounds} interleaved rounds")
+    print(f"\n{space.name}, 1 thread, {STATISTIC} of {rounds} interleaved rounds (the latency tables' statistic)")
     print(f"{'subnet':<10}{'file':<10}{'ops':>5}{'float ops':>10}{'Q/DQ':>8}{'KB':>8}{'xnnpack ms':>12}{'builtin ms':>12}")
     for r in rows:
         print(f"{r['subnet']:<10}{r['file']:<10}{r['ops']:>5}{r['float_ops']:>10}{r['quantize']:>4}/{r['dequantize']:<3}"

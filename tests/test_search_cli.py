@@ -87,7 +87,9 @@ def test_resume_of_an_interrupted_search_gives_the_same_result(setup, runner):
 
 @pytest.mark.slow
 def test_a_two_process_torchrun_search_equals_a_one_process_search(setup):
-    """Each rank evaluates its share of every generation; the result must not depend on how many."""
+    """Each rank evaluates its share of every generation; the result must not depend on how many,
+    nor on threads: one process on 2 threads scores every subnet as 2 ranks of 1 thread each do
+    (calibration is exact, batch_stats; before, 318 of 353 scores differed, by up to 0.45 pp)."""
     import os
     import subprocess
     import sys
@@ -96,9 +98,9 @@ def test_a_two_process_torchrun_search_equals_a_one_process_search(setup):
     budgets, _ = _budgets(table)
     args = ["-m", "qnas_cli", "search", "--supernet", str(root / "run" / "supernet.pt"), "--table",
             str(root / "table.json"), "--latency-ms", f"{budgets[0]:.6f},{budgets[2]:.6f}", *SMALL_SEARCH, "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same float arithmetic in both runs
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *args, "--out", str(root / "one")], capture_output=True, text=True,
-                         timeout=600, env=env)
+                         timeout=600, env={**env, "OMP_NUM_THREADS": "2"})
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
                           *args, "--out", str(root / "two")], capture_output=True, text=True, timeout=600, env=env)

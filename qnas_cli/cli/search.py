@@ -32,7 +32,7 @@ def search(
     data: Annotated[str, typer.Option(help="Dataset spec (default: the one the supernet was trained on). Fitness uses its held-out search split, never the test set.")] = None,
     flops_m: Annotated[float, typer.Option("--flops-m", help="Also at most this many million multiply-adds.")] = None,
     params_k: Annotated[float, typer.Option("--params-k", help="Also at most this many thousand parameters.")] = None,
-    size_kb: Annotated[float, typer.Option("--size-kb", help="Also at most this many KiB of int8 .tflite file (predicted from the shapes: weights, biases and 374 bytes per op; within 0.3% of real exports).")] = None,
+    size_kb: Annotated[float, typer.Option("--size-kb", help="Also at most this many KiB of int8 .tflite file (predicted from the shapes: weights, biases and per-op bytes fitted on real exports by benchmarks/tflite_size.py).")] = None,
     table: Annotated[Path, typer.Option(help="Latency table (`qnas latency build`/`import`; default: this host's, built on first use).")] = None,
     runtime: Annotated[str, typer.Option(help=f"Target runtime, {' | '.join(SEARCH_RUNTIMES)}: fitness is its exact int8 forward "
                                                 "(the accuracy `qnas calibrate/export --runtime` report). builtin has no exact "
