@@ -7,16 +7,24 @@ bit. After each kill the run folder is audited: a file under its final name that
 fails its sha256 or does not parse is "half-written" (must be 0); temporary files of interrupted
 atomic writes are counted apart and must be gone after the resume.
 
-Inputs: every command (`space show`, `space sample`, `train`, `calibrate`, `export`) is run
-in-process with malformed inputs: bad or missing files, impossible spaces, subnets outside their
-space, corrupt or swapped weights, bad numbers, incompatible options. "Rejected cleanly" means exit
-code 2, an `error:` line, and no traceback.
+Inputs: every command (`space show`, `space sample`, `train`, `calibrate`, `export`, `search`,
+`latency build/predict/measure/pack/import`, and `python -m qnas_cli.demo`) is run in-process
+with malformed inputs: bad or missing files, impossible spaces, subnets outside their space,
+corrupt or swapped weights, malformed tables and packs, bad numbers, incompatible options, --out
+where it cannot write. Each case is scored three ways: exit code 2 with one line (`error: ...`,
+or Typer's own usage error) and no traceback; nothing written (the inputs folder, the working
+folder and the latency cache are unchanged); and refused up front: the minutes-long work
+(converting and timing a latency table or pack, the evolutionary search) is replaced by a
+stand-in that stops the case, so a case that gets there is reported as "started work" (a
+finding: it would have run for minutes before failing, or not failed at all). "Rejected
+cleanly" is all three.
 
     python -m benchmarks.fault_injection [--kills 3] [--steps 12] [--seed 0] [--out runs/bench/fault_injection.json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -28,14 +36,17 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from typer.testing import CliRunner
 
 from qnas_cli.checkpoint import load_weights, sidecar, versions, write_json
 from qnas_cli.cli import app
 from qnas_cli.errors import UserError
+from qnas_cli.demo import app as demo_app
 from qnas_cli.space import PRESETS, sample
 from tests.helpers import assert_same_weights, space_doc, supernet_weights
+from tests.test_latency import _pack, synthetic_table
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # same threads in every run: same floats
 TINY = ["--space", "tiny", "--batch-size", "16", "--eval-images", "100", "--calib-images", "64"]
@@ -298,6 +309,247 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
     return cases
 
 
+def bad_tables(d: Path) -> dict[str, Path]:
+    """name -> a latency table file (for the tiny space, 1 input channel, 10 classes) that must be
+    refused; "good" is one that must not be."""
+    tiny = PRESETS["tiny"]
+    good = synthetic_table(tiny, fit=(1.0, 0.0)).to_dict()
+
+    def edit(fn) -> dict:
+        doc = json.loads(json.dumps(good))
+        fn(doc)
+        return doc
+    key = next(iter(good["entries"]))
+    docs: dict[str, Any] = {
+        "good": good,
+        "another space": synthetic_table(PRESETS["small"], fit=(1.0, 0.0)).to_dict(),
+        "3 input channels": synthetic_table(tiny, in_channels=3, fit=(1.0, 0.0)).to_dict(),
+        "an entry missing": edit(lambda t: t["entries"].pop(key)),
+        "a negative entry": edit(lambda t: t["entries"].update({key: -1.0})),
+        "a string entry": edit(lambda t: t["entries"].update({key: "fast"})),
+        "no header": edit(lambda t: t.pop("header")),
+        "space definition edited": edit(lambda t: t["header"]["space"]["definition"]["resolutions"].append(99)),
+        "top-level list": [good],
+    }
+    paths = {}
+    for i, (name, doc) in enumerate(docs.items()):
+        paths[name] = d / ("table_good.json" if name == "good" else f"table_{i}.json")
+        paths[name].write_text(json.dumps(doc))
+    text = json.dumps(good)
+    for name, raw in {"truncated": text[: len(text) // 2].encode(), "empty": b"", "bytes": b"\xff\xfe"}.items():
+        paths[name] = d / f"table_{name}.json"
+        paths[name].write_bytes(raw)
+    paths["missing"] = d / "no_table.json"
+    paths["a folder"] = d / "folder.json"
+    return paths
+
+
+def bad_packs(d: Path) -> dict[str, Path]:
+    """name -> a latency pack folder (`qnas latency import`) that must be refused."""
+    tiny = PRESETS["tiny"]
+    packs = {"no results yet": _pack(d / "pack_good", tiny),
+             "manifest of another format": _pack(d / "pack_format", tiny, format="qnas.latency_pack/9"),
+             "a part missing": _pack(d / "pack_missing", tiny, files=lambda f: dict(list(f.items())[1:])),
+             "threads 0": _pack(d / "pack_threads", tiny, threads=0)}
+    garbage = _pack(d / "pack_garbage", tiny)
+    (garbage / "results").mkdir()
+    for name in json.loads((garbage / "manifest.json").read_text())["files"]:
+        (garbage / "results" / f"{name}.round0.txt").write_text("adb: device offline\n")
+    packs["benchmark output without timings"] = garbage
+    for name, raw in {"manifest truncated": b'{"format": "qnas.latency_pack/1", "space": {', "manifest empty": b""}.items():
+        (d / name.replace(" ", "_")).mkdir()
+        (d / name.replace(" ", "_") / "manifest.json").write_bytes(raw)
+        packs[name] = d / name.replace(" ", "_")
+    (d / "pack_empty").mkdir()
+    packs.update({"empty folder": d / "pack_empty", "missing": d / "no_pack", "a file": d / "syntax.json"})
+    return packs
+
+
+def search_latency_demo_cases(run: Path, d: Path) -> list[tuple[str, str, list[str]]]:
+    """(command, what is wrong, argv) for `qnas search`, `qnas latency ...` and the demo module
+    (argv starting with "demo"); ``run``: a finished tiny int8 run; ``d``: input_cases' folder
+    (its space files, good subnet, datasets and the bad_weights names)."""
+    cases: list[tuple[str, str, list[str]]] = []
+    supernet, tables, packs = str(run / "supernet.pt"), bad_tables(d), bad_packs(d)
+    (d / "subnets").mkdir()
+    subnets = bad_subnets(d / "subnets")
+    table, subnet = str(tables["good"]), str(d / "good_subnet.json")
+
+    # qnas search: the supernet, the table, every option; a good table, so only what is named is wrong
+    search = ["search", "--latency-ms", "1.0", "--population", "4", "--generations", "1", "--out", str(d / "search_out")]
+    good_search = [*search, "--supernet", supernet, "--table", table]
+    cases += [("search", f"--supernet {name}", [*search, "--table", table, "--supernet", f"{{w:{name}}}"])
+              for name in ("truncated", "flipped byte", "no sidecar", "a checkpoint, not a supernet", "empty", "missing")]
+    if (run / "float_supernet.pt").is_file():
+        cases.append(("search", "--supernet a float supernet", [*search, "--table", table, "--supernet", str(run / "float_supernet.pt")]))
+    cases.append(("search", "--supernet default missing", [*search, "--table", table]))
+    cases += [("search", f"--table {name}", [*search, "--supernet", supernet, "--table", str(path)])
+              for name, path in tables.items() if name not in ("good", "space definition edited")]  # search reads the supernet's space
+    cases += [("search", what, [*good_search, *args]) for what, args in [
+        ("--latency-ms abc", ["--latency-ms", "abc"]), ("--latency-ms -1", ["--latency-ms", "-1"]),
+        ("--latency-ms 0", ["--latency-ms", "0"]), ("--latency-ms nan", ["--latency-ms", "nan"]),
+        ("--latency-ms inf", ["--latency-ms", "inf"]), ("--latency-ms empty", ["--latency-ms", ""]),
+        ("--latency-ms 1,,2", ["--latency-ms", "1,,2"]), ("budget below the fastest subnet", ["--latency-ms", "1e-9"]),
+        ("--population 0", ["--population", "0"]), ("--population 1", ["--population", "1"]),
+        ("--generations 0", ["--generations", "0"]), ("--mutate-prob 1.5", ["--mutate-prob", "1.5"]),
+        ("--mutate-prob nan", ["--mutate-prob", "nan"]), ("--crossover-prob -0.1", ["--crossover-prob", "-0.1"]),
+        ("--screen 0", ["--screen", "0"]), ("--screen 2", ["--screen", "2"]),
+        ("--calib-images 0", ["--calib-images", "0"]), ("--eval-images 0", ["--eval-images", "0"]),
+        ("--eval-images -5", ["--eval-images", "-5"]), ("--seed -1", ["--seed", "-1"]),
+        ("--runtime tpu", ["--runtime", "tpu"]), ("--table-runtime odd", ["--table-runtime", "odd"]),
+        ("--threads 0", ["--threads", "0"]), ("--flops-m -1", ["--flops-m", "-1"]), ("--params-k 0", ["--params-k", "0"]),
+        ("--size-kb nan", ["--size-kb", "nan"]), ("--flops-m below every subnet", ["--flops-m", "1e-9"]),
+        ("--data mnist", ["--data", "mnist"]), ("--data cifar10 empty folder", ["--data", f"cifar10:{d}/empty_folder"]),
+        ("--data truncated dataset files", ["--data", f"fashion-mnist:{d}/fmnist_truncated"]),
+        ("--out is a file", ["--out", str(d / "syntax.json")]), ("--out under a file", ["--out", str(d / "syntax.json" / "s")]),
+        ("--resume without a search", ["--resume", "--out", str(d / "no_search")]),
+    ]]
+    cases.append(("search", "no --table, --threads 0 (before building the host table)",
+                  [*search, "--supernet", supernet, "--threads", "0"]))
+
+    # qnas latency build / pack: refused before any conversion
+    build = ["latency", "build", "--space", "tiny", "--rounds", "1", "--out", str(d / "t_build.json")]
+    spaces = {name: str(d / name) for name in ("syntax.json", "kernel4.json", "negative_width.json", "empty.json")}
+    spaces |= {"missing.toml": str(d / "missing.toml"), "unknown preset": "huge"}
+    cases += [("latency build", f"space {name}", [*build, "--space", spec]) for name, spec in spaces.items()]
+    cases += [("latency build", what, [*build, *args]) for what, args in [
+        ("--supernet truncated", ["--supernet", "{w:truncated}"]), ("--supernet missing", ["--supernet", "{w:missing}"]),
+        ("--in-channels 0", ["--in-channels", "0"]), ("--classes 0", ["--classes", "0"]), ("--classes -3", ["--classes", "-3"]),
+        ("--runtime tpu", ["--runtime", "tpu"]), ("--runtime reference (an export target)", ["--runtime", "reference"]),
+        ("--threads 0", ["--threads", "0"]), ("--rounds 0", ["--rounds", "0"]), ("--statistic odd", ["--statistic", "odd"]),
+        ("--out is a folder", ["--out", str(d)]), ("--out under a file", ["--out", str(d / "syntax.json" / "t.json")]),
+        ("--runtime both, --out under a file", ["--runtime", "both", "--out", str(d / "syntax.json" / "t.json")]),
+    ]]
+    pack = ["latency", "pack", "--space", "tiny", "--out", str(d / "pack_out")]
+    cases += [("latency pack", f"space {name}", [*pack, "--space", spec]) for name, spec in spaces.items()]
+    cases += [("latency pack", what, [*pack, *args]) for what, args in [
+        ("--supernet truncated", ["--supernet", "{w:truncated}"]), ("--in-channels 0", ["--in-channels", "0"]),
+        ("--runtime both", ["--runtime", "both"]), ("--runtime tpu", ["--runtime", "tpu"]), ("--threads 0", ["--threads", "0"]),
+        ("--rounds 0", ["--rounds", "0"]), ("--runs 0", ["--runs", "0"]), ("--warmup -1", ["--warmup", "-1"]),
+        ("--out is a file", ["--out", str(d / "syntax.json")]), ("--out is a non-empty folder", ["--out", str(d)]),
+        ("--out under a file", ["--out", str(d / "syntax.json" / "pack")]),
+    ]]
+
+    # qnas latency predict / measure / import
+    predict = ["latency", "predict", "--table", table]
+    for name in ("width 9", "other space", "syntax", "bytes", "missing", "top-level list"):
+        cases.append(("latency predict", f"subnet {name}", [*predict, str(subnets[name])]))
+    cases += [("latency predict", f"--table {name}", ["latency", "predict", subnet, "--table", str(path)])
+              for name, path in tables.items() if name not in ("good", "3 input channels")]
+    cases.append(("latency predict", "no subnet", predict))
+    tfl = {"not a flatbuffer": d / "syntax.json", "empty": d / "empty.tflite", "truncated flatbuffer": d / "cut.tflite",
+           "missing": d / "no.tflite", "a folder": d / "empty_folder"}
+    (d / "empty.tflite").write_bytes(b"")
+    (d / "cut.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(40))
+    cases += [("latency measure", f"model {name}", ["latency", "measure", str(path), "--rounds", "1"]) for name, path in tfl.items()]
+    cases += [("latency measure", what, ["latency", "measure", str(d / "cut.tflite"), *args]) for what, args in [
+        ("--runtime tpu", ["--runtime", "tpu"]), ("--threads 0", ["--threads", "0"]), ("--rounds 0", ["--rounds", "0"]),
+        ("--statistic odd", ["--statistic", "odd"])]]
+    cases += [("latency import", f"pack {name}", ["latency", "import", str(path), "--out", str(d / "t_import.json")])
+              for name, path in packs.items()]
+    cases += [("latency import", what, ["latency", "import", str(packs["no results yet"]), "--out", out]) for what, out in [
+        ("--out is a folder", str(d)), ("--out under a file", str(d / "syntax.json" / "t.json"))]]
+
+    # python -m qnas_cli.demo: refused before the host table is built
+    demo = ["demo", "--population", "4", "--generations", "1", "--eval-images", "50"]
+    cases += [("demo", f"supernet {name}", [*demo, f"{{w:{name}}}", "--out", str(d / "demo_out")])
+              for name in ("truncated", "flipped byte", "a checkpoint, not a supernet", "empty", "missing")]
+    if (run / "float_supernet.pt").is_file():
+        cases.append(("demo", "a float supernet", [*demo, str(run / "float_supernet.pt"), "--out", str(d / "demo_out")]))
+    cases.append(("demo", "no supernet", ["demo"]))
+    cases += [("demo", what, ["demo", supernet, *args]) for what, args in [
+        ("--population 0", ["--population", "0"]), ("--generations 0", ["--generations", "0"]),
+        ("--eval-images 0", ["--eval-images", "0"]), ("--population abc", ["--population", "abc"]),
+        ("--out is a file", ["--out", str(d / "syntax.json")]), ("--out under a file", ["--out", str(d / "syntax.json" / "demo")]),
+    ]]
+    return cases
+
+
+def controls(run: Path, d: Path) -> list[tuple[str, list[str], str]]:
+    """(command, valid argv, what it must reach): each gets past every check to its work (the
+    stand-in) or its result, so that the cases above are refused for what they name, not for
+    something wrong in the harness (a table of another space, a missing file)."""
+    supernet, table = str(run / "supernet.pt"), str(d / "table_good.json")
+    return [
+        ("search", ["search", "--latency-ms", "1.0", "--population", "4", "--generations", "1", "--supernet", supernet,
+                    "--table", table, "--out", str(d / "control_search")], "the evolutionary search"),
+        ("latency build", ["latency", "build", "--space", "tiny", "--rounds", "1", "--out", str(d / "control_table.json")],
+         "converting and timing a latency table"),
+        ("latency pack", ["latency", "pack", "--space", "tiny", "--out", str(d / "control_pack")],
+         "converting the models of a latency pack"),
+        ("latency predict", ["latency", "predict", str(d / "good_subnet.json"), "--table", table], "exit 0"),
+        ("demo", ["demo", supernet, "--out", str(d / "control_demo")], "converting and timing a latency table"),
+    ]
+
+
+class WorkStarted(BaseException):
+    """Raised by the stand-ins of minutes-long work: a case that gets there was not refused up front.
+    A BaseException, so that no error handler of the CLI turns it into an exit code."""
+
+
+# The work a malformed input must be refused before (each takes minutes on 2 cores).
+WORK = {"qnas_cli.export.latency_build.build_tables": "converting and timing a latency table",
+        "qnas_cli.export.latency_build.convert_covers": "converting the models of a latency pack",
+        "qnas_cli.search_job.evolve": "the evolutionary search"}
+
+
+@contextlib.contextmanager
+def work_stopped(cache: Path):
+    """Every entry of WORK replaced by a stand-in that raises WorkStarted, and the latency cache
+    moved to ``cache`` (empty: no host table is found there, none of the user's is touched)."""
+    with contextlib.ExitStack() as stack:
+        for target, what in WORK.items():
+            def stand_in(*args, what=what, **kwargs):
+                raise WorkStarted(what)
+            stack.enter_context(mock.patch(target, stand_in))
+        stack.enter_context(mock.patch.dict(os.environ, {"QNAS_CACHE": str(cache)}))
+        yield
+
+
+def tree(*folders: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under ``folders``: (size, modification time), to tell what a case wrote."""
+    out = {}
+    for folder in folders:
+        for p in [folder, *folder.rglob("*")] if folder.exists() else []:
+            st = p.lstat()
+            out[str(p)] = (st.st_size if p.is_file() else 0, st.st_mtime_ns)
+    return out
+
+
+def run_case(argv: list[str], watch: list[Path]) -> dict[str, Any]:
+    """One malformed input, in-process (argv[0] "demo": the demo module's app, else qnas's), under
+    ``work_stopped`` (the caller's): exit code, the message, whether it is one line, what it wrote
+    under ``watch``, and whether it started minutes-long work instead of refusing."""
+    target, argv = (demo_app, argv[1:]) if argv[0] == "demo" else (app, argv)
+    before = tree(*watch)
+    t = time.perf_counter()
+    started = None
+    try:
+        r = CliRunner().invoke(target, argv)
+        output, code = r.output, r.exit_code
+    except WorkStarted as e:
+        output, code, started = "", None, str(e)
+    after = tree(*watch)
+    written = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    lines = output.strip().splitlines()
+    usage = code == 2 and "Usage:" in output  # Typer's own usage errors: its box, one error in it
+    one_line = code == 2 and "Traceback" not in output and (usage or (len(lines) == 1 and lines[0].startswith("error:")))
+    return {"exit_code": code, "one_line": one_line, "usage_error": usage, "lines": len(lines), "written": written,
+            "started_work": started, "clean": one_line and not written and not started,
+            "message": f"started {started}" if started else (lines[-1][:300] if lines else ""),
+            **({} if one_line or started else {"output": output.strip()[-1000:]}),
+            "seconds": round(time.perf_counter() - t, 2)}
+
+
+TOTALS = ("cases", "exit_2_one_line", "nothing_written", "started_work", "rejected_cleanly")
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return {"cases": len(rows), "exit_2_one_line": sum(r["one_line"] for r in rows),
+            "nothing_written": sum(not r["written"] for r in rows), "started_work": sum(bool(r["started_work"]) for r in rows),
+            "rejected_cleanly": sum(r["clean"] for r in rows)}
+
+
 def input_runs(run: Path, steps: int, root: Path) -> dict[str, Any]:
     d = root / "inputs"
     d.mkdir()
@@ -308,29 +560,44 @@ def input_runs(run: Path, steps: int, root: Path) -> dict[str, Any]:
     shutil.copytree(run / "ckpt", corrupt / "ckpt")
     for pt in (corrupt / "ckpt").glob("*.pt"):
         pt.write_bytes(pt.read_bytes()[:100])
-    known = {cmd.name or "" for cmd in app.registered_commands} | {"space"}
-    runner = CliRunner()
+    cwd = root / "cwd"  # the working folder of every case: defaults that name relative paths land here
+    cwd.mkdir()
+    sys.path.insert(0, str(Path.cwd()))  # this repository stays importable (benchmarks, tests) after chdir
+    cases = input_cases(run, steps, d) + search_latency_demo_cases(run, d)
     rows = []
-    for command, what, argv in input_cases(run, steps, d):
-        if command.split()[0] not in known:
-            continue
-        argv = [a.replace("{r}", str(resumable)).replace("{corrupt_run}", str(corrupt)) for a in argv]
-        argv = [str(weights[a[3:-1]]) if a.startswith("{w:") else a for a in argv]
-        t = time.perf_counter()
-        r = runner.invoke(app, argv)
-        lines = r.output.strip().splitlines()
-        clean = (r.exit_code == 2 and "Traceback" not in r.output and bool(lines)
-                 and (lines[-1].startswith("error:") or "Usage:" in r.output))  # Typer's own usage errors exit 2 too
-        rows.append({"command": command, "input": what, "exit_code": r.exit_code, "clean": clean,
-                     "message": lines[-1][:300] if lines else "", "seconds": round(time.perf_counter() - t, 2)})
-        if not clean:
-            print(f"NOT CLEAN: {command}: {what}: exit {r.exit_code}: {r.output.strip()[-600:]}", flush=True)
-    by_command: dict[str, dict[str, int]] = {}
-    for row in rows:
-        c = by_command.setdefault(row["command"], {"total": 0, "rejected_cleanly": 0})
-        c["total"] += 1
-        c["rejected_cleanly"] += row["clean"]
-    return {"total": len(rows), "rejected_cleanly": sum(r["clean"] for r in rows), "by_command": by_command, "cases": rows}
+    home = Path.cwd()
+    with work_stopped(root / "cache"):
+        os.chdir(cwd)
+        try:
+            for command, what, argv in cases:
+                argv = [a.replace("{r}", str(resumable)).replace("{corrupt_run}", str(corrupt)) for a in argv]
+                argv = [str(weights[a[3:-1]]) if a.startswith("{w:") else a for a in argv]
+                row = {"command": command, "input": what, **run_case(argv, [d, cwd, root / "cache"])}
+                rows.append(row)
+                if not row["clean"]:
+                    print(f"NOT CLEAN: {command}: {what}: exit {row['exit_code']}, {row['lines']} line(s)"
+                          + (f", wrote {', '.join(row['written'][:3])}" if row["written"] else "")
+                          + f": {row.get('output', row['message'])}", flush=True)
+            passed = []
+            for command, argv, want in controls(run, d):
+                r = run_case(argv, [])
+                passed.append({"command": command, "reached": r["started_work"] or f"exit {r['exit_code']}", "want": want})
+                if passed[-1]["reached"] != want:
+                    print(f"CONTROL FAILED: {command} (valid input) reached {passed[-1]['reached']}, not {want}: "
+                          f"{r.get('output', r['message'])}", flush=True)
+        finally:
+            os.chdir(home)
+    by_command = {c: totals([r for r in rows if r["command"] == c]) for c in dict.fromkeys(r["command"] for r in rows)}
+    t = totals(rows)
+    return {"totals": t, "total": t["cases"], "rejected_cleanly": t["rejected_cleanly"], "by_command": by_command, "cases": rows,
+            "controls": passed, "controls_passed": sum(c["reached"] == c["want"] for c in passed)}
+
+
+def print_table(inputs: dict[str, Any]) -> None:
+    head = ("command", "cases", "exit 2, one line", "nothing written", "started work", "rejected cleanly")
+    print(f"{head[0]:16}" + "".join(f"{h:>18}" for h in head[1:]))
+    for c, t in [*inputs["by_command"].items(), ("total", inputs["totals"])]:
+        print(f"{c:16}" + "".join(f"{t[k]:>18}" for k in TOTALS))
 
 
 def main() -> None:
@@ -346,7 +613,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qnas_faults_") as tmp:
         root = Path(tmp)
         kills = kill_runs(args.kills, args.steps, random.Random(args.seed), root)
-        inputs = {"total": 0, "rejected_cleanly": 0, "by_command": {}, "cases": []}
+        inputs = {"totals": totals([]), "total": 0, "rejected_cleanly": 0, "by_command": {}, "cases": [], "controls": [],
+                  "controls_passed": 0}
         if not args.skip_inputs:
             inputs = input_runs(root / "reference", args.steps, root)
     half = sum(len(r["after_kill"]["half_written"]) + len(r["after_resume"]["half_written"]) for r in kills["runs"])
@@ -355,13 +623,14 @@ def main() -> None:
               "seconds": round(time.perf_counter() - t0, 1), "versions": versions(),
               "config": {"kills": args.kills, "steps": args.steps, "seed": args.seed}}
     write_json(args.out, result)
-    print(f"runs resumed identically: {kills['resumed_identically']}/{kills['total']}")
-    per = ", ".join(f"{c} {v['rejected_cleanly']}/{v['total']}" for c, v in inputs["by_command"].items())
-    print(f"inputs rejected cleanly: {inputs['rejected_cleanly']}/{inputs['total']} ({per})")
+    print(f"\nruns resumed identically: {kills['resumed_identically']}/{kills['total']}")
     print(f"files left half-written: {half} (temporary files left after resume: {temps_left})")
+    print("malformed inputs (rejected cleanly: exit 2 with one line, nothing written, no work started):")
+    print_table(inputs)
+    print(f"valid inputs (controls) that got past every check: {inputs['controls_passed']}/{len(inputs['controls'])}")
     print(f"wrote {args.out} ({result['seconds']} s)")
     ok = kills["resumed_identically"] == kills["total"] and inputs["rejected_cleanly"] == inputs["total"] and half == 0 \
-        and temps_left == 0
+        and temps_left == 0 and inputs["controls_passed"] == len(inputs["controls"])
     sys.exit(0 if ok else 1)
 
 

@@ -242,6 +242,26 @@ def test_searching_benchmarks_default_to_the_supernet_make_bench_trains_first(mo
         "first (make bench does), or pass another --supernet")
 
 
+def test_fault_injection_scores_one_line_refusals_writes_and_started_work(tmp_path):
+    """A case is rejected cleanly only as exit 2 with one line, nothing written and no minutes-long
+    work started: a valid table build reaches the conversion (stopped by the stand-in, reported as
+    started work), a command that writes is caught writing, a bad option is a clean refusal."""
+    from benchmarks.fault_injection import run_case, totals, work_stopped
+
+    watch = [tmp_path]
+    with work_stopped(tmp_path / "cache"):
+        build = run_case(["latency", "build", "--space", "tiny", "--rounds", "1", "--out", str(tmp_path / "t.json")], watch)
+        refused = run_case(["latency", "build", "--space", "tiny", "--threads", "0", "--out", str(tmp_path / "t.json")], watch)
+        wrote = run_case(["space", "sample", "--space", "tiny", "--out", str(tmp_path / "subnet.json")], watch)
+        demo = run_case(["demo", str(tmp_path / "nowhere.pt"), "--out", str(tmp_path / "demo")], watch)
+    assert build["started_work"] == "converting and timing a latency table" and not build["clean"]
+    assert refused["clean"] and refused["exit_code"] == 2 and refused["message"].startswith("error: --threads")
+    assert wrote["exit_code"] == 0 and str(tmp_path / "subnet.json") in wrote["written"] and not wrote["clean"]
+    assert demo["clean"] and "nowhere.pt" in demo["message"]
+    assert totals([build, refused, wrote, demo]) == {"cases": 4, "exit_2_one_line": 2, "nothing_written": 3,
+                                                     "started_work": 1, "rejected_cleanly": 2}
+
+
 def test_cost_lists_what_is_missing_and_turns_phase_times_into_epochs(tmp_path):
     """No source: every row is 'not measured yet' with its command. A supernet_accuracy result with
     a 10-minute float phase of 1,000 steps gives 0.6 s per float step, and an epoch at that rate."""
