@@ -17,7 +17,7 @@ import qnas_cli.train as train_module
 from qnas_cli.cli import app
 from qnas_cli.layers import SCALE_FLOOR, init_scales, keep_scales_positive
 from qnas_cli.quant import QuantConfig
-from qnas_cli.space import PRESETS, sample
+from qnas_cli.space import PRESETS, SearchSpace, sample
 from qnas_cli.train import TrainConfig, make_optimizer, optimizer_step, train
 from qnas_cli.supernet import Supernet
 from tests.helpers import assert_same_weights, supernet_weights
@@ -292,14 +292,123 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert "all 2 processes hold identical weights" in r.stdout + r.stderr
 
 
+_RANK_SCRIPT = """
+import atexit, os, signal, sys
+import torch
+import torch.distributed as dist
+import qnas_cli.train as t
+
+how, report = sys.argv.pop(1), sys.argv.pop(1)
+rank, real, calls = int(os.environ["RANK"]), t.optimizer_step, []
+
+def step(model, opt):  # after the 2nd step: rank 0's weights turn NaN, or rank 1 is sent SIGTERM
+    real(model, opt)
+    calls.append(1)
+    if len(calls) == 2 and how == "collapse" and rank == 0:
+        with torch.no_grad():
+            model.stem.weight[0, 0, 0, 0] = float("nan")
+    if len(calls) == 2 and how == "interrupt" and rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+def setup(device):  # registered once the group exists, so it runs before torch's own exit hooks (last in, first out)
+    d = real_setup(device)
+    atexit.register(lambda: open(f"{report}.{rank}", "w").write(str(dist.is_initialized())))
+    return d
+
+real_setup, t.optimizer_step, t.setup_distributed = t.setup_distributed, step, setup
+from qnas_cli.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, code", [("collapse", 4), ("interrupt", 130)])
+def test_torchrun_ranks_leave_the_process_group_on_a_collapse_or_an_interrupt(tmp_path, how, code):
+    """Two ranks with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), a collapse (a NaN
+    on rank 0) or SIGTERM to rank 1: each rank exits with the documented code, having left its gloo
+    process group (the normal path alone used to: a rank that exits with the group open can abort,
+    SIGABRT, "terminate called without an active exception"). The processes are started here
+    rather than by torchrun, which kills the other ranks as soon as one fails and so hides their
+    own exit codes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "rank.py").write_text(_RANK_SCRIPT)
+    out, report = tmp_path / "run", tmp_path / "initialized"
+    procs = [subprocess.Popen(
+        [sys.executable, str(tmp_path / "rank.py"), how, str(report), "train", "--space", "tiny", "--steps", "8",
+         "--float-steps", "0", "--batch-size", "16", "--warmup-steps", "1", "--eval-images", "100", "--calib-images", "32",
+         "--device", "cpu", "--out", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for rank, (p, (stdout, stderr)) in enumerate(zip(procs, results)):
+        assert p.returncode == code, (rank, p.returncode, stderr[-3000:])
+        assert "terminate called" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+        assert (tmp_path / f"initialized.{rank}").read_text() == "False", f"rank {rank} exited with its process group open"
+    if how == "interrupt":
+        assert "interrupted at step 2; checkpoint saved" in results[0][1]
+        assert (out / "ckpt" / "step_00000002.pt").is_file()
+    else:
+        assert "training collapsed at step 3: non-finite" in results[0][1]
+
+
 # ---- the CLI ----------------------------------------------------------------------------------
 
 def test_cli_train_tiny_json(runner, tmp_path):
+    """The summary reports what the run computed: its steps in metrics.jsonl, and each test top-1
+    is that of the saved supernet's calibrated subnet, re-evaluated here."""
+    from qnas_cli.calibrate import calibrated_subnet, evaluate
+    from qnas_cli.data import load_dataset
+    from qnas_cli.supernet import load_supernet
+
     r = runner.invoke(app, ["train", "--space", "tiny", "--steps", "2", "--batch-size", "16", "--eval-images", "100",
                             "--calib-images", "32", "--out", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
-    assert summary["steps"] == 2 and (tmp_path / "supernet.pt").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["phase"]) for row in rows] == [(1, "float"), (2, "int8")]  # each phase logs its last step
+    assert all(math.isfinite(row["loss"]) and row["loss"] > 0 for row in rows)
+    net, meta = load_supernet(tmp_path / "supernet.pt")
+    assert meta["weights"]["sha256"] == summary["weights"]["sha256"]
+    data = load_dataset("fashion-mnist", load_size=max(net.space.resolutions))
+    for how in ("largest", "smallest"):
+        arch = sample(net.space, how)
+        top1 = evaluate(calibrated_subnet(net, arch, data, 32), data.test, data, arch.resolution, limit=100)
+        assert summary["metrics"][how] == {"arch": arch.key, "test_top1": top1}
+
+
+def _supernet_file(path, in_channels=1, num_classes=10, mode="none", space=PRESETS["tiny"]):
+    """A supernet file as `qnas train` writes it (untrained weights: only its shape and kind matter here)."""
+    from qnas_cli.checkpoint import save_weights
+    from qnas_cli.train import supernet_payload
+
+    torch.manual_seed(0)
+    net = Supernet(space, in_channels, num_classes, QuantConfig(mode=mode))
+    save_weights(path, supernet_payload(net), {"kind": "qnas.supernet"})
+    return path
+
+
+@pytest.mark.parametrize("init, words", [
+    (dict(in_channels=3), "that supernet is for 3 input channels, but --data fashion-mnist has 1 input channels and 10 classes"),
+    (dict(num_classes=7), "that supernet is for 7 classes, but --data fashion-mnist has"),
+    (dict(in_channels=3, num_classes=7), "that supernet is for 3 input channels and 7 classes"),
+    (dict(mode="int8"), "expected a float supernet (trained with --quant none, or a run's float_supernet.pt), got a fully int8 one"),
+    (dict(space=PRESETS["small"]), "that supernet is of space 'small', not this run's --space 'tiny'"),
+    (dict(space=SearchSpace.from_dict({**PRESETS["tiny"].to_dict(), "resolutions": [16]})),
+     "that supernet is of space another 'tiny' (the two differ in their fields)"),
+])
+def test_init_from_a_float_supernet_that_does_not_fit_exits_2_before_any_write(runner, tmp_path, init, words):
+    """--init from a float supernet of other data, space or quantization: one line naming what
+    differs (other data used to end in a state-dict size error, exit 1), and no run folder."""
+    path = _supernet_file(tmp_path / "float.pt", **init)
+    r = runner.invoke(app, ["train", "--space", "tiny", "--steps", "2", "--batch-size", "16", "--init", str(path),
+                            "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args, words", [
