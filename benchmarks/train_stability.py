@@ -55,9 +55,14 @@ def finished_result(cfg: TrainConfig, resume: bool) -> dict | None:
     ``--resume``), None where there is none. A finished result of another run (other options,
     space or plan: it records them), or any finished result without ``--resume``, is refused
     with one line before anything runs: training again would destroy it, and that choice is the
-    user's (another --out)."""
-    done = Path(cfg.out) / RUN_RESULT
+    user's (another --out); so is an interrupted run without ``--resume``, which `train` would
+    refuse only once the runs before it had trained."""
+    out = Path(cfg.out)
+    done = out / RUN_RESULT
     if not done.is_file():
+        if not resume and (any(ckpt_dir(out).glob("step_*.pt")) or (out / "supernet.pt").exists()):
+            raise SystemExit(f"error: {out} holds an interrupted run (checkpoints, no {RUN_RESULT}): pass --resume to "
+                             "continue it, or use another --out")
         return None
     result = json.loads(done.read_text())
     why = run_difference(result, cfg, RESULT_KEYS) if "config" in result else "it records no configuration (an older version's)"

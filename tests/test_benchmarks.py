@@ -156,7 +156,7 @@ def test_a_standalone_run_is_reused_only_for_the_same_architecture_and_recipe(tm
 def test_train_stability_reuses_only_a_result_of_the_same_run(tmp_path):
     """--resume reuses a finished run's stability_run.json only where it records this run's options
     (here: the same steps and test images); another run's, one recording nothing, and any finished
-    one without --resume are refused with one line."""
+    or interrupted one without --resume are refused with one line."""
     import argparse
 
     from benchmarks.train_stability import RUN_RESULT, finished_result, run_config
@@ -164,7 +164,11 @@ def test_train_stability_reuses_only_a_result_of_the_same_run(tmp_path):
     args = argparse.Namespace(space="tiny", out=tmp_path, steps=8, eval_images=100, calib_images=64, ckpt_every=4)
     cfg = run_config("default", 0, args)
     assert finished_result(cfg, resume=True) is None
-    Path(cfg.out).mkdir()
+    (Path(cfg.out) / "ckpt").mkdir(parents=True)
+    (Path(cfg.out) / "ckpt" / "step_00000004.pt").write_bytes(b"weights")  # an interrupted run
+    with pytest.raises(SystemExit, match="holds an interrupted run"):
+        finished_result(cfg, resume=False)
+    assert finished_result(cfg, resume=True) is None  # train continues it (checking its options itself)
     (Path(cfg.out) / RUN_RESULT).write_text(json.dumps(finished_meta(cfg, recipe="default", seed=0)))
     assert finished_result(run_config("default", 0, argparse.Namespace(**{**vars(args), "ckpt_every": 2})),
                            resume=True)["recipe"] == "default"  # checkpoint spacing changes nothing trained
