@@ -6,6 +6,7 @@ Each test builds its own tiny supernet files (no training), so none depends on a
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,45 @@ def test_export_to_an_impossible_folder_is_refused_up_front(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="cannot write there"):
         export_subnet(tmp_path / "subnet.json", tmp_path / "a_file" / "out")  # before the missing subnet is noticed
+
+
+@pytest.mark.parametrize("mode, words", [("convs", "convs-only (--quant convs"), ("none", "float (--quant none)")])
+def test_export_refuses_a_subnet_that_is_not_fully_int8_before_writing_anything(runner, tmp_path, mode, words):
+    """A convs-only or float supernet's subnet: refused before calibration writes subnet.qnas.pt
+    (it used to be written, then refused), and no output folder."""
+    net, model = tmp_path / "run" / "supernet.pt", make_supernet(mode)
+    save_weights(net, supernet_payload(model), {"kind": "qnas.supernet", "config": {"data": "fashion-mnist"},
+                                                "quant": asdict(model.cfg)})  # as `qnas train` records it
+    subnet = _subnet(tmp_path / "sub" / "subnet.json", net)
+    r = runner.invoke(app, ["export", str(subnet), "--calib-images", str(CALIB), "--eval-images", str(EVAL),
+                            "--out", str(tmp_path / "export")])
+    assert r.exit_code == 2 and words in r.output and "qnas exports fully int8 subnets" in r.output, r.output
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["subnet.json"] and not (tmp_path / "export").exists()
+
+
+def _image_folder(root: Path, classes: int, mode: str) -> str:
+    """A tiny imagefolder data set: ``classes`` classes of 32x32 ``mode`` ("L" or "RGB") images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in range(classes):
+            (root / split / f"c{cls}").mkdir(parents=True)
+            for i in range(n):
+                shape = (32, 32, 3) if mode == "RGB" else (32, 32)
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / split / f"c{cls}" / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+@pytest.mark.parametrize("classes, mode, words", [(10, "RGB", "3 channels / 10 classes, but the subnet was trained for 1 / 10"),
+                                                  (4, "L", "1 channels / 4 classes, but the subnet was trained for 1 / 10")])
+def test_export_of_a_calibrated_file_refuses_data_of_other_channels_or_classes(runner, calibrated, tmp_path, classes, mode, words):
+    subnet, _, _ = calibrated
+    spec = _image_folder(tmp_path / "other", classes, mode)
+    r = runner.invoke(app, ["export", str(subnet.with_name("subnet.qnas.pt")), "--data", spec, "--eval-images", str(EVAL),
+                            "--out", str(tmp_path / "export")])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "export").exists()
 
 
 # ---- one preprocessing recipe: export decodes images as calibration did -----------------------------

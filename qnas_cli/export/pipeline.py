@@ -34,6 +34,7 @@ from qnas_cli.data import Dataset, calibration_indices, load_dataset, ordered_ba
 from qnas_cli.errors import UserError, check_count
 from qnas_cli.kernels import check_target
 from qnas_cli.layers import fixed_integers, set_runtime
+from qnas_cli.quant import QuantConfig
 from qnas_cli.space import read_structured
 from qnas_cli.supernet import Subnet
 
@@ -134,14 +135,14 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     check_count("--verify-images", verify_images)
     out_dir = Path(out_dir) if out_dir else Path(subnet_file).parent
     check_writable(out_dir)
+    check_exportable(Path(subnet_file), supernet)  # before calibration writes subnet.qnas.pt
     clock = Clock()
     # the export scores the test split itself, below; the search split says nothing about the file
     sub, meta, data = prepare(Path(subnet_file), supernet, data_spec, calib_images, eval_images=eval_images, log=log,
                               evaluate_splits=False)
     sub.eval()
-    if not sub.cfg.enabled:
-        raise UserError(f"this subnet comes from a {sub.cfg.label} supernet: qnas exports fully int8 subnets "
-                        "(train one with --quant int8)")
+    _refuse_unless_int8(sub.cfg)
+    check_data(sub, data)
     clock.lap("calibrate")
     _make_folder(out_dir)  # only now: a refused export leaves no empty folder behind
     graph = to_integer_graph(sub, {"arch": sub.arch.key})
@@ -201,6 +202,36 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     report["passed"], report["problems"] = not problems, problems
     write_json(out_dir / "export_report.json", report)
     return report
+
+
+def check_exportable(subnet_file: Path, supernet: Path | None) -> None:
+    """Refuse, before anything is written, a subnet whose supernet is not fully int8 (a float or
+    convs-only one): from the sidecar of ``subnet.qnas.pt`` or of the supernet a subnet.json names."""
+    if subnet_file.name.endswith(".qnas.pt"):
+        meta = read_meta(subnet_file)
+    else:
+        net_path, recorded_sha = resolve_supernet(read_structured(subnet_file, "subnet file"), subnet_file, supernet)
+        meta = read_meta(net_path, recorded_sha)
+    quant = meta.get("quant")
+    if isinstance(quant, dict):  # recorded by every qnas that trains or calibrates; else the loaded subnet is checked
+        try:
+            cfg = QuantConfig(**quant)
+        except (TypeError, UserError):
+            return  # not ours to judge here: loading the file names what is wrong with it
+        _refuse_unless_int8(cfg)
+
+
+def _refuse_unless_int8(cfg: QuantConfig) -> None:
+    if not cfg.enabled:
+        raise UserError(f"this subnet comes from a {cfg.label} supernet: qnas exports fully int8 subnets "
+                        "(train one with --quant int8)")
+
+
+def check_data(sub: Subnet, data: Dataset) -> None:
+    """The images (``--data``) have the subnet's input channels and classes."""
+    if (data.in_channels, data.num_classes) != (sub.in_channels, sub.num_classes):
+        raise UserError(f"--data {data.spec}: {data.in_channels} channels / {data.num_classes} classes, but the subnet "
+                        f"was trained for {sub.in_channels} / {sub.num_classes}")
 
 
 class Clock:
