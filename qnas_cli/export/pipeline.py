@@ -207,18 +207,16 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
 def check_exportable(subnet_file: Path, supernet: Path | None) -> None:
     """Refuse, before anything is written, a subnet whose supernet is not fully int8 (a float or
     convs-only one): from the sidecar of ``subnet.qnas.pt`` or of the supernet a subnet.json names."""
-    if subnet_file.name.endswith(".qnas.pt"):
-        meta = read_meta(subnet_file)
-    else:
-        net_path, recorded_sha = resolve_supernet(read_structured(subnet_file, "subnet file"), subnet_file, supernet)
-        meta = read_meta(net_path, recorded_sha)
-    quant = meta.get("quant")
-    if isinstance(quant, dict):  # recorded by every qnas that trains or calibrates; else the loaded subnet is checked
-        try:
-            cfg = QuantConfig(**quant)
-        except (TypeError, UserError):
-            return  # not ours to judge here: loading the file names what is wrong with it
-        _refuse_unless_int8(cfg)
+    try:
+        if subnet_file.name.endswith(".qnas.pt"):
+            meta = read_meta(subnet_file)
+        else:
+            net_path, recorded_sha = resolve_supernet(read_structured(subnet_file, "subnet file"), subnet_file, supernet)
+            meta = read_meta(net_path, recorded_sha)
+        cfg = QuantConfig(**meta["quant"])
+    except (UserError, KeyError, TypeError):
+        return  # not ours to judge: ``prepare`` names what is wrong with these files, before it writes anything
+    _refuse_unless_int8(cfg)
 
 
 def _refuse_unless_int8(cfg: QuantConfig) -> None:
