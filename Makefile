@@ -32,7 +32,7 @@ data:
 # steps) -> this host's latency table -> search three budgets -> export each winner with its
 # parity gate -> one summary table.
 demo: setup
-	$(BIN)/qnas train --space small --steps 300 --float-steps 200 --batch-size 128 --kd-ratio 0.9 --out $(DEMO)/train
+	$(BIN)/qnas train --space small --steps 300 --float-steps 200 --batch-size 128 --kd-ratio 0.9 --overwrite --out $(DEMO)/train
 	$(BIN)/python -m qnas_cli.demo $(DEMO)/train/supernet.pt --out $(DEMO)
 
 test: setup

@@ -56,7 +56,7 @@ def main() -> None:
     elif not args.from_scratch:
         print(f"training the float supernet both start from ({args.float_steps} steps)", flush=True)
         train(TrainConfig(out=str(args.out / "float"), quant=QuantConfig(mode="none"), steps=args.float_steps,
-                          warmup_steps=args.float_steps // 10, eval_images=1000, **common), log=lambda *a, **k: None)
+                          warmup_steps=args.float_steps // 10, eval_images=1000, **common), log=lambda *a, **k: None, overwrite=True)
         init = str(args.out / "float" / "supernet.pt")
     runs = {}
     for fold in ("batch", "moving"):
@@ -64,7 +64,7 @@ def main() -> None:
         cfg = TrainConfig(out=str(out), quant=QuantConfig(bn_fold=fold), steps=args.steps, warmup_steps=args.steps // 10,
                           eval_images=args.eval_images, init=init, float_steps=None if init else 0, **common)
         print(f"training with --bn-fold {fold} ({args.steps} steps)", flush=True)
-        summary = train(cfg, log=lambda *a, **k: None)
+        summary = train(cfg, log=lambda *a, **k: None, overwrite=True)
         rows = curve(out)
         tail = [r["loss_largest"] for r in rows[-max(1, len(rows) // 5):]]
         runs[fold] = {"steps": [r["step"] for r in rows], "loss": [r["loss"] for r in rows],

@@ -60,7 +60,7 @@ def main() -> None:
                 print(f"  step {step}/{total} ({metrics['phase']}, {phase_end[metrics['phase']]:.1f} min)", flush=True)
 
         summary = train(TrainConfig(space=args.space, out=str(args.out / name), **recipe["options"]), on_step=on_step,
-                        log=lambda *a, **k: None)
+                        log=lambda *a, **k: None, overwrite=True)
         minutes = (time.perf_counter() - t) / 60
         steps = {"total": summary["steps"], "float": sum(p["steps"] for p in summary["phases"] if p["name"] == "float")}
         top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}

@@ -153,10 +153,22 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
     if table is None:
         raise TypeError("run_search needs table=resolve_table(...) (qnas_cli.export.latency_build)")
     table, table_path = table
+    d = setup_distributed("cpu")
+    try:
+        result = _search(cfg, log, on_generation, on_evaluation, table, table_path, setup, d, t_start)
+    except BaseException:  # Ctrl-C, SIGTERM, a bug: leave the process group all the same (gloo aborts
+        leave_distributed(d, wait=False)  # at exit otherwise), without a barrier another rank may never reach
+        raise
+    leave_distributed(d)
+    return result
+
+
+def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_evaluation, table: LatencyTable,
+            table_path: Path, setup: SearchSetup, d, t_start: float) -> dict[str, Any] | None:
+    """``run_search`` inside the process group: evolve every budget, then (rank 0) write the results."""
     net, meta, data = setup.net, setup.meta, setup.data
     space = net.space
     out = cfg.out_dir
-    d = setup_distributed("cpu")
     pred = Predictor(table, space)
 
     def cost(a: Arch):
@@ -203,7 +215,6 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
         history[budget] = [{"generation": g.index, "best_top1": g.best[1], "evaluated": g.evaluated,
                             "cache_hits": g.cache_hits, "predictor_tau": g.predictor_tau} for g in res.history]
     if not d.main:
-        leave_distributed(d)
         return None
     # A budget's winner is the best subnet evaluated by any budget's evolution that fits it:
     # a tighter budget's winner often fits a looser one, and its score is already known.
@@ -244,7 +255,6 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
               "subnets": sorted(rows, key=lambda r: r["latency_ms"]), "versions": versions()}
     write_json(out / "pareto.json", result)
     plot_pareto(result, out / "pareto.png")
-    leave_distributed(d)
     result["out"] = str(out)
     return result
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from qnas_cli.calibrate import (CALIB_IMAGES, EVAL_BATCH, EVAL_IMAGES_HINT, VERIFY_IMAGES, calibrate_file,
-                                calibration_data_spec, calibration_record, default_output, load_calibrated,
+                                calibration_data_spec, calibration_record, check_data_fits, default_output, load_calibrated,
                                 resolve_supernet, stale_reasons)
 from qnas_cli.checkpoint import read_meta, sha256_file, versions, write_json
 from qnas_cli.data import Dataset, calibration_indices, load_dataset, ordered_batches, to_input
@@ -142,7 +142,7 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
                               evaluate_splits=False)
     sub.eval()
     _refuse_unless_int8(sub.cfg)
-    check_data(sub, data)
+    check_data_fits(data, sub.in_channels, sub.num_classes, "the subnet")
     clock.lap("calibrate")
     _make_folder(out_dir)  # only now: a refused export leaves no empty folder behind
     graph = to_integer_graph(sub, {"arch": sub.arch.key})
@@ -223,13 +223,6 @@ def _refuse_unless_int8(cfg: QuantConfig) -> None:
     if not cfg.enabled:
         raise UserError(f"this subnet comes from a {cfg.label} supernet: qnas exports fully int8 subnets "
                         "(train one with --quant int8)")
-
-
-def check_data(sub: Subnet, data: Dataset) -> None:
-    """The images (``--data``) have the subnet's input channels and classes."""
-    if (data.in_channels, data.num_classes) != (sub.in_channels, sub.num_classes):
-        raise UserError(f"--data {data.spec}: {data.in_channels} channels / {data.num_classes} classes, but the subnet "
-                        f"was trained for {sub.in_channels} / {sub.num_classes}")
 
 
 class Clock:
