@@ -35,7 +35,7 @@ def search(
     size_kb: Annotated[float, typer.Option("--size-kb", help="Also at most this many KiB of int8 .tflite file (predicted from the shapes: weights, biases and per-op bytes fitted on real exports by benchmarks/tflite_size.py).")] = None,
     table: Annotated[Path, typer.Option(help="Latency table (`qnas latency build`/`import`; default: this host's, built on first use).")] = None,
     runtime: Annotated[str, typer.Option(help=f"Target runtime, {' | '.join(SEARCH_RUNTIMES)}: fitness is its exact int8 forward "
-                                                "(the accuracy `qnas calibrate/export --runtime` report). builtin has no exact "
+                                                "(the accuracy `qnas calibrate --runtime` and `qnas export --runtime` report). builtin has no exact "
                                                 "forward: it is scored with xnnpack's arithmetic (pareto.json: fitness_arithmetic).")] = D.runtime,
     table_runtime: Annotated[str, typer.Option(help=f"Runtime the default host table times, {' | '.join(RUNTIMES)} (the only ones "
                                                     "timed; default: --runtime where timed, else xnnpack). Ignored with --table: "
