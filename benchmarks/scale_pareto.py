@@ -103,7 +103,8 @@ def main() -> None:
               f"population {args.population} x {args.generations} generations", flush=True)
         cfg = SearchConfig(supernet=str(supernets[arm]), budgets_ms=budgets, table=str(table_path), population=args.population,
                            generations=args.generations, calib_images=args.calib_images, eval_images=args.eval_images,
-                           seed=args.seed, out=str(args.out / arm / "search"), resume=True)  # cached by supernet hash
+                           seed=args.seed, out=str(args.out / arm / "search"),
+                           resume=(args.out / arm / "search" / "evaluations.jsonl").is_file())  # cached by supernet hash
         searches[arm] = run_search(cfg, log=lambda m: None, on_generation=lambda b, g, arm=arm: print(
             f"  {arm}, {b:g} ms: generation {g.index}, best {100 * g.best[1]:.2f}%", flush=True), table=(table, table_path))
 

@@ -82,12 +82,18 @@ def save_checkpoint(out: Path, model: Supernet, opt: torch.optim.Optimizer, step
 
 
 def latest_checkpoint(out: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The newest checkpoint that verifies; a corrupt newer one is named and skipped."""
+    """The newest checkpoint that verifies; a corrupt newer one is named and skipped. None when
+    none verifies: the caller's refusal is then the one line printed (no warnings before it)."""
+    skipped = []
     for path in sorted(ckpt_dir(out).glob("step_*.pt"), reverse=True):
         try:
-            return load_weights(path)
+            found = load_weights(path)
         except UserError as e:
-            log(f"warning: skipping checkpoint: {e}")
+            skipped.append(str(e))
+            continue
+        for reason in skipped:
+            log(f"warning: skipping checkpoint: {reason}")
+        return found
     return None
 
 

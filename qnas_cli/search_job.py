@@ -9,6 +9,7 @@ the architecture. Writes into ``out``: ``evaluations.jsonl`` (the cache, for --r
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -71,12 +72,12 @@ class SearchConfig:
         if not self.budgets_ms:
             raise UserError("--latency-ms: give at least one budget (e.g. --latency-ms 0.5 or --latency-ms 0.3,0.6,1.0)")
         for b in self.budgets_ms:
-            if not b > 0:
-                raise UserError(f"--latency-ms: budgets must be positive milliseconds, got {b}")
+            if not 0 < b < math.inf:
+                raise UserError(f"--latency-ms: budgets must be positive, finite milliseconds, got {b}")
         for name in ("flops_m", "params_k", "size_kb"):
             v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {v}")
+            if v is not None and not 0 < v < math.inf:
+                raise UserError(f"--{name.replace('_', '-')} must be positive and finite, got {v}")
         fitness_arithmetic(self.runtime)  # refuses a runtime outside SEARCH_RUNTIMES
         if self.table_runtime is not None and self.table_runtime not in RUNTIMES:
             raise choice_error("--table-runtime", self.table_runtime, RUNTIMES)
@@ -88,6 +89,9 @@ class SearchConfig:
                 if not p.is_dir():
                     raise UserError(f"--out {self.out_dir}: {p} is a file, not a folder; choose another --out")
                 break
+        if self.resume and not (self.out_dir / "evaluations.jsonl").is_file():
+            raise UserError(f"--resume: {self.out_dir} holds no earlier search (no evaluations.jsonl); "
+                            "leave out --resume to start one")
 
     @property
     def out_dir(self) -> Path:

@@ -361,7 +361,10 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
     if resume:
         found = latest_checkpoint(out, log)
         if found is None:
-            raise UserError(f"--resume: no usable checkpoint in {ckpt_dir(out)}; start without --resume")
+            corrupt = len(list(ckpt_dir(out).glob("step_*.pt")))
+            raise UserError(f"--resume: no usable checkpoint in {ckpt_dir(out)}"
+                            + (f" ({corrupt} found, none verifies against its sidecar)" if corrupt else "")
+                            + "; start without --resume")
         payload, meta = found
         check_resumable(meta, cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space, plan_record(plan),
                         length_keys=TrainConfig.LENGTH_KEYS)

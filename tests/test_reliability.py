@@ -387,9 +387,17 @@ def test_resume_with_every_checkpoint_damaged_says_so(run_copy):
     for pt in (run_copy / "ckpt").glob("*.pt"):
         pt.write_bytes(b"")
     log: list[str] = []
-    with pytest.raises(UserError, match="no usable checkpoint"):
+    with pytest.raises(UserError, match=r"no usable checkpoint .*\(2 found, none verifies"):
         train(_cfg(run_copy), resume=True, log=log.append)
-    assert len([m for m in log if "skipping checkpoint" in m]) == 2
+    assert not [m for m in log if "skipping checkpoint" in m]  # the refusal is the one line printed
+
+
+def test_resume_past_a_damaged_newest_checkpoint_names_it(run_copy):
+    newest = sorted((run_copy / "ckpt").glob("step_*.pt"))[-1]
+    newest.write_bytes(b"")
+    log: list[str] = []
+    train(_cfg(run_copy), resume=True, log=log.append)
+    assert len([m for m in log if "skipping checkpoint" in m and newest.name in m]) == 1
 
 
 def test_sigint_on_the_last_step_still_checkpoints(finished, tmp_path):

@@ -173,3 +173,19 @@ def test_search_settings_are_checked_before_any_work():
     assert [SearchConfig(budgets_ms=[1.0], runtime=r).timed_runtime for r in ("xnnpack", "reference", "micro", "builtin")] == \
         ["xnnpack", "xnnpack", "xnnpack", "builtin"]
     assert SearchConfig(budgets_ms=[1.0], runtime="micro", table_runtime="builtin").timed_runtime == "builtin"
+
+
+def test_a_budget_or_limit_must_be_finite_and_resume_needs_an_earlier_search(tmp_path):
+    """Found by benchmarks/fault_injection.py: --latency-ms inf started a search; --resume with no
+    earlier search in --out started a new one (qnas train --resume refuses that)."""
+    from qnas_cli.errors import UserError
+    from qnas_cli.search_job import SearchConfig
+
+    for kwargs, words in ((dict(budgets_ms=[float("inf")]), "--latency-ms"), (dict(budgets_ms=[1.0], flops_m=float("inf")), "--flops-m"),
+                          (dict(budgets_ms=[1.0], resume=True), "holds no earlier search")):
+        with pytest.raises(UserError, match=words):
+            SearchConfig(out=str(tmp_path / "s"), **kwargs)
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "evaluations.jsonl").write_text("{}\n")
+    SearchConfig(out=str(tmp_path / "s"), budgets_ms=[1.0], resume=True)  # an earlier search: accepted here, its identity checked later
