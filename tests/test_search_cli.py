@@ -180,6 +180,9 @@ def _one_line_error(r) -> str:
     (["--runtime", "typo"], "--runtime"),
     (["--table-runtime", "reference"], "--table-runtime"),  # reference and micro are not timed
     (["--population", "0"], "--population"),
+    (["--latency-ms", "1,,2"], "--latency-ms"),  # an empty entry was skipped: the search ran on 1 and 2
+    (["--latency-ms", "inf"], "--latency-ms"),
+    (["--resume"], "holds no earlier search"),
 ])
 def test_every_option_is_checked_before_anything_is_written(setup, runner, bad, says):
     """A refused option leaves no evaluations.jsonl behind, so the corrected command runs without --resume."""

@@ -20,8 +20,8 @@ D = SearchConfig(budgets_ms=[1.0])
 
 
 def _budgets(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
+    try:  # an empty entry ("1,,2", "1,") is a typo, not a budget to skip
+        return [float(x) for x in text.split(",")]
     except ValueError:
         raise UserError(f"--latency-ms: {text!r} is not a comma-separated list of milliseconds (e.g. 0.3,0.6,1.0)") from None
 
@@ -55,6 +55,9 @@ def search(
     seed: Annotated[int, typer.Option(help="Seed of the evolution (budget i uses seed + i).")] = D.seed,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (default: SUPERNET's folder/search).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search in --out: evaluated subnets are not evaluated again.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard event files into --out "
+                                                                                "(per budget per generation: best top-1, evaluations, cache "
+                                                                                "hits; at the end the Pareto front): tensorboard --logdir runs/")] = D.tensorboard,
     json_out: Annotated[bool, typer.Option("--json", help="Print pareto.json's summary as JSON.")] = False,
 ) -> None:
     """Evolutionary search of the int8 supernet under predicted int8 TFLite latency (QuantNAS §5.1).
@@ -71,7 +74,7 @@ def search(
                        data=data, table=str(table) if table else None, runtime=runtime, table_runtime=table_runtime, threads=threads,
                        population=population, generations=generations, mutate_prob=mutate_prob,
                        crossover_prob=crossover_prob, screen=screen, calib_images=calib_images, eval_images=eval_images, seed=seed,
-                       out=str(out) if out else None, resume=resume)
+                       out=str(out) if out else None, resume=resume, tensorboard=tensorboard)
     if cfg.table is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun, before any work
         raise UserError("under torchrun, pass --table (build it first with `qnas latency build`): "
                         "timing a table while other processes evaluate would measure their load")
