@@ -23,6 +23,7 @@ from .checkpoint import sha256_file, versions, write_json
 from .cost import arch_cost
 from .data import Dataset, load_dataset
 from .errors import UserError, check_count, choice_error
+from .event_log import EventLog, NoEventLog, open_event_log
 from .fitness import Fitness, cache_identity, fitness_arithmetic
 from .latency import RUNTIMES, LatencyTable, Predictor, table_statistic
 from .search import PAPER, PARENT_RATIO, Generation, check_settings, evolve, pareto_front
@@ -66,6 +67,7 @@ class SearchConfig:
     seed: int = 0
     out: str | None = None  # default: <supernet folder>/search
     resume: bool = False
+    tensorboard: bool = True  # TensorBoard events in out (rank 0): per budget per generation, and the Pareto front
 
     def __post_init__(self) -> None:
         """Every option checked before a search does any work or writes anything."""
@@ -158,18 +160,24 @@ def run_search(cfg: SearchConfig, log: Callable[[str], None] = print,
         raise TypeError("run_search needs table=resolve_table(...) (qnas_cli.export.latency_build)")
     table, table_path = table
     d = setup_distributed("cpu")
+    # TensorBoard (rank 0): nothing is written before the first generation, after every check. A
+    # resumed search replays every generation (from the cache): its events replace the earlier ones.
+    events = open_event_log(cfg.tensorboard and d.main, cfg.out_dir, fresh=True)
     try:
-        result = _search(cfg, log, on_generation, on_evaluation, table, table_path, setup, d, t_start)
+        result = _search(cfg, log, on_generation, on_evaluation, table, table_path, setup, d, t_start, events)
     except BaseException:  # Ctrl-C, SIGTERM, a bug: leave the process group all the same (gloo aborts
         leave_distributed(d, wait=False)  # at exit otherwise), without a barrier another rank may never reach
         raise
+    finally:
+        events.close()
     leave_distributed(d)
     return result
 
 
 def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_evaluation, table: LatencyTable,
-            table_path: Path, setup: SearchSetup, d, t_start: float) -> dict[str, Any] | None:
-    """``run_search`` inside the process group: evolve every budget, then (rank 0) write the results."""
+            table_path: Path, setup: SearchSetup, d, t_start: float, events: EventLog | NoEventLog) -> dict[str, Any] | None:
+    """``run_search`` inside the process group: evolve every budget, then (rank 0) write the results
+    (``events``: the TensorBoard log)."""
     net, meta, data = setup.net, setup.meta, setup.data
     space = net.space
     out = cfg.out_dir
@@ -203,6 +211,12 @@ def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_eva
         log(f"resuming: {len(fitness.scores)} subnets already evaluated in {out / 'evaluations.jsonl'}")
     archs: dict[str, Arch] = {}
 
+    def generation_done(budget: float, g: Generation) -> None:
+        values = {"best_top1": g.best[1], "evaluations": g.evaluated, "cache_hits": g.cache_hits, "predictor_tau": g.predictor_tau}
+        events.scalars(f"search/{budget:g}ms", values, g.index)  # None (no predictor yet) is skipped
+        if on_generation:
+            on_generation(budget, g)
+
     def scored(batch: list[Arch]) -> list[float]:
         archs.update((a.key, a) for a in batch)
         return fitness(batch, on_evaluation)
@@ -213,7 +227,7 @@ def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_eva
             + (f", {len(seeds[budget])} feasible seed(s): few random subnets meet it" if seeds[budget] else ""))
         res = evolve(space, scored, lambda a, b=budget: feasible(a, b),
                      cfg.population, cfg.generations, cfg.mutate_prob, cfg.crossover_prob, PARENT_RATIO,
-                     seed=cfg.seed + i, on_generation=(lambda g, b=budget: on_generation(b, g)) if on_generation else None,
+                     seed=cfg.seed + i, on_generation=lambda g, b=budget: generation_done(b, g),
                      seeds=seeds[budget], screen=cfg.screen)
         winners[budget] = res.best
         history[budget] = [{"generation": g.index, "best_top1": g.best[1], "evaluated": g.evaluated,
@@ -258,7 +272,7 @@ def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_eva
               "generations": {f"{b:g}": h for b, h in history.items()},
               "subnets": sorted(rows, key=lambda r: r["latency_ms"]), "versions": versions()}
     write_json(out / "pareto.json", result)
-    plot_pareto(result, out / "pareto.png")
+    plot_pareto(result, out / "pareto.png", events)
     result["out"] = str(out)
     return result
 
@@ -290,7 +304,8 @@ def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table, can
                             f"{c.params / 1e3:.1f} k parameters, {c.tflite_kb:.1f} KiB)")
 
 
-def plot_pareto(result: dict, path: Path) -> None:
+def plot_pareto(result: dict, path: Path, events=None) -> None:
+    """pareto.png; the same figure into ``events`` (an ``event_log.EventLog``) as ``search/pareto``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,4 +328,6 @@ def plot_pareto(result: dict, path: Path) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    if events is not None:
+        events.figure("search/pareto", fig)
     plt.close(fig)

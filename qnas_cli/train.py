@@ -45,6 +45,7 @@ from .calibrate import EVAL_IMAGES_HINT, calibrated_subnet, evaluate
 from .checkpoint import atomic_write, save_weights
 from .data import Dataset, augment, calibration_indices, epoch_batches, load_dataset, to_input
 from .errors import UserError, check_count
+from .event_log import open_event_log
 from .diagnostics import grad_norms, layer_diagnostics
 from .guard import CollapseGuard, TrainingCollapsed, scales_finite
 from .layers import QConvBN, QLinear, QuantInit, init_scales, keep_scales_positive
@@ -93,6 +94,7 @@ class TrainConfig:
     log_every: int = 10
     collapse_patience: int = 3  # logged steps at chance that make a collapse event
     collapse_give_up: int = 10  # logged steps at chance after which the run stops
+    tensorboard: bool = True  # also write metrics.jsonl's rows as TensorBoard events in out (rank 0); not in RESUME_KEYS
 
     def __post_init__(self) -> None:
         if isinstance(self.quant, dict):
@@ -403,7 +405,19 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
         truncate_metrics(out / "metrics.jsonl", start)
     if len(plan) > 1 and d.main and start == 0:
         log(f"float phase: steps 1-{plan[0].end}; then the int8 supernet initialised from it: steps {plan[1].start + 1}-{total}")
+    # metrics.jsonl's rows again, for TensorBoard: a resumed run's writer purges what the
+    # interrupted one logged past the checkpoint (the rows truncate_metrics dropped); a new run
+    # removes an earlier run's event files.
+    with open_event_log(cfg.tensorboard and d.main, out, purge_step=start + 1 if resume else None,
+                        fresh=d.main and not resume) as events:
+        return _loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model, opt, start, first, anchor,
+                     steps_per_epoch, device, events)
 
+
+def _loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model, opt, start, first, anchor,
+          steps_per_epoch, device, events) -> dict[str, Any]:
+    """``_train``'s steps from ``start`` (phase ``first``) to the end, then (rank 0) the final evaluation."""
+    total = plan[-1].end
     cached_epoch, batches = -1, []
     t_last, seen = time.perf_counter(), 0
     with StopFlag() as stop:
@@ -432,6 +446,7 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
                     metrics["img_per_s"] = seen / max(now - t_last, 1e-9)
                     t_last, seen = now, 0
                     append_metrics(out / "metrics.jsonl", {"step": step + 1, "epoch": epoch, **metrics})
+                    events.scalars(ph.name, {**metrics, "sec_per_step": cfg.batch_size * d.world / metrics["img_per_s"]}, step + 1)
                 if verdict:
                     _report_collapse(verdict, guard, model, data, anchor, batches[k], step + 1, metrics, out, device, log)
                 collapsed = _sync_flag(verdict in ("stop", "non-finite"), d)
@@ -442,6 +457,7 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
                 boundary = step + 1 == ph.end and i + 1 < len(plan)
                 if d.main and (((step + 1) % cfg.ckpt_every == 0 and step + 1 < total) or requested or boundary):
                     save_checkpoint(out, model, opt, step + 1, cfg.to_dict(), guard, plan_record(plan))
+                    events.flush()  # what a kill loses is past the checkpoint: purged on --resume anyway
                 if d.main and boundary:
                     _save_float_supernet(model, data, space, cfg, out, step + 1)
                 if requested:
@@ -456,6 +472,7 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
     summary: dict[str, Any] = {}
     if d.main:
         summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world, guard, alone)
+        events.scalars("eval", {f"{how}_test_top1": r["test_top1"] for how, r in summary["metrics"].items()}, total)
     return summary
 
 

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from qnas_cli.cli import app
+from qnas_cli.event_log import EVENT_FILES, image_tags, read_scalars
 from qnas_cli.latency import Predictor, table_space, table_statistic
 from qnas_cli.space import PRESETS, load_arch, sample
 from qnas_cli.train import TrainConfig, train
@@ -53,6 +54,18 @@ def test_search_meets_every_budget_and_writes_its_outputs(setup, runner):
         sub = json.loads((out / c["file"]).read_text())
         assert sub["supernet"]["sha256"] == doc["supernet"]["sha256"]  # ready for `qnas export`
         assert sub["search"]["latency_statistic"] == doc["table"]["statistic"] == table_statistic(table.header)
+    _check_events(out, doc)
+
+
+def _check_events(out, doc):
+    """TensorBoard: per budget one point per generation of pareto.json's history; the Pareto front's figure."""
+    scalars = read_scalars(out)
+    for budget, history in doc["generations"].items():
+        for tag, key in (("best_top1", "best_top1"), ("evaluations", "evaluated"), ("cache_hits", "cache_hits")):
+            points = scalars[f"search/{budget}ms/{tag}"]
+            assert [s for s, _ in points] == [g["generation"] for g in history] == [1, 2], tag
+            assert [v for _, v in points] == pytest.approx([g[key] for g in history], rel=1e-6), tag
+    assert image_tags(out) == ["search/pareto"]
 
 
 def test_an_infeasible_budget_exits_2_naming_the_fastest(setup, runner):
@@ -71,7 +84,8 @@ def test_resume_of_an_interrupted_search_gives_the_same_result(setup, runner):
     args = ["search", "--supernet", str(root / "run" / "supernet.pt"), "--table", str(root / "table.json"),
             "--latency-ms", f"{budgets[1]:.6f}", *SMALL_SEARCH, "--json"]
     full, cut = root / "full", root / "cut"
-    assert runner.invoke(app, [*args, "--out", str(full)]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(full), "--no-tensorboard"]).exit_code == 0
+    assert list(full.glob(EVENT_FILES)) == []
     assert runner.invoke(app, [*args, "--out", str(cut)]).exit_code == 0
     lines = (cut / "evaluations.jsonl").read_text().splitlines()
     kept = len(lines) // 2
@@ -83,6 +97,8 @@ def test_resume_of_an_interrupted_search_gives_the_same_result(setup, runner):
     a, b = json.loads((full / "pareto.json").read_text()), json.loads((cut / "pareto.json").read_text())
     assert a["chosen"] == b["chosen"]
     assert b["evaluations"]["new"] == a["evaluations"]["count"] - (kept - 1)  # only the lost ones again
+    assert len(list(cut.glob(EVENT_FILES))) == 1  # the resumed search's events replace the earlier ones
+    _check_events(cut, b)
 
 
 @pytest.mark.slow

@@ -48,6 +48,9 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out, finished or not: its checkpoints, "
                                                                 "supernet.pt and float_supernet.pt are deleted once every option has been "
                                                                 "checked. Without it, a used --out is refused.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also write TensorBoard event files into --out "
+                                                                                "(losses, accuracies, learning rate, step time, per phase; "
+                                                                                "metrics.jsonl stays the record): tensorboard --logdir runs/")] = D.tensorboard,
     json_out: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
     """Train a weight-sharing supernet with the sandwich rule and in-place distillation.
@@ -64,7 +67,7 @@ def train(
                       quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale),
                       epochs=epochs, steps=steps, float_steps=float_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random, kd_ratio=kd_ratio, seed=seed,
                       device=device, init=str(init) if init else None, subnet=str(subnet) if subnet else None, ckpt_every=ckpt_every, eval_images=eval_images,
-                      calib_images=calib_images)
+                      calib_images=calib_images, tensorboard=tensorboard)
     log = logger(err_console if json_out else console)
     try:
         if interactive() and not json_out:
