@@ -27,6 +27,8 @@ gloo on CPU included); the same subnets are trained on every rank, each on its o
 """
 from __future__ import annotations
 
+from datetime import timedelta
+
 import math
 import os
 import random
@@ -185,16 +187,24 @@ def setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
+LEAVE_TIMEOUT_S = 10  # how long a rank stopping on an error waits for the others before leaving
+
+
 def leave_distributed(d: Dist, wait: bool = True) -> None:
     """Leave the process group, on every exit path. A rank that exits with its gloo group still
     open can abort at interpreter exit ("terminate called without an active exception") while
     another rank is still writing, which torchrun reports as a failed run (gloo's worker threads
     outlive the interpreter: pytorch/pytorch#190489, #179291). ``wait``: first wait for every rank
-    (the normal end); False on an error path, where a rank that died or stopped elsewhere would
-    leave a barrier waiting forever."""
+    (the normal end); False on an error path: wait at most ``LEAVE_TIMEOUT_S`` (a rank that died
+    or stopped elsewhere would leave a plain barrier waiting forever)."""
     if d.world > 1 and dist.is_initialized():
         if wait:
             dist.barrier()
+        else:  # ranks that stop together (a collapse all see, a signal) still meet, briefly: a rank that
+            try:  # destroys its group while a peer is mid-collective aborts at exit all the same
+                dist.monitored_barrier(timeout=timedelta(seconds=LEAVE_TIMEOUT_S))
+            except Exception:  # noqa: BLE001 - a peer that died or never comes: leave anyway
+                pass
         dist.destroy_process_group()
 
 
