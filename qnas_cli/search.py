@@ -25,6 +25,7 @@ from .space import Arch, Block, SearchSpace, Stage, sample
 
 PAPER = {"population": 512, "generations": 20, "mutate_prob": 0.2, "crossover_prob": 0.25}
 PARENT_RATIO = 0.25  # OFA's evolution finder: the top quarter of each generation breeds
+MIN_POPULATION = 4  # one parent, one mutant, two crossovers
 MAX_TRIES = 200  # draws per child before a constraint is declared (nearly) unmeetable
 
 
@@ -82,6 +83,9 @@ def check_settings(population: int, generations: int, mutate_prob: float, crosso
                    parent_ratio: float = PARENT_RATIO) -> None:
     """The evolution's settings, checked: by ``SearchConfig`` before a search writes anything, and by ``evolve``."""
     check_count("--population", population)
+    if population < MIN_POPULATION:
+        raise UserError(f"--population must be at least {MIN_POPULATION} (the best quarter breeds: fewer leave "
+                        f"no mutants and crossovers), got {population}")
     check_count("--generations", generations)
     for name, v in (("mutate-prob", mutate_prob), ("crossover-prob", crossover_prob), ("parent ratio", parent_ratio)):
         if not 0.0 <= v <= 1.0:  # also refuses NaN
