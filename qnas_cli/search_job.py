@@ -86,6 +86,8 @@ class SearchConfig:
         for name in ("calib_images", "threads", "eval_images"):
             check_count(f"--{name.replace('_', '-')}", getattr(self, name))
         check_settings(self.population, self.generations, self.mutate_prob, self.crossover_prob, self.screen)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"--seed must be a non-negative integer (as qnas train's), got {self.seed}")
         for p in (self.out_dir, *self.out_dir.parents):  # the nearest existing one must be a folder
             if p.exists():
                 if not p.is_dir():
