@@ -16,7 +16,11 @@ scale, and fully int8 better than partially quantized?
    times (seeds ``--seed``, ``--seed``+1, ...); its int8 test top-1, averaged over the seeds
    (fully int8 is what ships, so it is the truth for the convs-only arm too). With two or more
    seeds the replicas' tau with each other is reported: how reproducible the ranking being
-   predicted is at this budget, the yardstick for every arm's tau.
+   predicted is at this budget, the yardstick for every arm's tau. Results committed as data
+   (``--truth``, by default benchmarks/data/standalone_small_fashion-mnist.json: BENCHMARKS.md
+   §1's 20 subnets, 2 seeds, 2,800 steps) are read instead of trained where they are this
+   invocation's runs (the same space, data and recipe, then the same architecture and seed);
+   ``--no-truth`` trains them all.
 4. Per arm: every subnet's supernet-inherited accuracy (extracted, BN calibrated; exact int8 on
    the test split, fake-quant for convs-only) and Kendall tau against the ground truth (and
    against each seed's). Paper: 0.84-0.91 with the predictor, 0.69-0.75 with a shared scale,
@@ -28,7 +32,8 @@ architecture, options, space, phase plan, evaluation images and data), never bec
 path; a finished run of anything else there is refused in one line before any training (use
 another --out): training over it would destroy a result.
 
-    python -m benchmarks.scale_ranking --jobs 2          # 3 supernets + 2 x 20 stand-alone subnets: about 2.5 h on 2 CPU cores
+    python -m benchmarks.scale_ranking --jobs 2          # 3 supernets, the 2 x 20 stand-alone subnets read from the committed truth
+    python -m benchmarks.scale_ranking --jobs 2 --no-truth   # the stand-alone subnets trained too: about 2.5 h on 2 CPU cores
     python -m benchmarks.scale_ranking --jobs 2 --standalone-steps 1400   # half-length ground truth (seeds agree less): about 1.5 h
     python -m benchmarks.scale_ranking --quick           # tiny space, 6 subnets, short runs: a few minutes
 """
@@ -53,6 +58,7 @@ from qnas_cli.train import TrainConfig, train
 
 from benchmarks.parallel import run_difference, run_parallel, threads_per_job
 from benchmarks.plots import pyplot, save_png
+from benchmarks.truth import DEFAULT_TRUTH, load_truth, seed_top1, standalone_recipe, truth_difference
 
 # Table 1's rows: fully int8 with the scale predictor, fully int8 with one shared scale, and
 # the partially quantized baseline (convs only, BN/adds/pooling float, shared scale; claim 5).
@@ -98,11 +104,13 @@ STANDALONE_KEYS = (*TrainConfig.RESUME_KEYS, "eval_images", "calib_images")
 
 
 def standalone_runs(root: Path, archs: list[Arch], seeds: list[int], data: dict,
+                    known: dict[tuple[str, int], float] | None = None,
                     **config) -> tuple[dict[tuple[int, int], float], list[tuple[str, TrainConfig]]]:
     """Each subnet's stand-alone runs, one per seed, in ``root/standalone/<index>/``: the int8 test
-    top-1 of those finished in an earlier invocation as the same run (the same architecture, not
-    the same subnet.json path; the same options, space, plan and ``data``), and the runs still to
-    do. A folder holding a finished run of anything else is refused before anything is written or
+    top-1 of those ``known`` by (architecture key, seed) (a committed truth of this recipe), or
+    finished in an earlier invocation as the same run (the same architecture, not the same
+    subnet.json path; the same options, space, plan and ``data``), and the runs still to do. A
+    folder holding a finished run of anything else is refused before anything is written or
     trained: retraining would destroy a finished result (another subnet's truth, or the same
     subnet under another recipe), so that choice is left to the user (another --out)."""
     done: dict[tuple[int, int], float] = {}
@@ -110,6 +118,9 @@ def standalone_runs(root: Path, archs: list[Arch], seeds: list[int], data: dict,
     for i, arch in enumerate(archs):
         out = root / "standalone" / f"{i:02d}"
         for s in seeds:
+            if known and (arch.key, s) in known:  # nothing to train, so nothing in the folder to check
+                done[i, s] = known[arch.key, s]
+                continue
             run = out / standalone_run_name(s, seeds[0])
             cfg = TrainConfig(out=str(run), subnet=str(out / "subnet.json"), **{**config, "seed": s})
             if not (run / "supernet.pt").is_file():
@@ -129,6 +140,25 @@ def standalone_runs(root: Path, archs: list[Arch], seeds: list[int], data: dict,
         (root / "standalone" / f"{i:02d}").mkdir(parents=True, exist_ok=True)
         (root / "standalone" / f"{i:02d}" / "subnet.json").write_text(json.dumps(arch.to_dict(space), indent=1))
     return done, runs
+
+
+def committed_truth(args: argparse.Namespace, space: SearchSpace, data: dict,
+                    cfg: TrainConfig) -> tuple[dict[tuple[str, int], float], Path | None]:
+    """The committed stand-alone results by (architecture key, seed) where the truth file is of
+    ``cfg``'s runs (space, ``data``, recipe), and its path. ``--truth`` given: another truth is
+    refused in one line; the default file: used where it matches, else said and trained."""
+    path = args.truth or DEFAULT_TRUTH
+    if args.no_truth or (args.truth is None and (args.quick or not path.is_file())):
+        return {}, None
+    truth = load_truth(path)
+    why = truth_difference(truth, space, data, standalone_recipe(cfg))
+    if why and args.truth:
+        raise SystemExit(f"error: --truth {path} is not of this invocation's stand-alone runs: {why}; "
+                         "pass --no-truth to train them")
+    if why:
+        print(f"committed stand-alone truth {path} not used ({why}): its runs are trained", flush=True)
+        return {}, None
+    return seed_top1(truth), path
 
 
 def load_arm(arm: str, path: Path, space: SearchSpace) -> tuple[Supernet, dict]:
@@ -166,6 +196,9 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--calib-images", type=int, default=2000)
     ap.add_argument("--jobs", type=int, default=1, help="training runs at a time (cores/jobs threads each)")
+    ap.add_argument("--truth", type=Path, help="stand-alone results to read instead of training, where they are this "
+                    "invocation's runs (default: benchmarks/data/standalone_small_fashion-mnist.json where it matches)")
+    ap.add_argument("--no-truth", action="store_true", help="train every stand-alone run (no committed truth)")
     ap.add_argument("--quick", action="store_true", help="tiny space, 6 subnets, 40-step supernets, 30-step stand-alone runs")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/scale_ranking"))
     args = ap.parse_args()
@@ -173,6 +206,8 @@ def main() -> None:
         args.space, args.subnets = "tiny", min(args.subnets, 6)
         args.supernet_steps, args.standalone_steps = args.supernet_steps or QUICK_SUPERNET_STEPS, args.standalone_steps or 30
         args.eval_images, args.calib_images = args.eval_images or 500, min(args.calib_images, 250)
+    if args.truth and args.no_truth:
+        ap.error("--truth and --no-truth: give one of them")
     if args.jobs < 1 or args.subnets < 3 or args.standalone_seeds < 1:
         ap.error("--jobs and --standalone-seeds must be >= 1 and --subnets >= 3")
     arms = [a for a in args.arms.split(",") if a]
@@ -190,10 +225,15 @@ def main() -> None:
             raise SystemExit(f"error: {cfg.out} holds a finished supernet that is not this invocation's {arm} arm: "
                              f"{run_difference(json.loads(meta.read_text()), cfg)}; use another --out, or pass it as --{arm}")
     seeds = [args.seed + k for k in range(args.standalone_seeds)]
-    standalone, todo = standalone_runs(args.out, archs, seeds, data.describe(), steps=args.standalone_steps, **common)
+    known, truth_path = committed_truth(args, space, data.describe(),
+                                        TrainConfig(subnet="subnet.json", steps=args.standalone_steps, **common))
+    standalone, todo = standalone_runs(args.out, archs, seeds, data.describe(), known, steps=args.standalone_steps, **common)
     runs += todo
+    from_truth = sum((a.key, s) in known for a in archs for s in seeds)
+    if truth_path:
+        print(f"{from_truth} stand-alone results read from {truth_path} (--no-truth trains them)", flush=True)
     print(f"{len(runs)} training runs, {args.jobs} at a time, {threads_per_job(args.jobs)} thread(s) each "
-          f"({len(arms) + len(archs) * len(seeds) - len(runs)} finished ones reused)", flush=True)
+          f"({len(arms) + len(archs) * len(seeds) - len(runs) - from_truth} finished ones reused)", flush=True)
     for (name, cfg), summary in zip(runs, run_parallel(train_run, [(cfg,) for _, cfg in runs], args.jobs)):
         top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}
         print(f"  {name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in top1.items()), flush=True)
@@ -216,7 +256,9 @@ def main() -> None:
              "standalone": truth[i], "standalone_per_seed": {str(s): replicas[s][i] for s in seeds},
              **{arm: inherited[arm][i] for arm in arms}} for i, a in enumerate(archs)]
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "supernets": {arm: str(p) for arm, p in supernets.items()}, "kendall_tau": taus,
+              "supernets": {arm: str(p) for arm, p in supernets.items()},
+              "standalone_truth": {"path": str(truth_path) if truth_path else None, "results_read": from_truth},
+              "kendall_tau": taus,
               "kendall_tau_per_seed": taus_per_seed, "standalone_replica_tau": replica_tau, "paper_tau": PAPER_TAU,
               "subnets": rows, "versions": versions()}
     write_json(args.out / "scale_ranking.json", result)
