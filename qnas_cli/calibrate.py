@@ -18,6 +18,7 @@ from .checkpoint import load_weights, save_weights, sidecar
 from .data import Dataset, ImageSource, calibration_indices, load_dataset, ordered_batches, to_input
 from .errors import UserError, check_count
 from .kernels import check_target
+from .lineage import check_serves
 from .layers import BN_MOMENTUM, exact_statistics, fixed_integers, set_runtime
 from .quant import INTEGER_CONTRACT_VERSION, QuantConfig
 from .space import Arch, SearchSpace
@@ -195,6 +196,7 @@ def calibrate_file(subnet_path: Path, supernet: Path | None = None, data_spec: s
     check_outputs(out, [subnet_path, net_path, sidecar(net_path)])
     net, net_meta = load_supernet(net_path, recorded_sha)
     arch = Arch.from_dict(raw, net.space)
+    check_serves(net_meta, arch.key, net_path)  # a fine-tuned supernet holds one subnet, no other
     spec = calibration_data_spec(data_spec, net_meta)
     data = load_dataset(spec, load_size=max(net.space.resolutions))
     check_data_fits(data, net.in_channels, net.num_classes)

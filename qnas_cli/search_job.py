@@ -25,6 +25,7 @@ from .data import Dataset, load_dataset
 from .errors import UserError, check_count, choice_error
 from .event_log import EventLog, NoEventLog, open_event_log
 from .fitness import Fitness, cache_identity, fitness_arithmetic
+from .lineage import check_searchable
 from .latency import RUNTIMES, LatencyTable, Predictor, table_statistic
 from .search import PAPER, PARENT_RATIO, Generation, check_settings, evolve, pareto_front
 from .space import Arch, SearchSpace, sample
@@ -120,6 +121,7 @@ class SearchSetup:
 def prepare_search(cfg: SearchConfig) -> SearchSetup:
     """Load and check the supernet and the data (before a latency table is built or anything written)."""
     net, meta = load_supernet(cfg.supernet)
+    check_searchable(meta, cfg.supernet)
     if not net.cfg.enabled:
         raise UserError(f"{cfg.supernet} is a {net.cfg.label} supernet: search needs a fully int8 one (--quant int8)")
     spec = calibration_data_spec(cfg.data, meta)

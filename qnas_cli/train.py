@@ -327,6 +327,7 @@ def check_replicas(model: nn.Module, d: Dist) -> None:
 # ---- the loop ---------------------------------------------------------------------------------
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
+Teacher = Callable[[Tensor], Tensor]  # a step's augmented uint8 images -> the logits to distill from (no gradient)
 
 
 def train(cfg: TrainConfig, resume: bool = False, on_step: StepCallback | None = None,
@@ -420,13 +421,18 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
     # removes an earlier run's event files.
     with open_event_log(cfg.tensorboard and d.main, out, purge_step=start + 1 if resume else None,
                         fresh=d.main and not resume) as events:
-        return _loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model, opt, start, first, anchor,
-                     steps_per_epoch, device, events)
+        return train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model, opt, start, first, anchor,
+                          steps_per_epoch, device, events)
 
 
-def _loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model, opt, start, first, anchor,
-          steps_per_epoch, device, events) -> dict[str, Any]:
-    """``_train``'s steps from ``start`` (phase ``first``) to the end, then (rank 0) the final evaluation."""
+def train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model, opt, start, first, anchor,
+               steps_per_epoch, device, events, teacher: Teacher | None = None,
+               finish: Callable[[Supernet, torch.optim.Optimizer, int], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A run's steps from ``start`` (phase ``first``) to the end, then (rank 0) the final evaluation.
+
+    ``teacher`` and ``finish`` are ``qnas finetune``'s hooks: the logits ``alone`` is distilled
+    from (see ``train_step``), and what rank 0 does at the end instead of ``_finish`` (given the
+    model, its optimizer and the last step; returns the summary, with ``metrics`` as ``_finish``'s)."""
     total = plan[-1].end
     cached_epoch, batches = -1, []
     t_last, seen = time.perf_counter(), 0
@@ -443,7 +449,8 @@ def _loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model, opt
                 if epoch != cached_epoch:
                     batches, cached_epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world), epoch
                 lr = lr_at(step - ph.start, ph.steps, cfg)
-                metrics = train_step(model, opt, data, space, batches[k], step, total, cfg, d, device, lr=lr, alone=alone)
+                metrics = train_step(model, opt, data, space, batches[k], step, total, cfg, d, device, lr=lr, alone=alone,
+                                     teacher=teacher)
                 metrics["phase"] = ph.name
                 seen += cfg.batch_size * d.world
                 requested = _sync_flag(stop.requested, d)
@@ -481,7 +488,8 @@ def _loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model, opt
             log(f"all {d.world} processes hold identical weights")
     summary: dict[str, Any] = {}
     if d.main:
-        summary = _finish(model, opt, data, space, cfg, out, total, device, log, d.world, guard, alone)
+        summary = (finish(model, opt, total) if finish else
+                   _finish(model, opt, data, space, cfg, out, total, device, log, d.world, guard, alone))
         events.scalars("eval", {f"{how}_test_top1": r["test_top1"] for how, r in summary["metrics"].items()}, total)
     return summary
 
@@ -536,10 +544,12 @@ def _sync_flag(flag: bool, d: Dist) -> bool:
 
 def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space: SearchSpace, idx: Tensor,
                step: int, total: int, cfg: TrainConfig, d: Dist, device: str, lr: float | None = None,
-               alone: Arch | None = None) -> dict[str, float]:
+               alone: Arch | None = None, teacher: Teacher | None = None) -> dict[str, float]:
     """One sandwich step on the training images ``idx``: the loop's unit of work (and of the throughput benchmark).
 
-    ``lr``: this step's learning rate (default: the schedule of a one-phase run of ``total`` steps)."""
+    ``lr``: this step's learning rate (default: the schedule of a one-phase run of ``total`` steps).
+    ``teacher``: with ``alone``, the logits it is distilled from (``distill_loss``) on this step's
+    augmented images, instead of the labels alone (``qnas finetune``'s frozen teacher)."""
     lr = lr_at(step, total, cfg) if lr is None else lr
     for g in opt.param_groups:
         g["lr"] = lr
@@ -548,16 +558,17 @@ def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space
     x_u8 = augment(x_u8, data.pad, data.flip, gen)
     y = y.to(device)
     opt.zero_grad(set_to_none=True)
-    teacher = None
+    soft = None  # the largest subnet's logits, which the others are distilled from
     losses = []
     for i, arch in enumerate(sandwich(space, cfg.seed, step, cfg.num_random, alone)):
         logits = model(to_input(x_u8, data, arch.resolution).to(device), arch)
         if i == 0:
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            teacher = logits.detach()
+            loss = (distill_loss(logits, teacher(x_u8).to(device), y, cfg) if teacher is not None and alone is not None
+                    else F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
+            soft = logits.detach()
             acc = (logits.argmax(1) == y).float().mean().item()
         else:
-            loss = distill_loss(logits, teacher, y, cfg)
+            loss = distill_loss(logits, soft, y, cfg)
         loss.backward()
         losses.append(loss.item())
     _allreduce_grads(model, d)

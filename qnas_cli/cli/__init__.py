@@ -15,6 +15,7 @@ from ..errors import UserError
 from .common import EXIT_CODES, err_console
 from . import calibrate as calibrate_cmd
 from . import export as export_cmd
+from . import finetune as finetune_cmd
 from . import latency as latency_cmd
 from . import search as search_cmd
 from . import space as space_cmd
@@ -56,7 +57,7 @@ app = typer.Typer(
 
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
-    """qnas: train -> search -> calibrate -> export. Run `qnas COMMAND --help` for each step."""
+    """qnas: train -> search -> finetune -> calibrate -> export. Run `qnas COMMAND --help` for each step."""
 
 
 app.add_typer(space_cmd.app, name="space")
@@ -65,6 +66,7 @@ app.command("calibrate")(calibrate_cmd.calibrate)
 app.command("export")(export_cmd.export)
 app.add_typer(latency_cmd.app, name="latency")
 app.command("search")(search_cmd.search)
+app.command("finetune")(finetune_cmd.finetune)
 
 
 def main() -> None:

@@ -70,10 +70,8 @@ def train(
                       calib_images=calib_images, tensorboard=tensorboard)
     log = logger(err_console if json_out else console)
     try:
-        if interactive() and not json_out:
-            summary = _with_progress(cfg, resume, overwrite, log)
-        else:
-            summary = run_train(cfg, resume, on_step=_plain_logger(log), log=log, overwrite=overwrite)
+        run = lambda on_step, log: run_train(cfg, resume, on_step=on_step, log=log, overwrite=overwrite)  # noqa: E731
+        summary = with_progress("train", run) if interactive() and not json_out else run(plain_logger(log), log)
     except Interrupted as e:
         say(err_console, str(e))
         raise typer.Exit(130) from None
@@ -94,11 +92,12 @@ def train(
     console.print(t)
 
 
-def _with_progress(cfg: TrainConfig, resume: bool, overwrite: bool, log) -> dict:
-    cols = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+def with_progress(label: str, run) -> dict:
+    """``run(on_step, log)`` (a training loop: train, finetune) under a progress bar on the console."""
+    cols = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*cols, console=console, transient=False) as bar:
-        task = bar.add_task("train", total=None, info="")
+        task = bar.add_task(label, total=None, info="")
 
         def on_step(step: int, total: int, m: dict) -> None:
             info = f"{m['phase']} loss {m['loss']:.3f} acc {100 * m['acc_largest']:.1f}% lr {m['lr']:.4f}"
@@ -106,10 +105,11 @@ def _with_progress(cfg: TrainConfig, resume: bool, overwrite: bool, log) -> dict
                 on_step.speed = m["img_per_s"]
             bar.update(task, completed=step, total=total, info=info + f" {getattr(on_step, 'speed', 0):.0f} img/s")
 
-        return run_train(cfg, resume, on_step=on_step, log=logger(bar.console), overwrite=overwrite)
+        return run(on_step, logger(bar.console))
 
 
-def _plain_logger(log):
+def plain_logger(log):
+    """Off a terminal: one line per logged step (CI logs)."""
     def on_step(step: int, total: int, m: dict) -> None:
         if "img_per_s" in m:
             log(f"step {step}/{total} {m['phase']} loss {m['loss']:.4f} acc_largest {m['acc_largest']:.3f} "
