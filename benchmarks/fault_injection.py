@@ -8,7 +8,7 @@ fails its sha256 or does not parse is "half-written" (must be 0); temporary file
 atomic writes are counted apart and must be gone after the resume.
 
 Inputs: every command (`space show`, `space sample`, `train`, `calibrate`, `export`, `search`,
-`latency build/predict/measure/pack/import`, and `python -m qnas_cli.demo`) is run in-process
+`finetune`, `latency build/predict/measure/pack/import`, and `python -m qnas_cli.demo`) is run in-process
 with malformed inputs: bad or missing files, impossible spaces, subnets outside their space,
 corrupt or swapped weights, malformed tables and packs, bad numbers, incompatible options, --out
 where it cannot write. Each case is scored three ways: exit code 2 with one line (`error: ...`,
@@ -465,6 +465,40 @@ def search_latency_demo_cases(run: Path, d: Path) -> list[tuple[str, str, list[s
     return cases
 
 
+def finetune_cases(run: Path, d: Path) -> list[tuple[str, str, list[str]]]:
+    """(command, what is wrong, argv) for `qnas finetune`; ``run``: a finished tiny int8 run; ``d``:
+    input_cases' folder (its good and named subnets, the unfinished run, the bad_weights names)."""
+    supernet, out = str(run / "supernet.pt"), ["--out", str(d / "finetune_out")]
+    (d / "ft_subnets").mkdir()
+    subnets = bad_subnets(d / "ft_subnets")
+    good = str(d / "good_subnet.json")
+    largest = d / "largest_subnet.json"
+    largest.write_text(json.dumps(sample(PRESETS["tiny"], "largest").to_dict(PRESETS["tiny"])))
+    cases = [("finetune", f"subnet {name}", ["finetune", str(subnets[name]), "--supernet", supernet, *out])
+             for name in ("other space", "width 9", "syntax", "missing", "top-level list")]
+    cases += [("finetune", f"supernet {name}", ["finetune", good, "--supernet", f"{{w:{name}}}", *out])
+              for name in ("truncated", "flipped byte", "no sidecar", "a checkpoint, not a supernet", "empty", "missing")]
+    with_net = ["finetune", good, "--supernet", supernet]
+    cases += [("finetune", what, args) for what, args in [
+        ("no supernet named", ["finetune", good, *out]),
+        ("recorded sha256 differs", ["finetune", str(d / "named_subnet.json"), *out]),
+        ("--steps 0", [*with_net, "--steps", "0", *out]), ("--steps -5", [*with_net, "--steps", "-5", *out]),
+        ("--steps abc", [*with_net, "--steps", "abc", *out]),
+        ("--teacher smallest", [*with_net, "--teacher", "smallest", *out]),
+        ("--teacher largest for the largest subnet", ["finetune", str(largest), "--supernet", supernet, *out]),
+        ("--lr 0", [*with_net, "--lr", "0", *out]), ("--lr nan", [*with_net, "--lr", "nan", *out]),
+        ("--batch-size 0", [*with_net, "--batch-size", "0", *out]), ("--kd-ratio 2", [*with_net, "--kd-ratio", "2", *out]),
+        ("--seed -1", [*with_net, "--seed", "-1", *out]), ("--eval-images 0", [*with_net, "--eval-images", "0", *out]),
+        ("--device tpu", [*with_net, "--device", "tpu", *out]), ("unknown dataset", [*with_net, "--data", "mnist", *out]),
+        ("--out holds an unfinished run", [*with_net, "--out", str(d / "unfinished")]),
+        ("--out holds the input supernet", [*with_net, "--out", str(run)]),
+        ("--out is a file", [*with_net, "--out", str(d / "syntax.json")]),
+        ("--resume without a run", [*with_net, "--resume", "--out", str(d / "no_finetune")]),
+        ("--resume with --overwrite", [*with_net, "--resume", "--overwrite", *out]),
+    ]]
+    return cases
+
+
 def controls(run: Path, d: Path) -> list[tuple[str, list[str], str]]:
     """(command, valid argv, what it must reach): each gets past every check to its work (the
     stand-in) or its result, so that the cases above are refused for what they name, not for
@@ -479,6 +513,8 @@ def controls(run: Path, d: Path) -> list[tuple[str, list[str], str]]:
          "converting the models of a latency pack"),
         ("latency predict", ["latency", "predict", str(d / "good_subnet.json"), "--table", table], "exit 0"),
         ("demo", ["demo", supernet, "--out", str(d / "control_demo")], "converting and timing a latency table"),
+        ("finetune", ["finetune", str(d / "good_subnet.json"), "--supernet", supernet, "--out", str(d / "control_finetune"),
+                      "--calib-images", "64"], "the fine-tune's training loop"),
     ]
 
 
@@ -490,7 +526,8 @@ class WorkStarted(BaseException):
 # The work a malformed input must be refused before (each takes minutes on 2 cores).
 WORK = {"qnas_cli.export.latency_build.build_tables": "converting and timing a latency table",
         "qnas_cli.export.latency_build.convert_covers": "converting the models of a latency pack",
-        "qnas_cli.search_job.evolve": "the evolutionary search"}
+        "qnas_cli.search_job.evolve": "the evolutionary search",
+        "qnas_cli.finetune.train_loop": "the fine-tune's training loop"}
 
 
 @contextlib.contextmanager
@@ -563,7 +600,7 @@ def input_runs(run: Path, steps: int, root: Path) -> dict[str, Any]:
     cwd = root / "cwd"  # the working folder of every case: defaults that name relative paths land here
     cwd.mkdir()
     sys.path.insert(0, str(Path.cwd()))  # this repository stays importable (benchmarks, tests) after chdir
-    cases = input_cases(run, steps, d) + search_latency_demo_cases(run, d)
+    cases = input_cases(run, steps, d) + search_latency_demo_cases(run, d) + finetune_cases(run, d)
     rows = []
     home = Path.cwd()
     with work_stopped(root / "cache"):

@@ -48,7 +48,7 @@ from .train import (Dist, Phase, StepCallback, Teacher, TrainConfig, leave_distr
 
 # Measured on the default `small` supernet (2,800 steps; benchmarks/finetune.py, BENCHMARKS.md
 # "Fine-tuning"): see DEFAULT_STEPS_WHY.
-DEFAULT_FINETUNE_STEPS = 500
+DEFAULT_FINETUNE_STEPS = 700
 DEFAULT_STEPS_WHY = "provisional; set from benchmarks/finetune.py"
 TEACHERS = ("largest", "none")
 RESULT_SUBNET = "subnet.json"  # the fine-tuned subnet's file in the run folder, beside supernet.pt

@@ -19,6 +19,7 @@ def _refused(r) -> str:
     (["--population", "0"], "--population"),
     (["--generations", "-1"], "--generations"),
     (["--eval-images", "0"], "--eval-images"),
+    (["--finetune-steps", "-1"], "--finetune-steps"),
     ([], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2_with_nothing_written(runner, tmp_path, args, says):

@@ -226,3 +226,18 @@ def test_a_finetuned_subnet_exports_with_the_gate_passing(runner, tmp_path):
     report = json.loads((tmp_path / "export" / "export_report.json").read_text())
     assert report["passed"] and report["parity"][report["target"]]["exact"] == 1.0
     assert report["accuracy"]["tflite_top1"] == report["accuracy"]["top1"]  # the file scores what the exact forward scores
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_quick(tmp_path):
+    """benchmarks/finetune.py --quick: tiny supernet, two subnets, curves, one export; JSON and PNG written."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "benchmarks.finetune", "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=1200, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "finetune.json").read_text())
+    assert len(result["truth_subnets"]) == 2 and {"largest", "none"} <= set(result["curves"][0])
+    assert result["winners"][0]["export"]["passed"] and result["winners"][0]["export"]["file_equals_exact_forward"]
+    assert (tmp_path / "finetune.png").is_file()
