@@ -73,6 +73,8 @@ def run_finetune(subnet: Path, out: Path, steps: int, teacher: str, args, curve:
     space_net = {}
 
     def on_step(step: int, total: int, metrics: dict) -> None:
+        spent.setdefault("first", time.perf_counter())
+        spent["last"] = time.perf_counter()
         if curve and step - 1 in curve and step - 1 < total:
             t = time.perf_counter()
             payload, _ = load_weights(ckpt_dir(out) / f"step_{step - 1:08d}.pt")
@@ -91,12 +93,14 @@ def run_finetune(subnet: Path, out: Path, steps: int, teacher: str, args, curve:
                                       kd_ratio=args.kd_ratio, ckpt_every=int(ckpt_every), eval_images=args.eval_images,
                                       tensorboard=False), on_step=on_step, log=QUIET, overwrite=True)
     seconds = time.perf_counter() - t - spent["eval"]
+    # the steps alone (the first step's start is not seen: one step's time added back)
+    steps_s = (spent["last"] - spent["first"] - spent["eval"]) * steps / max(steps - 1, 1)
     m = summary["metrics"]
     if curve:
         points[steps] = m["finetuned"]["test_top1"]
         points[0] = m["inherited"]["test_top1"]
     return {"inherited": m["inherited"]["test_top1"], "finetuned": m["finetuned"]["test_top1"],
-            "seconds": round(seconds, 1), "subnet": summary["subnet"],
+            "seconds": round(seconds, 1), "train_seconds": round(steps_s, 1), "subnet": summary["subnet"],
             **({"curve": {str(k): points[k] for k in sorted(points)}} if curve else {})}
 
 
@@ -186,16 +190,19 @@ def summarize(result: dict[str, Any]) -> None:
     mean = lambda k: statistics.mean(r[k] for r in rows)  # noqa: E731
     result["means"] = {k: mean(k) for k in ("inherited", "finetuned", "standalone")}
     result["means"]["finetune_seconds"] = mean("seconds")
+    result["means"]["train_seconds"] = mean("train_seconds")
     result["target_met"] = result["means"]["finetuned"] >= result["means"]["standalone"] and \
         result["config"]["steps"] <= STANDALONE_STEPS // 4
     result["short_of_standalone"] = [r["index"] for r in rows if r["finetuned"] < r["standalone"]]
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"\n{'#':>3}{'MFLOPs':>8}{'inherited':>11}{'fine-tuned':>12}{'stand-alone':>13}{'Δ vs alone':>12}{'seconds':>9}")
+    print(f"\n{'#':>3}{'MFLOPs':>8}{'inherited':>11}{'fine-tuned':>12}{'stand-alone':>13}{'Δ vs alone':>12}{'seconds':>9}"
+          f"{'steps s':>9}")
     for r in result["truth_subnets"]:
         print(f"{r['index']:>3}{r['mflops']:>8.2f}{100 * r['inherited']:>10.2f}%{100 * r['finetuned']:>11.2f}%"
-              f"{100 * r['standalone']:>12.2f}%{100 * (r['finetuned'] - r['standalone']):>+11.2f}pp{r['seconds']:>9.0f}")
+              f"{100 * r['standalone']:>12.2f}%{100 * (r['finetuned'] - r['standalone']):>+11.2f}pp{r['seconds']:>9.0f}"
+              f"{r['train_seconds']:>9.0f}")
     if "means" in result:
         m = result["means"]
         print(f"{'mean':>11}{100 * m['inherited']:>10.2f}%{100 * m['finetuned']:>11.2f}%{100 * m['standalone']:>12.2f}%"
@@ -255,6 +262,8 @@ def main() -> None:
         summarize(result)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         write_json(args.out / "finetune.json", result)
+        if result["truth_subnets"]:
+            plot(result, png)
 
     curve_idx = {picked[0]["index"], picked[-1]["index"]}
     for e in picked:
@@ -271,12 +280,6 @@ def main() -> None:
             result["curves"].append({"index": e["index"], "mflops": e["mflops"], "standalone": alone,
                                      "largest": {"curve": r["curve"]}})
         save()
-    for c in result["curves"]:  # the same subnets without the teacher
-        f = args.out / "subnets" / f"truth_{c['index']}.json"
-        print(f"curve #{c['index']}, teacher none", flush=True)
-        r = run_finetune(f, args.out / "runs" / f"truth_{c['index']}_noteacher", max(curve), "none", args, curve, data)
-        c["none"] = {"curve": r["curve"], "seconds": r["seconds"]}
-        save()
     if args.quick:
         winners = [{"budget_ms": 0.0, "arch": picked[0]["arch_key"], "file": str(args.out / "subnets" / f"truth_{picked[0]['index']}.json"),
                     "mflops": picked[0]["mflops"]}]
@@ -288,12 +291,19 @@ def main() -> None:
     for w in winners:
         if w["arch"] not in done:
             print(f"winner {w['budget_ms']:g} ms {w['arch']}", flush=True)
-            r = run_finetune(Path(w["file"]), args.out / "runs" / f"winner_{w['budget_ms']:g}ms", steps, "largest", args)
+            teacher = "none" if w["arch"] == sample(net.space, "largest").key else "largest"  # the largest has no teacher but itself
+            r = run_finetune(Path(w["file"]), args.out / "runs" / f"winner_{w['budget_ms']:g}ms", steps, teacher, args)
             r["export"] = export_checked(Path(r["subnet"]), args.out / "export" / f"winner_{w['budget_ms']:g}ms")
             print(f"  inherited {100 * r['inherited']:.2f}% -> fine-tuned {100 * r['finetuned']:.2f}%; export "
                   f"{'PASS' if r['export']['passed'] else 'FAIL'}", flush=True)
             done[w["arch"]] = r
         result["winners"].append({**w, **done[w["arch"]]})
+        save()
+    for c in result["curves"]:  # the same subnets without the teacher
+        f = args.out / "subnets" / f"truth_{c['index']}.json"
+        print(f"curve #{c['index']}, teacher none", flush=True)
+        r = run_finetune(f, args.out / "runs" / f"truth_{c['index']}_noteacher", max(curve), "none", args, curve, data)
+        c["none"] = {"curve": r["curve"], "seconds": r["seconds"]}
         save()
     save()
     plot(result, png)
