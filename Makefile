@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO   := runs/demo
 
-.PHONY: setup data demo test test-fast bench bench-quick baselines-venv clean
+.PHONY: setup data demo test test-fast bench bench-quick baselines-venv mediapipe-venv clean
 
 setup: $(STAMP) data
 
@@ -36,7 +36,7 @@ demo: setup
 	$(BIN)/qnas train --space small --steps 300 --float-steps 200 --batch-size 128 --kd-ratio 0.9 --overwrite --out $(DEMO)/train
 	$(BIN)/python -m qnas_cli.demo $(DEMO)/train/supernet.pt --out $(DEMO)
 
-test: setup
+test: setup mediapipe-venv
 	$(BIN)/python -m pytest -q -rs
 
 test-fast: setup
@@ -80,6 +80,14 @@ bench-quick: setup
 # The converters a PyTorch user would pick instead (benchmarks/litert_route.py): litert-torch and
 # ai-edge-quantizer need ai-edge-litert 2.3 where qnas pins 2.1, so they get a venv of their own.
 # Only benchmarks/export_parity.py and partial_quant.py use it; nothing in qnas imports it.
+# MediaPipe Tasks, the client the exported files are tested against (tests/test_task_api.py,
+# benchmarks/task_api.py), in its own environment: its wheel needs numpy 2, which the converters' pins exclude.
+mediapipe-venv: .venv-mediapipe/.installed
+.venv-mediapipe/.installed:
+	@test -x .venv-mediapipe/bin/python || $(PYTHON) -m venv .venv-mediapipe
+	.venv-mediapipe/bin/pip install -q mediapipe==1.2.3
+	@touch $@
+
 baselines-venv: .venv-baselines/.installed
 .venv-baselines/.installed:
 	@test -x .venv-baselines/bin/python || $(PYTHON) -m venv .venv-baselines

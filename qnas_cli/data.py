@@ -121,6 +121,7 @@ class Dataset:
     flip: bool
     decode_size: int  # side of the stored (or decoded) square images, before to_input resizes them
     decode: str  # how a stored image was made from the file, in words (the export report repeats it)
+    class_names: tuple[str, ...] = ()  # what each label means (the exported file's labels)
 
     def describe(self) -> dict:
         return {
@@ -137,6 +138,10 @@ class Dataset:
                 "normalisation": {"mean": list(self.mean), "std": list(self.std), "of": "pixels / 255"}}
 
 
+# The datasets' own class names, in label order (Fashion-MNIST's README, CIFAR-10's batches.meta).
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGEFOLDER_CHANNELS = {"imagefolder": None, "imagefolder-rgb": 3, "imagefolder-gray": 1}  # None: from the files
 
 
@@ -145,14 +150,14 @@ def load_dataset(spec: str, search_size: int | None = None, load_size: int = 32)
     kind, _, arg = spec.partition(":")
     if kind == "fashion-mnist":
         images, labels, test_images, test_labels = _read_fashion_mnist(Path(arg) if arg else FASHION_MNIST_DIR)
-        return _split(spec, TensorSource(images, labels), TensorSource(test_images, test_labels), 10, 1,
+        return _split(spec, TensorSource(images, labels), TensorSource(test_images, test_labels), FASHION_MNIST_CLASSES, 1,
                       (0.2860,), (0.3530,), pad=2, flip=True, search_size=search_size,
                       decode_size=images.shape[-1], decode="the dataset's 28x28 grayscale images as stored")
     if kind == "cifar10":
         if not arg:
             raise UserError("--data cifar10 needs the folder: cifar10:DIR (the 'cifar-10-batches-py' folder)")
         train, test = _read_cifar10(Path(arg))
-        return _split(spec, train, test, 10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        return _split(spec, train, test, CIFAR10_CLASSES, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
                       pad=4, flip=True, search_size=search_size, decode_size=32,
                       decode="the dataset's 32x32 RGB images as stored")
     if kind in IMAGEFOLDER_CHANNELS:
@@ -172,7 +177,7 @@ def _decode_words(channels: int, size: int) -> str:
             f"(bilinear), centre crop {size}x{size}")
 
 
-def _split(spec: str, full: ImageSource, test: ImageSource, classes: int, channels: int, mean, std,
+def _split(spec: str, full: ImageSource, test: ImageSource, classes: tuple[str, ...], channels: int, mean, std,
            pad: int, flip: bool, search_size: int | None, decode_size: int, decode: str) -> Dataset:
     n = len(full)
     search_size = search_size or max(1, min(5000, n // 10))  # 5,000 of Fashion-MNIST's or CIFAR's 60k/50k
@@ -180,7 +185,7 @@ def _split(spec: str, full: ImageSource, test: ImageSource, classes: int, channe
         raise UserError(f"search split of {search_size} images does not fit a training set of {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     return Dataset(spec, Subset(full, perm[search_size:].sort().values), Subset(full, perm[:search_size].sort().values),
-                   test, classes, channels, tuple(mean), tuple(std), pad, flip, decode_size, decode)
+                   test, len(classes), channels, tuple(mean), tuple(std), pad, flip, decode_size, decode, tuple(classes))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -254,7 +259,7 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"forbidden object {module}.{name}")
 
 
-def _read_imagefolder(root: Path, size: int, channels: int | None) -> tuple[FileSource, FileSource, int, int]:
+def _read_imagefolder(root: Path, size: int, channels: int | None) -> tuple[FileSource, FileSource, list[str], int]:
     def scan(split: str, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
         folder = root / split
         if not folder.is_dir():
@@ -275,7 +280,7 @@ def _read_imagefolder(root: Path, size: int, channels: int | None) -> tuple[File
     va_files, va_labels, _ = scan("val", classes)
     channels = channels or _channels_of(root, tr_files + va_files)
     return (FileSource(tr_files, tr_labels, channels, size), FileSource(va_files, va_labels, channels, size),
-            len(classes), channels)
+            classes, channels)
 
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")

@@ -25,6 +25,12 @@ MEAN       raw-int8 sum times ``f32(1/N)`` in float32, zero-point-removed sum, `
            ``std::round`` (half away from zero)        into the multiplier, double rounding
 =========  =========================================  ========================================
 
+``mediapipe`` is not a target but a client's runtime: MediaPipe Tasks (PyPI mediapipe 1.2.3, what
+apps calling its ImageClassifier run) bundles an XNNPACK whose conv, depthwise, FC and ADD round
+as ``xnnpack`` above, and whose MEAN rounds the same float32 product half to *even* (measured op by
+op through its ImageClassifier: benchmarks/task_api.py). The exact forward knows it, so a
+client's results can be checked bit for bit; a file is still exported and gated for a target.
+
 ``micro`` (TFLite Micro, tflite-micro 0.dev20261023) shares the reference kernels except
 FULLY_CONNECTED, still fixed-point there: ``MultiplyByQuantizedMultiplier`` with the multiplier of
 ``double(float32(s_in * s_w)) / double(s_out)`` (``GetQuantizedConvolutionMultipler``).
@@ -47,6 +53,8 @@ from torch import Tensor
 from .errors import choice_error
 
 TARGETS = ("xnnpack", "reference", "micro")
+CLIENTS = ("mediapipe",)  # runtimes of task APIs our files are run by: emulated, not export targets
+ARITHMETICS = (*TARGETS, *CLIENTS)
 TARGET_HELP = ("xnnpack: LiteRT's default CPU delegate, what Android/iOS apps run; "
                "reference: TFLite's reference kernels (LiteRT's BUILTIN_REF resolver); "
                "micro: TFLite Micro on microcontrollers (the reference kernels, but its own FULLY_CONNECTED)")
@@ -56,6 +64,18 @@ def check_target(runtime: str) -> str:
     if runtime not in TARGETS:
         raise choice_error("--runtime", runtime, TARGETS)
     return runtime
+
+
+def check_arithmetic(runtime: str) -> str:
+    """A runtime the exact forward can emulate: a target or a client (``ARITHMETICS``)."""
+    if runtime not in ARITHMETICS:
+        raise choice_error("runtime", runtime, ARITHMETICS)
+    return runtime
+
+
+def family(runtime: str) -> str:
+    """The target whose conv, FC and ADD arithmetic ``runtime`` shares (MediaPipe's XNNPACK: xnnpack's)."""
+    return "xnnpack" if check_arithmetic(runtime) == "mediapipe" else runtime
 
 
 def f32(x: float) -> np.float32:
@@ -178,6 +198,7 @@ def conv_requant(runtime: str, s_in: float, s_w: float, s_out: float, fully_conn
     ``PopulateConvolutionQuantizationParams``); reference FC: that double, applied in double
     (tflite/kernels/internal/reference/integer_ops/fully_connected.h, LiteRT 921360770).
     """
+    runtime = family(runtime)
     s_in, s_w, s_out = f32(s_in), f32(s_w), f32(s_out)
     scale = np.float32(f32(s_in * s_w) / s_out)  # float32 arithmetic, in XNNPACK's order
     real = float(s_in) * float(s_w) / float(s_out)
@@ -215,7 +236,7 @@ def requantize(acc: Tensor, rq: Requant, zero_point: int, qmin: int, qmax: int) 
 def add(a: Tensor, b: Tensor, qa: tuple[float, int], qb: tuple[float, int], qo: tuple[float, int],
         runtime: str) -> Tensor:
     """Elementwise int8 ADD (no activation); ``q*`` are (scale, zero point) of a, b and the output."""
-    if check_target(runtime) == "xnnpack":
+    if family(runtime) == "xnnpack":
         return xnnpack_add(a, b, qa, qb, qo)
     return reference_add(a, b, qa, qb, qo)  # reference and micro
 
@@ -254,19 +275,21 @@ def mean(q: Tensor, zero_point: int, runtime: str) -> Tensor:
     scale and zero point (TFLite requires it of our pool); int8 values in a float32 tensor."""
     n = q.shape[-1] * q.shape[-2]
     total = q.sum(dim=(-2, -1))
-    if check_target(runtime) == "xnnpack":
-        return xnnpack_mean(total, zero_point, n)
+    if check_arithmetic(runtime) in ("xnnpack", "mediapipe"):
+        return xnnpack_mean(total, zero_point, n, half_even=runtime == "mediapipe")
     return reference_mean(total, zero_point, n)  # reference and micro
 
 
-def xnnpack_mean(total: Tensor, zero_point: int, n: int) -> Tensor:
+def xnnpack_mean(total: Tensor, zero_point: int, n: int, half_even: bool = False) -> Tensor:
     """XNNPACK's reduce-mean (src/operators/reduce-nd.c ``reshape_reduce_nd``, the int32 -> qint8
     convert of src/reference/unary-elementwise.cc): the raw int8 sum times
-    ``f32(f32(s_in/s_out) * f32(1/N))`` plus a float32 zero point, rounded half away from zero."""
+    ``f32(f32(s_in/s_out) * f32(1/N))`` plus a float32 zero point, rounded half away from zero
+    (``half_even``: to even, as MediaPipe's bundled XNNPACK rounds it)."""
     scale = np.float32(np.float32(1.0) * np.float32(1.0 / np.float32(n)))  # s_in/s_out = 1
     zp = np.float32(np.float32(zero_point) - np.float32(np.float32(n * zero_point) * scale))
     t = total.to(torch.float32).mul_(float(scale)).add_(float(zp))  # float32 throughout
-    return round_half_away(t.to(torch.float64)).clamp_(-128, 127).to(torch.float32)
+    rounded = t.round() if half_even else round_half_away(t.to(torch.float64))
+    return rounded.clamp_(-128, 127).to(torch.float32)
 
 
 def reference_mean(total: Tensor, zero_point: int, n: int) -> Tensor:

@@ -86,9 +86,9 @@ def fixed_integers(model: nn.Module) -> Iterator[None]:
 
 
 def set_runtime(model: nn.Module, runtime: str | None) -> None:
-    """Make ``model``'s eval-mode forward exact for ``runtime`` (None: fake-quant)."""
+    """Make ``model``'s eval-mode forward exact for ``runtime`` (``kernels.ARITHMETICS``; None: fake-quant)."""
     if runtime is not None:
-        kernels.check_target(runtime)
+        kernels.check_arithmetic(runtime)
     for m in model.modules():
         if isinstance(m, Exact):
             m.runtime = runtime

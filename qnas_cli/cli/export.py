@@ -26,9 +26,26 @@ def export(
         metavar="N|all", help="Of those, how many the exported file itself runs on for the bit-exact gate, spread over "
                               "the classes; 'all' runs every one (slower: the largest small subnet's XNNPACK file "
                               "takes ~6 ms per image on a laptop core).")] = str(VERIFY_IMAGES),
+    input_type: Annotated[str, typer.Option(
+        "--input", metavar="uint8|int8",
+        help="What the file takes. uint8 (default): raw camera pixels 0-255, normalised inside the model "
+             "exactly, what MediaPipe Tasks' ImageClassifier and the TFLite Task Library accept; "
+             "int8: the graph's own int8 input (the app normalises and quantizes, as io.input says).")] = "uint8",
+    output_type: Annotated[str, typer.Option(
+        "--output", metavar="uint8|int8", help="What the file gives: uint8 scores (default; the task APIs need it) "
+                                               "or the int8 logits. The same values either way, 128 apart.")] = "uint8",
+    color_space: Annotated[str, typer.Option(
+        "--color-space", metavar="rgb|grayscale",
+        help="Channels of a uint8 input. Default: rgb, also for grayscale models (which then read the green "
+             "channel: pass grey images as RGB), since MediaPipe's ImageClassifier takes only 3- or 4-channel "
+             "models; grayscale keeps one channel (TFLite Micro, a grey sensor).")] = None,
+    labels: Annotated[Path, typer.Option(
+        help="Class names, one per line, for the file's metadata and labels.txt (default: the dataset's: "
+             "Fashion-MNIST's and CIFAR-10's names, an image folder's class folders).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print export_report.json to stdout.")] = False,
 ) -> None:
-    """Write model_int8.tflite (int8 in/out, every op int8), model.onnx and export_report.json.
+    """Write model_int8.tflite (every op int8; uint8 pixels in, uint8 scores out by default; TFLite
+    metadata with the labels), labels.txt, model.onnx and export_report.json.
 
     The calibrated subnet's exact integer forward for the target runtime scores the test images:
     the accuracy reported. The file runs on that runtime (LiteRT; TFLite Micro for micro) over
@@ -45,7 +62,8 @@ def export(
     from qnas_cli.export.pipeline import export_subnet
 
     report = export_subnet(subnet, out, supernet, data, calib_images, eval_images, runtime, _images(verify_images),
-                           log=logger(err_console if json_out else console))
+                           log=logger(err_console if json_out else console), input_type=input_type,
+                           output_type=output_type, color_space=color_space, labels_file=labels)
     if json_out:
         print_json(report)
     else:
@@ -84,7 +102,7 @@ def _summary(r: dict) -> None:
     t.add_row(f"latency (ms, 1 thread, {r['latency_ms'].get('statistic', 'median')})", *(f"{r['latency_ms'][b]:.3f}" if b in r["latency_ms"] else "-" for b in CHECKED))
     console.print(t)
     c, a = r["census"], r["accuracy"]
-    say(console, f"ops {dict(c['ops'])}; float tensors {c['float_tensors']}; in/out {c['input_dtype']}/{c['output_dtype']}; "
+    say(console, f"ops {dict(c['ops'])}; float tensors {c['float_tensors']}; in/out {c['input_dtype']} {c['input_shape']}/{c['output_dtype']}; "
                  f"QUANTIZE {c['quantize_ops']} DEQUANTIZE {c['dequantize_ops']}")
     say(console, f"top-1 on {a['n_images']} test images: {100 * a['top1']:.2f}% on {target} (exact forward); "
                  f"on the {a['tflite_images']} the file ran: TFLite {100 * a['tflite_top1']:.2f}%, fake-quant "

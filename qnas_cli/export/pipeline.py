@@ -29,7 +29,7 @@ import torch
 from qnas_cli.calibrate import (CALIB_IMAGES, EVAL_BATCH, EVAL_IMAGES_HINT, VERIFY_IMAGES, calibrate_file,
                                 calibration_data_spec, calibration_record, check_data_fits, default_output, load_calibrated,
                                 resolve_supernet, stale_reasons)
-from qnas_cli.checkpoint import read_meta, sha256_file, versions, write_json
+from qnas_cli.checkpoint import read_meta, sha256_file, versions, write_bytes, write_json
 from qnas_cli.data import Dataset, calibration_indices, load_dataset, ordered_batches, to_input
 from qnas_cli.errors import UserError, check_count
 from qnas_cli.kernels import check_target
@@ -39,9 +39,12 @@ from qnas_cli.space import read_structured
 from qnas_cli.supernet import Subnet
 
 from .fold import quantize_input, quantize_output, to_integer_graph
+from .pixels import FileIO, file_io, on_pixel_grid
+from .tflite_io import INPUT_NAME, OUTPUT_NAME, adapt_io
+from .tflite_metadata import LABELS_FILE, ClassifierMetadata, attach, labels_text
 from .tflite import MAX_CALIB_IMAGES as ONNX2TF_CALIB_IMAGES  # onnx2tf's calibration only has to yield a full-integer graph
 
-REPORT_SCHEMA = "qnas.export_report/3"  # bump when a documented key (README, "In a CI pipeline") changes meaning
+REPORT_SCHEMA = "qnas.export_report/4"  # bump when a documented key (README, "In a CI pipeline") changes meaning
 INFO_IMAGES = 100  # the runtimes other than the target: enough to show their drift (1,000 logits), not to gate
 PER_OP_IMAGES = 50
 
@@ -92,6 +95,20 @@ def _current_calibration(subnet_file: Path, supernet: Path | None, data_spec: st
     return sub, meta
 
 
+def calibrated_path(subnet_file: Path) -> Path:
+    """The calibrated ``subnet.qnas.pt`` an export of ``subnet_file`` uses (given, or beside it)."""
+    return subnet_file if subnet_file.name.endswith(".qnas.pt") else default_output(subnet_file)
+
+
+def file_subnet(report: dict) -> tuple[Subnet, Dataset]:
+    """The subnet whose exact forward an export_report.json's file computes (the calibrated one,
+    on the file's input grid) and the data it was exported with: for clients checking the file."""
+    sub, meta = load_calibrated(Path(report["source"]["calibrated_path"]))
+    data = load_dataset(meta["data"]["spec"], load_size=meta["data"].get("decode_size", sub.arch.resolution))
+    pixels = report["io"]["file"]["input"] == "uint8"
+    return (on_pixel_grid(sub, meta["data"]) if pixels else sub).eval(), data
+
+
 def int8_images(sub: Subnet, data: Dataset, source, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """int8 inputs (NCHW) and labels of ``limit`` images of ``source`` (class-stratified; all when None)."""
     xs, ys = [], []
@@ -123,9 +140,13 @@ def spread(n: int, k: int) -> np.ndarray:
 
 def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path | None = None,
                   data_spec: str | None = None, calib_images: int = CALIB_IMAGES, eval_images: int | None = None,
-                  runtime: str = "xnnpack", verify_images: int | None = VERIFY_IMAGES, log=print) -> dict[str, Any]:
+                  runtime: str = "xnnpack", verify_images: int | None = VERIFY_IMAGES, log=print,
+                  input_type: str = "uint8", output_type: str = "uint8", color_space: str | None = None,
+                  labels_file: Path | None = None) -> dict[str, Any]:
     """Run the whole export; returns the report (also written to ``out_dir/export_report.json``).
-    ``verify_images``: test images the file itself runs on (None: every one ``eval_images`` selects)."""
+    ``verify_images``: test images the file itself runs on (None: every one ``eval_images`` selects).
+    ``input_type``, ``output_type``, ``color_space``: what the file takes and gives (``pixels.py``);
+    ``labels_file``: class names, one per line (default: the dataset's)."""
     from .tflite import export_tflite
     from .verify import CHECKED, arithmetic, failures, latency_ms, parity, run_tflite, verify_tflite
 
@@ -135,7 +156,9 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     check_count("--verify-images", verify_images)
     out_dir = Path(out_dir) if out_dir else Path(subnet_file).parent
     check_writable(out_dir)
-    check_exportable(Path(subnet_file), supernet)  # before calibration writes subnet.qnas.pt
+    trained_on = check_exportable(Path(subnet_file), supernet)  # before calibration writes subnet.qnas.pt
+    io = file_io(input_type, output_type, color_space, trained_on) if trained_on else None
+    names = read_labels(labels_file, trained_on["num_classes"] if trained_on else None) if labels_file else None
     clock = Clock()
     # the export scores the test split itself, below; the search split says nothing about the file
     sub, meta, data = prepare(Path(subnet_file), supernet, data_spec, calib_images, eval_images=eval_images, log=log,
@@ -143,8 +166,16 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     sub.eval()
     _refuse_unless_int8(sub.cfg)
     check_data_fits(data, sub.in_channels, sub.num_classes, "the subnet")
+    trained_on = meta.get("data") or data.describe()
+    io = io or file_io(input_type, output_type, color_space, trained_on)
+    names = names or (read_labels(labels_file, sub.num_classes) if labels_file else
+                      data.class_names or tuple(str(i) for i in range(sub.num_classes)))
+    if len(names) != sub.num_classes:
+        raise UserError(f"the subnet has {sub.num_classes} classes but the labels name {len(names)}")
     clock.lap("calibrate")
     _make_folder(out_dir)  # only now: a refused export leaves no empty folder behind
+    trained = sub  # what calibration scored; the file's input grid may be finer (pixels.py)
+    sub = on_pixel_grid(sub, trained_on) if io.input == "uint8" else sub
     graph = to_integer_graph(sub, {"arch": sub.arch.key})
     if graph.meta.get("saturated_biases"):
         log(f"warning: int32 biases saturated in {', '.join(graph.meta['saturated_biases'])} (a weight scale at its floor?)")
@@ -155,8 +186,11 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     info = spread(len(images), INFO_IMAGES)
     log(f"exporting {sub.arch.key} ({len(graph.ops)} int8 ops) for {runtime}; "
         f"scoring {len(images)} test images with the exact {runtime} forward meanwhile")
+    meta_for_file = classifier_metadata(sub, meta, trained_on, io, names, runtime)
+    write_bytes(out_dir / LABELS_FILE, labels_text(names).encode())
     with ThreadPoolExecutor(1) as conversion:  # onnx2tf is a subprocess: it runs beside the PyTorch passes
-        converted = conversion.submit(export_tflite, graph, calib, out_dir, "model")
+        converted = conversion.submit(export_tflite, graph, calib, out_dir, "model",
+                                      lambda model: attach(adapt_io(model, io), meta_for_file))
         exact = subnet_outputs(sub, images, runtime)  # every image: the accuracy
         fake_quant = subnet_outputs(sub, images[verify], None)
         # the other runtimes, for information, on a smaller spread subset
@@ -179,7 +213,8 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
         "passed": None,
         "arch": meta.get("arch"),
         "arch_key": sub.arch.key,
-        "source": {"calibrated": meta.get("weights", {}).get("file"), "supernet": meta.get("supernet")},
+        "source": {"calibrated": meta.get("weights", {}).get("file"), "calibrated_path": str(calibrated_path(Path(subnet_file)).resolve()),
+                   "supernet": meta.get("supernet")},
         "accuracy": {
             "split": "test", "runtime": runtime,
             "n_images": int(len(labels)), "top1": float(np.mean(exact.argmax(1) == labels)),
@@ -188,10 +223,8 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
         },
         "fake_quant_vs_exact": parity(fake_quant, exact[verify]),
         "saturated_biases": graph.meta.get("saturated_biases", []),
-        "io": {"input": {"layout": "NHWC", "shape": [1, sub.arch.resolution, sub.arch.resolution, sub.in_channels],
-                         "dtype": "int8", "scale": in_q.scale, "zero_point": in_q.zero_point,
-                         **data.preprocessing(sub.arch.resolution)},
-               "output": {"shape": [1, sub.num_classes], "dtype": "int8", "scale": out_q.scale, "zero_point": out_q.zero_point}},
+        "io": io_record(io, sub, in_q, out_q, data.preprocessing(sub.arch.resolution)),
+        "labels": {"file": LABELS_FILE, "names": list(names), "in_metadata": True},
         "size_bytes": result.tflite.stat().st_size,
         "files": {"tflite": result.tflite.name, "onnx": result.onnx.name, "log": result.log.name,
                   "tflite_sha256": sha256_file(result.tflite)},
@@ -204,9 +237,10 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     return report
 
 
-def check_exportable(subnet_file: Path, supernet: Path | None) -> None:
+def check_exportable(subnet_file: Path, supernet: Path | None) -> dict | None:
     """Refuse, before anything is written, a subnet whose supernet is not fully int8 (a float or
-    convs-only one): from the sidecar of ``subnet.qnas.pt`` or of the supernet a subnet.json names."""
+    convs-only one): from the sidecar of ``subnet.qnas.pt`` or of the supernet a subnet.json names.
+    Returns the data the model was trained on as recorded there (None where unreadable)."""
     try:
         if subnet_file.name.endswith(".qnas.pt"):
             meta = read_meta(subnet_file)
@@ -215,8 +249,9 @@ def check_exportable(subnet_file: Path, supernet: Path | None) -> None:
             meta = read_meta(net_path, recorded_sha)
         cfg = QuantConfig(**meta["quant"])
     except (UserError, KeyError, TypeError):
-        return  # not ours to judge: ``prepare`` names what is wrong with these files, before it writes anything
+        return None  # not ours to judge: ``prepare`` names what is wrong with these files, before it writes anything
     _refuse_unless_int8(cfg)
+    return meta.get("data")
 
 
 def _refuse_unless_int8(cfg: QuantConfig) -> None:
@@ -257,3 +292,60 @@ def _make_folder(out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out_dir}: cannot write there ({e.strerror})") from None
+
+
+def read_labels(path: Path, classes: int | None) -> tuple[str, ...]:
+    """--labels: one class name per line (blank lines at the end ignored), as many as the classes."""
+    try:
+        names = tuple(Path(path).read_text(encoding="utf-8").rstrip("\n").split("\n"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--labels {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if any(not n.strip() for n in names):
+        raise UserError(f"--labels {path}: a line is empty (one class name per line)")
+    if classes is not None and len(names) != classes:
+        raise UserError(f"--labels {path}: {len(names)} names for a model of {classes} classes")
+    return names
+
+
+def io_record(io: FileIO, sub: Subnet, in_q, out_q, preprocessing: dict) -> dict:
+    """The report's ``io``: what the file takes and gives, and how to make it from an image file."""
+    r = sub.arch.resolution
+    graph_in = {"scale": in_q.scale, "zero_point": in_q.zero_point}
+    if io.input == "uint8":
+        file_in = {"name": INPUT_NAME, "shape": [1, r, r, io.channels], "dtype": "uint8", "color_space": io.color_space,
+                   "values": "raw pixels 0-255: the model normalises them itself",
+                   "scale": in_q.scale, "zero_point": in_q.zero_point + 128}
+        if io.channel is not None:
+            file_in["reads_channel"] = "RGB"[io.channel]
+    else:
+        file_in = {"name": "input", "shape": [1, r, r, sub.in_channels], "dtype": "int8", **graph_in,
+                   "values": "normalised pixels, quantized: round(x / scale) + zero_point"}
+    scores = {"shape": [1, sub.num_classes], "scale": out_q.scale}
+    file_out = ({"name": OUTPUT_NAME, **scores, "dtype": "uint8", "zero_point": out_q.zero_point + 128} if io.output == "uint8"
+                else {"name": "logits", **scores, "dtype": "int8", "zero_point": out_q.zero_point})
+    return {"file": io.to_dict(), "input": {"layout": "NHWC", **file_in, **preprocessing,
+                                            "graph_input": graph_in},
+            "output": {**file_out, "values": "class scores (logits): (q - zero_point) * scale; the largest is the prediction"}}
+
+
+def classifier_metadata(sub: Subnet, meta: dict, trained_on: dict, io: FileIO, names: tuple[str, ...],
+                        runtime: str) -> ClassifierMetadata:
+    """TFLite metadata for the file: what it is, its labels, how its input is normalised."""
+    from qnas_cli import __version__
+
+    q = sub.input_q
+    if io.input == "uint8":  # the model's real input is (pixel - zero_point) * scale
+        mean, std = float(q.zero_point + 128), 1.0 / float(q.scale.item())
+        values = f"raw {io.color_space.upper()} pixels 0-255 (uint8); the model normalises them itself"
+    else:  # an app normalises and quantizes: (p / 255 - m) / s, as 255-based pixel statistics
+        mean, std = 255.0 * trained_on["mean"][0], 255.0 * trained_on["std"][0]
+        values = "normalised pixels quantized to int8 (export_report.json io.input)"
+    supernet = (meta.get("supernet") or {}).get("sha256", "")[:12]
+    return ClassifierMetadata(
+        name=f"qnas {((meta.get('arch') or {}).get('space') or {}).get('name', 'subnet')} {trained_on['spec']} classifier",
+        description=(f"Fully int8 image classifier found by qnas (quantization-aware NAS), subnet {sub.arch.key}, "
+                     f"exported for {runtime}; trained on {trained_on['spec']}."),
+        version=f"qnas {__version__}; supernet {supernet}" if supernet else f"qnas {__version__}",
+        labels=names, color_space=io.color_space, width=sub.arch.resolution, height=sub.arch.resolution,
+        mean=mean, std=std, input_description=values,
+        output_description="One score per class (logits); the largest is the prediction. Labels: labels.txt.")

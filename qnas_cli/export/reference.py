@@ -54,7 +54,7 @@ def real_output(op: Op, tensors: dict[str, np.ndarray], qparams: dict[str, QPara
 
 def run_op(op: Op, tensors: dict[str, np.ndarray], qparams: dict[str, QParams], runtime: str = "xnnpack") -> np.ndarray:
     """One op: its int8 output from the int8 tensors it reads, as ``runtime`` computes it."""
-    kernels.check_target(runtime)
+    kernels.check_arithmetic(runtime)
     if isinstance(op, (Conv, Linear)):
         qi, qo = qparams[op.input], qparams[op.output]
         acc = _accumulators(op, tensors, qparams)

@@ -11,7 +11,8 @@ calibrated on our own images. It runs in a subprocess inside a private temp dir,
 - may sys.exit() on errors and leaves TensorFlow state behind; the caller sees neither.
 
 The TFLite model takes int8 NHWC input (1, H, W, C) with the graph input's qparams and
-returns int8 logits (1, classes) with the graph output's qparams.
+returns int8 logits (1, classes) with the graph output's qparams, unless ``finish`` gives it
+other ends (``tflite_io``: uint8 pixels and scores).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,11 +130,13 @@ def run_onnx2tf(onnx_path: Path, graph: IntegerGraph, images_int8: np.ndarray, w
 
 
 def export_tflite(graph: IntegerGraph, calib_inputs_int8: np.ndarray, out_dir: Path,
-                  name: str = "subnet") -> TFLiteExport:
+                  name: str = "subnet", finish: Callable[[bytes], bytes] | None = None) -> TFLiteExport:
     """Write `<name>.onnx`, `<name>_int8.tflite` and `<name>.onnx2tf.log` into out_dir.
 
     calib_inputs_int8: (N, C, H, W) int8 images in the graph input's qparams; onnx2tf needs
     them to run its calibration, whose scales are then replaced by the graph's.
+    ``finish``: applied to the rewritten model before it is written (its input and output
+    types, its metadata), so that the file on disk is the one verified.
     Raises ExportError (conversion) or MappingError (TFLite graph does not match the graph).
     """
     if (calib_inputs_int8.dtype != np.int8 or len(calib_inputs_int8) == 0
@@ -152,6 +156,7 @@ def export_tflite(graph: IntegerGraph, calib_inputs_int8: np.ndarray, out_dir: P
         seconds["onnx2tf"] = time.perf_counter() - t
     t = time.perf_counter()
     ours, _ = rewrite(converted, graph)
+    ours = finish(ours) if finish else ours
     tflite_path = write_bytes(out_dir / f"{name}_int8.tflite", ours)
     seconds["rewrite"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0

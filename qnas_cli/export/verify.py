@@ -141,14 +141,31 @@ def cores() -> int:
 def _invoke_each(path: Path | bytes, images_nchw: np.ndarray, runtime: str) -> np.ndarray:
     it = interpreter(path, runtime)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    if inp["dtype"] != np.int8:
-        raise ValueError(f"model input is {inp['dtype']}, expected int8")
     results = [np.zeros((0, int(np.prod(out["shape"]))), np.int8)]
     for img in images_nchw:
-        it.set_tensor(inp["index"], np.ascontiguousarray(img.transpose(1, 2, 0)[None]))
+        it.set_tensor(inp["index"], as_file_input(img, inp))
         it.invoke()
-        results.append(it.get_tensor(out["index"]).reshape(1, -1).copy())
+        results.append(as_logits(it.get_tensor(out["index"]).reshape(1, -1), out))
     return np.concatenate(results)
+
+
+def as_file_input(image_chw: np.ndarray, detail: dict) -> np.ndarray:
+    """One int8 graph input (C, H, W) as the file's input tensor takes it (``pixels.FileIO``):
+    uint8 pixels are the int8 values + 128, an RGB input of a grayscale graph repeats the value."""
+    x = image_chw.transpose(1, 2, 0)[None]
+    if detail["dtype"] == np.uint8:
+        x = (x.astype(np.int16) + 128).astype(np.uint8)
+    elif detail["dtype"] != np.int8:
+        raise ValueError(f"model input is {detail['dtype']}, expected int8 or uint8")
+    channels = int(detail["shape"][-1])
+    if channels != x.shape[-1]:
+        x = np.repeat(x, channels, axis=-1)
+    return np.ascontiguousarray(x)
+
+
+def as_logits(values: np.ndarray, detail: dict) -> np.ndarray:
+    """The file's output as the graph's int8 logits (uint8 scores are the logits + 128)."""
+    return (values.astype(np.int16) - 128).astype(np.int8) if detail["dtype"] == np.uint8 else values.copy()
 
 
 def parity(got: np.ndarray, expected: np.ndarray) -> dict:
@@ -180,7 +197,7 @@ def all_tensors(path: Path, graph: IntegerGraph, images_nchw: np.ndarray, runtim
     shapes = tensor_shapes(graph)
     got: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for img in images_nchw:
-        it.set_tensor(inp["index"], np.ascontiguousarray(img.transpose(1, 2, 0)[None]))
+        it.set_tensor(inp["index"], as_file_input(img, inp))
         it.invoke()
         for n in names:
             v = it.get_tensor(outs[n])
@@ -253,17 +270,22 @@ def failures(report: dict, target: str = "xnnpack") -> list[str]:
         name, o = min(inexact.items(), key=lambda kv: kv[1]["exact"])
         bad.append(f"{target}: {len(inexact)} op(s) not bit-exact on their own inputs, worst {name!r} "
                    f"exact on {o['exact']:.4f} of values (max {o['max_abs_lsb']} LSB)")
-    cov = report.get("xnnpack_coverage", {})
-    if target == "xnnpack" and (cov.get("undelegated_ops") or not cov.get("delegate_nodes")):
-        bad.append(f"xnnpack: the delegate did not take the whole model (ops left on built-in kernels: "
-                   f"{', '.join(cov.get('undelegated_ops') or ['all'])})")
     c = report["census"]
+    io = report.get("io", {}).get("file", {"input": "int8", "output": "int8"})
+    # the uint8 ends are one QUANTIZE each, a shift by 128 that XNNPACK leaves to the built-in kernel
+    adapters = (io["input"] == "uint8") + (io["output"] == "uint8")
+    cov = report.get("xnnpack_coverage", {})
+    left = [op for op in cov.get("undelegated_ops") or [] if not (op == "QUANTIZE" and adapters)]
+    if target == "xnnpack" and (left or not cov.get("delegate_nodes")):
+        bad.append(f"xnnpack: the delegate did not take the whole model (ops left on built-in kernels: "
+                   f"{', '.join(left or ['all'])})")
     if c["float_tensors"]:
         bad.append(f"{c['float_tensors']} float tensors in the model")
-    if (c["input_dtype"], c["output_dtype"]) != ("int8", "int8"):
-        bad.append(f"input/output are {c['input_dtype']}/{c['output_dtype']}, expected int8/int8")
-    if c["quantize_ops"] or c["dequantize_ops"]:
-        bad.append(f"{c['quantize_ops']} QUANTIZE and {c['dequantize_ops']} DEQUANTIZE ops")
+    if (c["input_dtype"], c["output_dtype"]) != (io["input"], io["output"]):
+        bad.append(f"input/output are {c['input_dtype']}/{c['output_dtype']}, expected {io['input']}/{io['output']}")
+    if c["quantize_ops"] != adapters or c["dequantize_ops"]:
+        bad.append(f"{c['quantize_ops']} QUANTIZE and {c['dequantize_ops']} DEQUANTIZE ops "
+                   f"(expected {adapters} QUANTIZE: the uint8 ends)")
     s = report["scales"]
     if s["max_rel_err"] > 1e-6 or s["missing"] or s["constants_mismatched"]:
         bad.append(f"stored parameters differ: max scale rel err {s['max_rel_err']:.2e}, "
