@@ -50,7 +50,7 @@ QUIET = lambda *a, **k: None  # noqa: E731
 
 def spread(n: int, k: int) -> list[int]:
     """``k`` indices evenly over ``n`` items (the truth is in MFLOPs order): both ends included."""
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(n, k))})
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(n, k))}) if k > 0 else []
 
 
 def write_subnet(path: Path, arch: Arch, space, supernet: Path) -> Path:
@@ -234,7 +234,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny space, a few steps: a smoke run")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/finetune"))
     ap.add_argument("--png", type=Path, default=None, help="default: docs/bench/finetune.png (--quick: OUT/finetune.png)")
+    ap.add_argument("--merge-winners", type=Path, default=None,
+                    help="only merge the winners of another run's finetune.json (e.g. one with --subnets 0, run beside "
+                         "this one on the other core) into OUT/finetune.json, then plot and print")
     args = ap.parse_args()
+    if args.merge_winners:
+        result = json.loads((args.out / "finetune.json").read_text())
+        result["winners"] = json.loads(args.merge_winners.read_text())["winners"]
+        result["merged_winners_from"] = str(args.merge_winners)
+        png = args.png or Path("docs/bench/finetune.png")
+        write_json(args.out / "finetune.json", result)
+        plot(result, png)
+        print_table(result)
+        return
     torch.set_num_threads(args.threads)
     steps = args.steps or FinetuneConfig.steps
     curve = [int(s) for s in args.curve.split(",")]
@@ -262,10 +274,10 @@ def main() -> None:
         summarize(result)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         write_json(args.out / "finetune.json", result)
-        if result["truth_subnets"]:
+        if result["truth_subnets"] or result["winners"]:
             plot(result, png)
 
-    curve_idx = {picked[0]["index"], picked[-1]["index"]}
+    curve_idx = {picked[0]["index"], picked[-1]["index"]} if picked else set()
     for e in picked:
         arch = Arch.from_dict(e["arch"], net.space)
         f = write_subnet(args.out / "subnets" / f"truth_{e['index']}.json", arch, net.space, supernet)
@@ -293,7 +305,10 @@ def main() -> None:
             print(f"winner {w['budget_ms']:g} ms {w['arch']}", flush=True)
             teacher = "none" if w["arch"] == sample(net.space, "largest").key else "largest"  # the largest has no teacher but itself
             r = run_finetune(Path(w["file"]), args.out / "runs" / f"winner_{w['budget_ms']:g}ms", steps, teacher, args)
-            r["export"] = export_checked(Path(r["subnet"]), args.out / "export" / f"winner_{w['budget_ms']:g}ms")
+            try:
+                r["export"] = export_checked(Path(r["subnet"]), args.out / "export" / f"winner_{w['budget_ms']:g}ms")
+            except Exception as e:  # noqa: BLE001 - recorded, and the benchmark goes on: the table is the main result
+                r["export"] = {"passed": False, "error": f"{type(e).__name__}: {e}"}
             print(f"  inherited {100 * r['inherited']:.2f}% -> fine-tuned {100 * r['finetuned']:.2f}%; export "
                   f"{'PASS' if r['export']['passed'] else 'FAIL'}", flush=True)
             done[w["arch"]] = r
