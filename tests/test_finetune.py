@@ -147,6 +147,35 @@ def test_resume_gives_identical_weights(base, tmp_path):
                  resume=True, **QUIET)
 
 
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGKILL", -9)])
+def test_a_killed_or_interrupted_finetune_resumes_to_the_same_weights(base, tmp_path, sig, code):
+    """The command killed (SIGKILL) or interrupted (Ctrl-C: a checkpoint, exit 130) after its first
+    checkpoint, then --resume: the weights of an uninterrupted run, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, net, subnet, *_ = base
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every run: same floats
+    cmd = lambda out: [sys.executable, "-m", "qnas_cli", "finetune", str(subnet), "--steps", "120", "--ckpt-every", "10",  # noqa: E731
+                       "--batch-size", "16", "--eval-images", "50", "--calib-images", "64", "--no-tensorboard", "--out", str(out)]
+    subprocess.run(cmd(tmp_path / "a"), env=env, check=True, capture_output=True, timeout=600)
+    p = subprocess.Popen(cmd(tmp_path / "b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (tmp_path / "b" / "ckpt" / "step_00000010.json").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if p.poll() is not None:
+        pytest.skip("the run finished before it could be stopped (a fast host): nothing to resume")
+    p.send_signal(getattr(signal, sig))
+    assert p.wait(timeout=300) == code, p.stderr.read()
+    assert not (tmp_path / "b" / "supernet.pt").exists()
+    r = subprocess.run([*cmd(tmp_path / "b"), "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(load_weights(tmp_path / "a" / "supernet.pt")[0]["model"], load_weights(tmp_path / "b" / "supernet.pt")[0]["model"])
+
+
 def test_cli_json(runner, base, tmp_path):
     root, net, subnet, arch, _ = base
     r = runner.invoke(app, ["finetune", str(subnet), "--steps", "2", "--batch-size", "16", "--eval-images", "50",
