@@ -230,6 +230,8 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=32)
     ap.add_argument("--generations", type=int, default=5)
     ap.add_argument("--no-search", action="store_true")
+    ap.add_argument("--no-curves", action="store_true")
+    ap.add_argument("--indices", default=None, help="truth subnets by index (comma-separated) instead of --subnets' spread")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared 2-core host)")
     ap.add_argument("--quick", action="store_true", help="tiny space, a few steps: a smoke run")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/finetune"))
@@ -262,7 +264,7 @@ def main() -> None:
         supernet, entries = args.supernet, load_truth()["subnets"]
     net, meta = load_supernet(supernet)
     data = load_dataset(meta.get("config", {}).get("data", "fashion-mnist"), load_size=max(net.space.resolutions))
-    picked = [entries[i] for i in spread(len(entries), args.subnets)]
+    picked = [entries[i] for i in ([int(i) for i in args.indices.split(",")] if args.indices else spread(len(entries), args.subnets))]
     result: dict[str, Any] = {"config": {"space": net.space.name, "supernet": str(supernet), "supernet_sha256": meta["weights"]["sha256"], "steps": steps,
                                          "lr": args.lr, "kd_ratio": args.kd_ratio, "curve": curve, "quick": args.quick,
                                          "eval_images": args.eval_images, "curve_eval_images": args.curve_eval_images,
@@ -277,7 +279,7 @@ def main() -> None:
         if result["truth_subnets"] or result["winners"]:
             plot(result, png)
 
-    curve_idx = {picked[0]["index"], picked[-1]["index"]} if picked else set()
+    curve_idx = {picked[0]["index"], picked[-1]["index"]} if picked and not args.no_curves else set()
     for e in picked:
         arch = Arch.from_dict(e["arch"], net.space)
         f = write_subnet(args.out / "subnets" / f"truth_{e['index']}.json", arch, net.space, supernet)
