@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from qnas_cli.calibrate import calibrate_file, subnet_document
 from qnas_cli.checkpoint import load_weights, save_weights, sha256_file, write_json
@@ -101,6 +102,8 @@ def test_a_finetuned_supernet_serves_its_subnet_only(base, tmp_path):
         calibrate_file(other, calib_images=64, eval_images=50)
     with pytest.raises(UserError, match="search the original supernet"):
         prepare_search(SearchConfig(supernet=str(ft), budgets_ms=[1.0], out=str(tmp_path / "s")))
+    r = CliRunner().invoke(app, ["export", str(other), "--out", str(tmp_path / "export")])
+    assert r.exit_code == 2 and "was fine-tuned for the subnet" in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["subnet.json"]
 
 
