@@ -30,7 +30,7 @@ data:
 # The whole job on the embedded default (Fashion-MNIST, small space), sized for a 2-core laptop
 # (about 11 minutes): one short training run (float warm start -> fully int8 supernet, 200 + 100
 # steps) -> this host's latency table -> search three budgets -> fine-tune each distinct winner
-# from its inherited weights (qnas finetune, 120 steps) -> export it with its parity gate -> one
+# from its inherited weights (qnas finetune, 100 steps) -> export it with its parity gate -> one
 # summary table (inherited and fine-tuned test top-1 side by side).
 demo: setup
 	$(BIN)/qnas train --space small --steps 300 --float-steps 200 --batch-size 128 --kd-ratio 0.9 --overwrite --out $(DEMO)/train
