@@ -29,9 +29,9 @@ from .space import sample
 
 BUDGET_POINTS = (0.15, 0.4, 0.8)  # where the budgets sit between the fastest and the slowest subnet
 # The demo's fine-tune per winner: sized so that `make demo` stays within 12 minutes on 2 cores (about
-# 30 s of steps per winner there, plus the teacher's calibration and two evaluations). `qnas finetune`'s
+# 25 s of steps per winner there, plus the teacher's calibration and two evaluations). `qnas finetune`'s
 # default (measured on a fully trained supernet) is longer.
-DEMO_FINETUNE_STEPS = 120
+DEMO_FINETUNE_STEPS = 100
 
 
 def budgets_for(pred: Predictor, space) -> list[float]:
