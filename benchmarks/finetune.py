@@ -231,6 +231,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=5)
     ap.add_argument("--no-search", action="store_true")
     ap.add_argument("--no-curves", action="store_true")
+    ap.add_argument("--teacher", default="largest", choices=("largest", "none"),
+                    help="the table's teacher (none: the table's curves are the teacher-off ones; no second pass)")
     ap.add_argument("--indices", default=None, help="truth subnets by index (comma-separated) instead of --subnets' spread")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared 2-core host)")
     ap.add_argument("--quick", action="store_true", help="tiny space, a few steps: a smoke run")
@@ -239,11 +241,20 @@ def main() -> None:
     ap.add_argument("--merge-winners", type=Path, default=None,
                     help="only merge the winners of another run's finetune.json (e.g. one with --subnets 0, run beside "
                          "this one on the other core) into OUT/finetune.json, then plot and print")
+    ap.add_argument("--merge-curves", type=Path, default=None,
+                    help="with --merge-winners: also the teacher-off curves of another run's finetune.json (--teacher none)")
     args = ap.parse_args()
     if args.merge_winners:
         result = json.loads((args.out / "finetune.json").read_text())
         result["winners"] = json.loads(args.merge_winners.read_text())["winners"]
         result["merged_winners_from"] = str(args.merge_winners)
+        if args.merge_curves:
+            other = {c["index"]: c for c in json.loads(args.merge_curves.read_text())["curves"]}
+            for c in result["curves"]:
+                if c["index"] in other and "none" in other[c["index"]]:
+                    c["none"] = other[c["index"]]["none"]
+            result["merged_curves_from"] = str(args.merge_curves)
+        summarize(result)
         png = args.png or Path("docs/bench/finetune.png")
         write_json(args.out / "finetune.json", result)
         plot(result, png)
@@ -285,14 +296,14 @@ def main() -> None:
         f = write_subnet(args.out / "subnets" / f"truth_{e['index']}.json", arch, net.space, supernet)
         alone = statistics.mean(e["top1"].values())
         print(f"truth #{e['index']} ({e['mflops']:.2f} MFLOPs) {arch.key}: stand-alone {100 * alone:.2f}%", flush=True)
-        r = run_finetune(f, args.out / "runs" / f"truth_{e['index']}", steps, "largest", args,
+        r = run_finetune(f, args.out / "runs" / f"truth_{e['index']}", steps, args.teacher, args,
                          curve if e["index"] in curve_idx and max(curve) == steps else None, data)
         print(f"  inherited {100 * r['inherited']:.2f}% -> fine-tuned {100 * r['finetuned']:.2f}% in {r['seconds']:.0f} s", flush=True)
         result["truth_subnets"].append({"index": e["index"], "arch": arch.key, "mflops": e["mflops"], "standalone": alone,
                                         **{k: v for k, v in r.items() if k != "curve"}})
         if "curve" in r:
             result["curves"].append({"index": e["index"], "mflops": e["mflops"], "standalone": alone,
-                                     "largest": {"curve": r["curve"]}})
+                                     args.teacher: {"curve": r["curve"], "seconds": r["seconds"]}})
         save()
     if args.quick:
         winners = [{"budget_ms": 0.0, "arch": picked[0]["arch_key"], "file": str(args.out / "subnets" / f"truth_{picked[0]['index']}.json"),
@@ -316,7 +327,7 @@ def main() -> None:
             done[w["arch"]] = r
         result["winners"].append({**w, **done[w["arch"]]})
         save()
-    for c in result["curves"]:  # the same subnets without the teacher
+    for c in result["curves"] if args.teacher == "largest" else []:  # the same subnets without the teacher
         f = args.out / "subnets" / f"truth_{c['index']}.json"
         print(f"curve #{c['index']}, teacher none", flush=True)
         r = run_finetune(f, args.out / "runs" / f"truth_{c['index']}_noteacher", max(curve), "none", args, curve, data)
