@@ -65,7 +65,10 @@ def subnet_file(supernet: Path, spec: str, out: Path) -> Path:
 def timed_export(path: Path, out: Path) -> tuple[dict, float]:
     """`qnas export PATH --out OUT --json` as a user runs it; its report and wall seconds (process start included)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "qnas_cli", "export", str(path), "--out", str(out), "--json"],
+    # int8 ends, as the peer converters here are asked for: this compares graphs (the default uint8 file
+    # in a client: benchmarks/task_api.py)
+    proc = subprocess.run([sys.executable, "-m", "qnas_cli", "export", str(path), "--out", str(out), "--json",
+                           "--input", "int8", "--output", "int8"],
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 3):

@@ -295,6 +295,13 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         cases.append(("export", f"subnet {name}", ["export", str(subnets[name]), "--supernet", str(run / "supernet.pt"),
                                                    "--out", str(d / "export")]))
     cases.append(("export", "supernet truncated", ["export", str(good), "--supernet", "{w:truncated}", "--out", str(d / "export")]))
+    (d / "three_labels.txt").write_text("a\nb\nc\n")
+    (d / "blank_label.txt").write_text("a\n\nc\n")
+    for what, extra in (("--input float16", ["--input", "float16"]), ("--output float32", ["--output", "float32"]),
+                        ("--color-space bgr", ["--color-space", "bgr"]), ("--labels: 3 for 10 classes", ["--labels", str(d / "three_labels.txt")]),
+                        ("--labels: a blank line", ["--labels", str(d / "blank_label.txt")]),
+                        ("--labels missing", ["--labels", str(d / "no_labels.txt")])):
+        cases.append(("export", what, ["export", str(good), "--supernet", str(run / "supernet.pt"), "--out", str(d / "export"), *extra]))
     beside = d / "calibrated"  # a calibrated subnet.qnas.pt, and the subnet.json beside it damaged / it truncated
     beside.mkdir()
     r = CliRunner().invoke(app, ["calibrate", str(good), "--supernet", str(run / "supernet.pt"), "--calib-images", "64",

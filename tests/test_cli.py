@@ -127,7 +127,7 @@ def test_a_wrong_module_or_command_would_be_caught(runner):
 # ---- exit codes -----------------------------------------------------------------------------------
 
 def test_a_failed_export_gate_exits_3_and_still_prints_the_report(runner, tmp_path, monkeypatch):
-    report = {"schema": "qnas.export_report/3", "passed": False, "problems": ["xnnpack: max |Δ| 4 LSB > 1 [end to end]"]}
+    report = {"schema": "qnas.export_report/4", "passed": False, "problems": ["xnnpack: max |Δ| 4 LSB > 1 [end to end]"]}
     monkeypatch.setattr("qnas_cli.export.pipeline.export_subnet", lambda *a, **k: report)
     r = runner.invoke(app, ["export", str(tmp_path / "subnet.json"), "--json"])
     assert EXIT_GATE_FAILED == 3 and r.exit_code == 3, r.output
@@ -141,12 +141,12 @@ def test_exit_codes_are_documented_in_help_and_readme(runner):
         assert re.search(r"\b3\b[^.;]*fail(s|ed)? (parity|verification)", r.output), r.output
     readme = README.read_text()
     assert "3 the exported model failed verification" in readme and "## In a CI pipeline" in readme
-    assert "qnas.export_report/3" in readme
+    assert "qnas.export_report/4" in readme
 
 
 def _fake_export(code: int, passed: bool) -> str:
     """A stand-in `qnas` for the CI job: prints a report (only on a finished export) and exits with ``code``."""
-    report = {"schema": "qnas.export_report/3", "passed": passed, "arch_key": "r16-w8:k3e2", "size_bytes": 1234, "target": "xnnpack",
+    report = {"schema": "qnas.export_report/4", "passed": passed, "arch_key": "r16-w8:k3e2", "size_bytes": 1234, "target": "xnnpack",
               "accuracy": {"top1": 0.8, "fake_quant_top1": 0.8, "n_images": 10},
               "parity": {"xnnpack": {"max_abs_lsb": 1, "exact": 0.99}}, "latency_ms": {"xnnpack": 0.5}}
     return (f"echo '{json.dumps(report)}'; " if code in (0, 3) else "echo 'error: boom' >&2; ") + f"exit {code}"

@@ -15,7 +15,9 @@ import pytest
 from conftest import make_supernet
 from qnas_cli.export.fold import to_integer_graph
 from qnas_cli.export.pipeline import int8_images, subnet_outputs
+from qnas_cli.export.pixels import file_io, on_pixel_grid
 from qnas_cli.export.tflite import export_tflite
+from qnas_cli.export.tflite_io import adapt_io
 from qnas_cli.export.measure import interpreter, xnnpack_coverage
 from qnas_cli.export.verify import run_tflite
 from qnas_cli.calibrate import calibrated_subnet
@@ -31,11 +33,19 @@ from tests.helpers import space_doc
 pytestmark = pytest.mark.slow
 
 
-def _exact_everywhere(sub, data, folder, n_images=60):
+def _exact_everywhere(sub, data, folder, n_images=60, pixels=False):
+    """Every target runtime runs the file exactly as the subnet's exact forward. ``pixels``: with
+    the default ends, uint8 RGB pixels in (the input on the pixel grid), uint8 scores out."""
+    finish = None
+    if pixels:
+        io = file_io(None, "uint8", None, data.describe())
+        assert (io.input, io.color_space, io.channel) == ("uint8", "rgb", 1)
+        sub = on_pixel_grid(sub, data.describe())
+        finish = lambda model: adapt_io(model, io)  # noqa: E731
     graph = to_integer_graph(sub)
     images, _ = int8_images(sub, data, data.test, n_images)
-    result = export_tflite(graph, images[:16], folder)
-    assert xnnpack_coverage(interpreter(result.tflite, "xnnpack"))["undelegated_ops"] == []
+    result = export_tflite(graph, images[:16], folder, finish=finish)
+    assert xnnpack_coverage(interpreter(result.tflite, "xnnpack"))["undelegated_ops"] == (["QUANTIZE"] if pixels else [])
     for runtime in TARGETS:
         got, want = run_tflite(result.tflite, images, runtime), subnet_outputs(sub, images, runtime)
         np.testing.assert_array_equal(got, want, err_msg=f"{sub.arch.key} on {runtime}")
@@ -61,7 +71,7 @@ def test_feature_fc_and_expand_1_blocks_export_bit_exact(fashion, tmp_path):
     init_quant_scales(net, fashion, net.space, "cpu", images=64)  # data-initialised, as training starts
     arch = sample(net.space, "smallest")
     assert arch.stages[0].blocks[0].expand == 1 and net.feature is not None
-    _exact_everywhere(calibrated_subnet(net, arch, fashion, images=256), fashion, tmp_path)
+    _exact_everywhere(calibrated_subnet(net, arch, fashion, images=256), fashion, tmp_path, pixels=True)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +92,7 @@ def test_mbv3_exports_bit_exact(mbv3_net, resolution, tmp_path):
     net, data = mbv3_net
     smallest = sample(net.space, "smallest")
     arch = type(smallest)(resolution, smallest.stages)
-    _exact_everywhere(calibrated_subnet(net, arch, data, images=64), data, tmp_path, n_images=20)
+    _exact_everywhere(calibrated_subnet(net, arch, data, images=64), data, tmp_path, n_images=20, pixels=resolution == 128)
 
 
 @pytest.mark.parametrize("how", ["largest", "smallest", "random"])
@@ -96,4 +106,4 @@ def test_small_space_subnets_export_bit_exact(how, tmp_path):
     net = Supernet(PRESETS["small"], 1, 10, QuantConfig())
     init_quant_scales(net, data, net.space, "cpu", images=64)
     arch = sample(net.space, how, random.Random(7))
-    _exact_everywhere(calibrated_subnet(net, arch, data, images=256), data, tmp_path, n_images=100)
+    _exact_everywhere(calibrated_subnet(net, arch, data, images=256), data, tmp_path, n_images=100, pixels=how == "random")

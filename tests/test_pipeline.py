@@ -95,10 +95,15 @@ def test_export_parity(trained, how, seed, runtime, runner):
     a, ran = report["accuracy"], 300 if verify == "all" else 200  # the exact forward scores all 300; the file runs on `ran`
     assert (a["n_images"], a["tflite_images"], report["parity"][runtime]["n_images"]) == (300, ran, ran)
     assert report["parity"]["builtin"]["n_images"] == 100 and 0.2 < a["top1"] <= 1 and 0.2 < a["tflite_top1"] <= 1
-    assert report["xnnpack_coverage"]["undelegated_ops"] == []
-    c = report["census"]
-    assert c["float_tensors"] == 0 and (c["input_dtype"], c["output_dtype"]) == ("int8", "int8")
-    assert c["quantize_ops"] == 0 and c["dequantize_ops"] == 0
+    # the default ends: uint8 pixels where one normalisation serves every channel (grey data), uint8 scores;
+    # each uint8 end is one QUANTIZE (a shift by 128), the only op XNNPACK leaves to TFLite's kernels
+    assert report["xnnpack_coverage"]["undelegated_ops"] == ["QUANTIZE"]
+    c, pixels = report["census"], data == "fashion-mnist"
+    assert c["float_tensors"] == 0 and (c["input_dtype"], c["output_dtype"]) == ("uint8" if pixels else "int8", "uint8")
+    assert c["input_shape"][-1] == 3  # RGB, also for the grey model: as MediaPipe's ImageClassifier takes it
+    assert c["quantize_ops"] == 1 + pixels and c["dequantize_ops"] == 0
+    assert report["labels"]["names"][:2] == (["T-shirt/top", "Trouser"] if pixels else ["airplane", "automobile"])
+    assert (path.parent / "labels.txt").read_text().splitlines() == report["labels"]["names"]
     assert report["fake_quant_vs_exact"]["within_1lsb"] > 0.9  # training's float simulation: near, not exact
     assert set(report["seconds"]) >= {"stage_calibrate", "stage_pytorch", "stage_convert_wait", "stage_tflite_checks", "onnx2tf"}
     for name in ("model_int8.tflite", "model.onnx", "export_report.json"):
@@ -125,7 +130,7 @@ def test_the_readme_ci_job_exports_a_subnet_and_reads_its_figures(trained, tmp_p
     r = run_ci_job(tmp_path, subnet, tmp_path / "dist")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "export.json").read_text())
-    assert report["schema"] == "qnas.export_report/3" and report["passed"] and report["problems"] == []
+    assert report["schema"] == "qnas.export_report/4" and report["passed"] and report["problems"] == []
     assert report == json.loads((tmp_path / "dist" / "export_report.json").read_text())
     a = report["accuracy"]
     assert f"{report['arch_key']}: top-1 {a['top1']:.4f}" in r.stdout

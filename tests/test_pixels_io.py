@@ -38,6 +38,7 @@ def test_options_are_checked_against_the_training_data():
         with pytest.raises(UserError, match=match):
             file_io(*args)
     assert file_io("int8", "uint8", None, CIFAR).color_space == "rgb"
+    assert file_io(None, "uint8", None, CIFAR).input == "int8" and file_io(None, "uint8", None, FMNIST).input == "uint8"
 
 
 def test_every_pixel_is_its_own_int8_value_on_the_pixel_grid(fmnist):
@@ -113,3 +114,32 @@ def test_mediapipe_classifies_exactly_as_the_exact_forward(tmp_path):
     out_q = graph.qparams[graph.output]
     client = np.round(scores / np.float32(out_q.scale)).astype(int) + out_q.zero_point
     assert np.array_equal(client, run_reference(graph, images, "mediapipe").astype(int))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--input", "float16"], "--input: 'float16' is not allowed"),
+    (["--output", "float32"], "--output: 'float32' is not allowed"),
+    (["--color-space", "bgr"], "--color-space: 'bgr' is not allowed"),
+    (["--labels", "THREE"], "3 names for a model of 10 classes"),
+    (["--labels", "MISSING"], "cannot read it"),
+])
+def test_bad_io_options_exit_2_before_anything_is_written(runner, tmp_path, args, words):
+    from qnas_cli.checkpoint import save_weights, sha256_file, write_json
+    from qnas_cli.cli import app
+    from qnas_cli.space import PRESETS
+    from qnas_cli.train import supernet_payload
+
+    net = tmp_path / "run" / "supernet.pt"
+    from dataclasses import asdict
+
+    model = make_supernet()
+    save_weights(net, supernet_payload(model), {"kind": "qnas.supernet", "config": {"data": "fashion-mnist"},
+                                                "data": FMNIST, "quant": asdict(model.cfg)})  # as `qnas train` records it
+    space = PRESETS["tiny"]
+    subnet = tmp_path / "sub" / "subnet.json"
+    write_json(subnet, {**sample(space, "smallest").to_dict(space), "supernet": {"path": str(net), "sha256": sha256_file(net)}})
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    args = [{"THREE": str(tmp_path / "three.txt"), "MISSING": str(tmp_path / "nope.txt")}.get(a, a) for a in args]
+    r = runner.invoke(app, ["export", str(subnet), "--out", str(tmp_path / "export"), *args])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["subnet.json"] and not (tmp_path / "export").exists()

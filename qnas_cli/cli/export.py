@@ -28,9 +28,10 @@ def export(
                               "takes ~6 ms per image on a laptop core).")] = str(VERIFY_IMAGES),
     input_type: Annotated[str, typer.Option(
         "--input", metavar="uint8|int8",
-        help="What the file takes. uint8 (default): raw camera pixels 0-255, normalised inside the model "
-             "exactly, what MediaPipe Tasks' ImageClassifier and the TFLite Task Library accept; "
-             "int8: the graph's own int8 input (the app normalises and quantizes, as io.input says).")] = "uint8",
+        help="What the file takes. uint8: raw camera pixels 0-255, normalised inside the model exactly, what "
+             "MediaPipe Tasks' ImageClassifier and the TFLite Task Library accept; int8: the graph's own int8 "
+             "input (the app normalises and quantizes, as io.input says). Default: uint8 where the data has one "
+             "normalisation for every channel (grayscale data), else int8.")] = None,
     output_type: Annotated[str, typer.Option(
         "--output", metavar="uint8|int8", help="What the file gives: uint8 scores (default; the task APIs need it) "
                                                "or the int8 logits. The same values either way, 128 apart.")] = "uint8",
@@ -54,7 +55,7 @@ def export(
 
     The other runtimes (xnnpack, reference, micro, and the optimized built-in kernels, which are
     not a target) are compared on 100 of the images, for information. With --json the report
-    (schema qnas.export_report/3) goes to stdout.
+    (schema qnas.export_report/4) goes to stdout.
 
     Exit codes: 0 the model passed verification; 3 it failed parity or the op census (the report
     is still written and printed); 2 bad input; 1 internal failure; 130 interrupted.

@@ -39,7 +39,7 @@ from qnas_cli.space import read_structured
 from qnas_cli.supernet import Subnet
 
 from .fold import quantize_input, quantize_output, to_integer_graph
-from .pixels import FileIO, file_io, on_pixel_grid
+from .pixels import FileIO, check_choices, file_io, on_pixel_grid
 from .tflite_io import INPUT_NAME, OUTPUT_NAME, adapt_io
 from .tflite_metadata import LABELS_FILE, ClassifierMetadata, attach, labels_text
 from .tflite import MAX_CALIB_IMAGES as ONNX2TF_CALIB_IMAGES  # onnx2tf's calibration only has to yield a full-integer graph
@@ -141,11 +141,11 @@ def spread(n: int, k: int) -> np.ndarray:
 def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path | None = None,
                   data_spec: str | None = None, calib_images: int = CALIB_IMAGES, eval_images: int | None = None,
                   runtime: str = "xnnpack", verify_images: int | None = VERIFY_IMAGES, log=print,
-                  input_type: str = "uint8", output_type: str = "uint8", color_space: str | None = None,
+                  input_type: str | None = None, output_type: str = "uint8", color_space: str | None = None,
                   labels_file: Path | None = None) -> dict[str, Any]:
     """Run the whole export; returns the report (also written to ``out_dir/export_report.json``).
     ``verify_images``: test images the file itself runs on (None: every one ``eval_images`` selects).
-    ``input_type``, ``output_type``, ``color_space``: what the file takes and gives (``pixels.py``);
+    ``input_type``, ``output_type``, ``color_space``: what the file takes and gives (``pixels.py``; None: its default);
     ``labels_file``: class names, one per line (default: the dataset's)."""
     from .tflite import export_tflite
     from .verify import CHECKED, arithmetic, failures, latency_ms, parity, run_tflite, verify_tflite
@@ -157,6 +157,7 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     out_dir = Path(out_dir) if out_dir else Path(subnet_file).parent
     check_writable(out_dir)
     trained_on = check_exportable(Path(subnet_file), supernet)  # before calibration writes subnet.qnas.pt
+    check_choices(input_type, output_type, color_space)
     io = file_io(input_type, output_type, color_space, trained_on) if trained_on else None
     names = read_labels(labels_file, trained_on["num_classes"] if trained_on else None) if labels_file else None
     clock = Clock()
@@ -171,10 +172,12 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     names = names or (read_labels(labels_file, sub.num_classes) if labels_file else
                       data.class_names or tuple(str(i) for i in range(sub.num_classes)))
     if len(names) != sub.num_classes:
-        raise UserError(f"the subnet has {sub.num_classes} classes but the labels name {len(names)}")
+        raise UserError(f"--labels {labels_file}: {len(names)} names for a model of {sub.num_classes} classes")
     clock.lap("calibrate")
     _make_folder(out_dir)  # only now: a refused export leaves no empty folder behind
-    trained = sub  # what calibration scored; the file's input grid may be finer (pixels.py)
+    if input_type is None and io.input == "int8":
+        log(f"input: int8, not uint8 pixels: {trained_on['spec']} normalises each channel its own way, which one "
+            "input scale cannot hold (normalise in the app as export_report.json's io.input says)")
     sub = on_pixel_grid(sub, trained_on) if io.input == "uint8" else sub
     graph = to_integer_graph(sub, {"arch": sub.arch.key})
     if graph.meta.get("saturated_biases"):

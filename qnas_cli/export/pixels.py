@@ -15,7 +15,8 @@ QUANTIZE from it to the int8 input has a requantization multiplier of exactly 1:
 instead of the trained input scale, ~1.5x coarser on Fashion-MNIST), applied by its int32
 requantization, so the exact forward of the file is the calibrated subnet with that input grid.
 One (mean, std) for every channel is what a per-tensor scale can hold; per-channel
-normalisation (CIFAR-10, RGB image folders) is refused for uint8 input rather than approximated.
+normalisation (CIFAR-10, RGB image folders) keeps the int8 input by default, and ``--input uint8``
+is refused for it rather than approximated.
 
 A grayscale model exported for RGB input reads one channel of it (green, the channel closest to
 luminance, 0.587 of BT.601 luma) through a STRIDED_SLICE: the same integers for a grey image
@@ -59,16 +60,13 @@ class FileIO:
         return 3 if self.color_space == "rgb" else 1
 
 
-def file_io(input_type: str, output_type: str, color_space: str | None, data: dict) -> FileIO:
+def file_io(input_type: str | None, output_type: str, color_space: str | None, data: dict) -> FileIO:
     """Check the options against the data the model was trained on (``Dataset.describe()``, as
-    a checkpoint records it); ``color_space`` None: the data's own, except that a grayscale
-    model with uint8 input takes RGB, as the task APIs give it."""
-    if input_type not in IO_TYPES:
-        raise choice_error("--input", input_type, IO_TYPES)
-    if output_type not in IO_TYPES:
-        raise choice_error("--output", output_type, IO_TYPES)
-    if color_space is not None and color_space not in COLOR_SPACES:
-        raise choice_error("--color-space", color_space, COLOR_SPACES)
+    a checkpoint records it). ``input_type`` None: uint8 where one normalisation serves every
+    channel, else int8 (``default_input``); ``color_space`` None: the data's own, except that a
+    grayscale model with uint8 input takes RGB, as the task APIs give it."""
+    check_choices(input_type, output_type, color_space)
+    input_type = input_type or default_input(data)
     gray = data["in_channels"] == 1
     if color_space is None:
         color_space = "rgb" if (input_type == "uint8" or not gray) else "grayscale"
@@ -80,6 +78,21 @@ def file_io(input_type: str, output_type: str, color_space: str | None, data: di
     if input_type == "uint8":
         pixel_grid(data)  # refuses per-channel normalisation
     return FileIO(input_type, output_type, color_space, GRAY_FROM_RGB if (gray and color_space == "rgb") else None)
+
+
+def default_input(data: dict) -> str:
+    """uint8 pixels where the data's normalisation fits one input scale (module docstring), else int8."""
+    return "uint8" if len(set(data["mean"])) == 1 and len(set(data["std"])) == 1 else "int8"
+
+
+def check_choices(input_type: str | None, output_type: str, color_space: str | None) -> None:
+    """The options' values alone (before the data they are checked against is known)."""
+    if input_type is not None and input_type not in IO_TYPES:
+        raise choice_error("--input", input_type, IO_TYPES)
+    if output_type not in IO_TYPES:
+        raise choice_error("--output", output_type, IO_TYPES)
+    if color_space is not None and color_space not in COLOR_SPACES:
+        raise choice_error("--color-space", color_space, COLOR_SPACES)
 
 
 def pixel_grid(data: dict) -> tuple[float, int]:
