@@ -5,7 +5,8 @@ One seeded evolution per budget (qnas_cli/search.py), all sharing one fitness ca
 TFLite that `qnas export` ships, on the table's runtime and device), MFLOPs and parameters from
 the architecture. Writes into ``out``: ``evaluations.jsonl`` (the cache, for --resume),
 ``pareto.json``, ``pareto.png`` and one ``subnet_<budget>ms.json`` per budget, ready for
-`qnas export`.
+`qnas export`. A last stage (qnas_cli/rescore.py, ``rescores.jsonl``) re-scores each budget's
+best candidates on more images before its winner is chosen.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .errors import UserError, check_count, choice_error
 from .event_log import EventLog, NoEventLog, open_event_log
 from .fitness import Fitness, cache_identity, fitness_arithmetic
 from .lineage import check_searchable
+from .rescore import DEFAULT_TOP, RESCORE_FILE, RULE, best_rescored, check_top, rescore_identity, shortlist
 from .latency import RUNTIMES, LatencyTable, Predictor, table_statistic
 from .search import PAPER, PARENT_RATIO, Generation, check_settings, evolve, pareto_front
 from .space import Arch, SearchSpace, sample
@@ -65,6 +67,9 @@ class SearchConfig:
     screen: float = 0.25  # share of each generation's new children evaluated (predictor-ranked); 1: all
     calib_images: int = 250  # BN re-estimation per candidate
     eval_images: int | None = 2000  # search-split images per candidate (None: all)
+    # The last stage (rescore.py): each budget's top K distinct candidates by fitness re-scored with
+    # export's calibration on the whole search split; the winner is the best re-scored. 0: off.
+    rescore_top: int = DEFAULT_TOP
     seed: int = 0
     out: str | None = None  # default: <supernet folder>/search
     resume: bool = False
@@ -87,6 +92,7 @@ class SearchConfig:
         for name in ("calib_images", "threads", "eval_images"):
             check_count(f"--{name.replace('_', '-')}", getattr(self, name))
         check_settings(self.population, self.generations, self.mutate_prob, self.crossover_prob, self.screen)
+        check_top(self.rescore_top)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UserError(f"--seed must be a non-negative integer (as qnas train's), got {self.seed}")
         for p in (self.out_dir, *self.out_dir.parents):  # the nearest existing one must be a folder
@@ -209,6 +215,9 @@ def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_eva
     arithmetic = fitness_arithmetic(cfg.runtime)
     identity = cache_identity(meta["weights"]["sha256"], setup.data_spec, cfg.calib_images, cfg.eval_images, arithmetic)
     fitness = Fitness(net, data, identity, out / "evaluations.jsonl", cfg.resume, rank=d.rank, world=d.world)
+    # Made before any evolution, so that a re-score cache with other inputs is refused before the work.
+    rescorer = (Fitness(net, data, rescore_identity(meta["weights"]["sha256"], setup.data_spec, arithmetic),
+                        out / RESCORE_FILE, cfg.resume, rank=d.rank, world=d.world) if cfg.rescore_top else None)
     if not d.main:  # the other ranks only evaluate; rank 0 reports and writes
         log, on_generation = (lambda m: None), None
     if fitness.scores:
@@ -236,17 +245,23 @@ def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_eva
         winners[budget] = res.best
         history[budget] = [{"generation": g.index, "best_top1": g.best[1], "evaluated": g.evaluated,
                             "cache_hits": g.cache_hits, "predictor_tau": g.predictor_tau} for g in res.history]
-    if not d.main:
-        return None
     # A budget's winner is the best subnet evaluated by any budget's evolution that fits it:
     # a tighter budget's winner often fits a looser one, and its score is already known.
     for budget in winners:
         fits = [a for a in archs.values() if feasible(a, budget)]
         winners[budget] = max(fits, key=lambda a: (fitness.scores[a.key], -pred.predict(a)))
+    stage = None
+    if rescorer is not None:  # every rank: the candidates are the same on each, the re-scores are shared like evaluations
+        stage = _rescore_stage(cfg.rescore_top, winners, list(archs.values()), feasible, fitness.scores, pred.predict,
+                               rescorer, len(data.search), log)
+        winners = {b: archs[stage["budgets"][f"{b:g}"]["winner"]] for b in winners}
+    if not d.main:
+        return None
 
     def figures(a: Arch) -> dict[str, float]:
         c = cost(a)
-        return {"latency_ms": pred.predict(a), "search_top1": fitness.scores[a.key], "mflops": c.mflops,
+        rescored = {"rescore_top1": rescorer.scores[a.key]} if rescorer is not None and a.key in rescorer.scores else {}
+        return {"latency_ms": pred.predict(a), "search_top1": fitness.scores[a.key], **rescored, "mflops": c.mflops,
                 "params_k": c.params / 1e3, "tflite_kb": c.tflite_kb}
 
     rows = [{"arch": key, **figures(a)} for key, a in archs.items()]
@@ -272,7 +287,9 @@ def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_eva
               "evaluations": {"count": len(fitness.scores), "new": fitness.evaluations,
                               # children already scored (this evolution's or another budget's) or in a resumed cache
                               "cache_hits": fitness.hits + sum(g["cache_hits"] for h in history.values() for g in h)},
-              "seconds": _seconds(time.perf_counter() - t_start, fitness.seconds, predict_s[0], d.world),
+              "rescore": stage or {"top": 0},
+              "seconds": _seconds(time.perf_counter() - t_start, fitness.seconds, predict_s[0], d.world,
+                                  stage["seconds"] if stage else 0.0),
               "generations": {f"{b:g}": h for b, h in history.items()},
               "subnets": sorted(rows, key=lambda r: r["latency_ms"]), "versions": versions()}
     write_json(out / "pareto.json", result)
@@ -281,12 +298,48 @@ def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_eva
     return result
 
 
-def _seconds(wall: float, evaluation: dict[str, float], predict: float, world: int) -> dict[str, float]:
+def _seconds(wall: float, evaluation: dict[str, float], predict: float, world: int, rescore: float) -> dict[str, float]:
     """Where the search's wall time went. Evaluation seconds are summed over ranks (CPU-process
-    seconds); per rank they overlap, so ``other`` counts them divided by the ranks."""
-    spent = sum(evaluation.values()) / world + predict
+    seconds); per rank they overlap, so ``other`` counts them divided by the ranks. ``rescore``:
+    the last stage's wall time (its own evaluations are not in ``evaluation``)."""
+    spent = sum(evaluation.values()) / world + predict + rescore
     return {"wall": round(wall, 1), **{k: round(v, 1) for k, v in evaluation.items()}, "latency_prediction": round(predict, 2),
-            "other": round(max(wall - spent, 0.0), 1), "ranks": world}
+            "rescore": round(rescore, 1), "other": round(max(wall - spent, 0.0), 1), "ranks": world}
+
+
+def _rescore_stage(top: int, proxy_winners: dict[float, Arch], evaluated: list[Arch], feasible, proxy: dict[str, float],
+                   latency, rescorer: Fitness, split_images: int, log) -> dict[str, Any]:
+    """The last stage (rescore.py): every budget's shortlist re-scored in one batch (shared by the
+    torchrun ranks, cached in ``rescorer``), then each budget's winner by ``RULE``; what
+    pareto.json records under ``rescore``."""
+    t0 = time.perf_counter()
+    lists = {b: shortlist(evaluated, lambda a, b=b: feasible(a, b), proxy, latency, top) for b in proxy_winners}
+    union = list({a.key: a for s in lists.values() for a in s}.values())
+    log(f"re-scoring the top {top} of each budget ({len(union)} distinct subnets) with export's calibration "
+        f"({_calib(rescorer)} images) on the whole search split ({split_images} images)")
+    new_before = rescorer.evaluations
+    rescorer(union)
+    budgets = {}
+    for b, proxy_pick in proxy_winners.items():
+        fits = lambda a, b=b: feasible(a, b)  # noqa: E731
+        won = best_rescored(union, fits, rescorer.scores, proxy, latency)
+        pool = sorted((a for a in union if fits(a)), key=lambda a: (-proxy[a.key], latency(a), a.key))
+        short = {a.key for a in lists[b]}
+        budgets[f"{b:g}"] = {
+            "winner": won.key, "proxy_winner": proxy_pick.key,
+            "candidates": [{"arch": a.key, "search_top1": proxy[a.key], "rescore_top1": rescorer.scores[a.key],
+                            "latency_ms": latency(a), "shortlist": a.key in short} for a in pool]}
+        if won.key != proxy_pick.key:
+            log(f"budget {b:g} ms: re-scoring changed the winner to {won.key} ({100 * rescorer.scores[won.key]:.2f}% "
+                f"re-scored; the fitness's pick {proxy_pick.key} re-scored {100 * rescorer.scores.get(proxy_pick.key, float('nan')):.2f}%)")
+    return {"top": top, "calib_images": _calib(rescorer), "eval_images": split_images, "file": RESCORE_FILE,
+            "rule": RULE.format(top=top), "rescored": len(union), "new": rescorer.evaluations - new_before,
+            "seconds": round(time.perf_counter() - t0, 2), "budgets": budgets}
+
+
+def _calib(rescorer: Fitness) -> int:
+    """The calibration images the re-scores were made with (``calibrate.CALIB_IMAGES``, or fewer in a smaller training split)."""
+    return sum(len(x) for x in rescorer.inputs.calib_u8)
 
 
 def _check_feasible(cfg, space, pred: Predictor, cost, within_others, table, candidates: list[Arch]) -> None:

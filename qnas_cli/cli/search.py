@@ -12,6 +12,7 @@ from rich.table import Table
 from ..errors import UserError
 from ..fitness import SEARCH_RUNTIMES
 from ..latency import RUNTIMES
+from ..rescore import DEFAULT_TOP
 from ..search import PAPER, PARENT_RATIO
 from ..search_job import SearchConfig, prepare_search, run_search
 from .common import console, err_console, interactive, logger, print_json, say
@@ -24,6 +25,14 @@ def _budgets(text: str) -> list[float]:
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise UserError(f"--latency-ms: {text!r} is not a comma-separated list of milliseconds (e.g. 0.3,0.6,1.0)") from None
+
+
+def _top(text: str) -> int:
+    """``--rescore-top``, parsed here so that a non-integer is one line, as a negative one is."""
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--rescore-top must be a non-negative integer (0: no re-scoring), got {text!r}") from None
 
 
 def search(
@@ -52,6 +61,10 @@ def search(
                                                "ranks highest; 1 evaluates every child. Every accuracy reported was measured.")] = D.screen,
     calib_images: Annotated[int, typer.Option(help="Training images for each candidate's BN re-estimation (seeded, class-stratified, as `qnas calibrate`; 250 ranks subnets as 2,000 do, see README).")] = D.calib_images,
     eval_images: Annotated[int, typer.Option(help="Search-split images scored per candidate: a seeded, class-stratified subset, the same for every candidate (the ranking noise: about 1 pp at 2,000).")] = D.eval_images,
+    rescore_top: Annotated[str, typer.Option("--rescore-top", metavar="K",
+                                             help="Last stage: each budget's top K distinct candidates by fitness are re-scored as "
+                                                  "`qnas export` calibrates them (2,000 images), on the whole search split; the winner "
+                                                  "is the best re-scored (pareto.json: rescore). 0 turns it off.")] = str(DEFAULT_TOP),
     seed: Annotated[int, typer.Option(help="Seed of the evolution (budget i uses seed + i).")] = D.seed,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (default: SUPERNET's folder/search).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search in --out: evaluated subnets are not evaluated again.")] = False,
@@ -73,7 +86,8 @@ def search(
     cfg = SearchConfig(supernet=str(supernet), budgets_ms=_budgets(latency_ms), flops_m=flops_m, params_k=params_k, size_kb=size_kb,
                        data=data, table=str(table) if table else None, runtime=runtime, table_runtime=table_runtime, threads=threads,
                        population=population, generations=generations, mutate_prob=mutate_prob,
-                       crossover_prob=crossover_prob, screen=screen, calib_images=calib_images, eval_images=eval_images, seed=seed,
+                       crossover_prob=crossover_prob, screen=screen, calib_images=calib_images, eval_images=eval_images,
+                       rescore_top=_top(rescore_top), seed=seed,
                        out=str(out) if out else None, resume=resume, tensorboard=tensorboard)
     if cfg.table is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun, before any work
         raise UserError("under torchrun, pass --table (build it first with `qnas latency build`): "
@@ -98,10 +112,12 @@ def search(
         return
     t = Table(title=f"qnas search (latency: {result['table']['runtime']}, {result['table']['threads']} thread(s); "
                     f"top-1: {result['fitness_arithmetic']} arithmetic)")
-    for col in ("budget", "predicted ms", "search top-1", "MFLOPs", "k params", "KiB", "file"):
+    rescored = result["rescore"]["top"] > 0
+    for col in ("budget", "predicted ms", "search top-1", *(["re-scored top-1"] if rescored else []), "MFLOPs", "k params", "KiB", "file"):
         t.add_column(col, overflow="fold")
     for c in result["chosen"]:
         t.add_row(f"{c['budget_ms']:g} ms", f"{c['latency_ms']:.4f}", f"{100 * c['search_top1']:.2f}%",
+                  *([f"{100 * c['rescore_top1']:.2f}%"] if rescored else []),
                   f"{c['mflops']:.2f}", f"{c['params_k']:.1f}", f"{c['tflite_kb']:.0f}", escape(c["file"]))
     console.print(t)
     for c in result["chosen"]:
@@ -109,7 +125,7 @@ def search(
     e, s = result["evaluations"], result["seconds"]
     say(console, f"{e['count']} subnets evaluated ({e['new']} now, {e['cache_hits']} cache hits) in {s['wall']:.0f} s "
                  f"(calibration {s['calibrate']:.0f} s, scoring {s['score']:.0f} s, latency prediction "
-                 f"{s['latency_prediction']:.1f} s); wrote pareto.json, pareto.png and the subnet files to {result['out']}")
+                 f"{s['latency_prediction']:.1f} s, re-scoring {s['rescore']:.0f} s); wrote pareto.json, pareto.png and the subnet files to {result['out']}")
 
 
 def _with_progress(cfg: SearchConfig, log, table, setup) -> dict:
