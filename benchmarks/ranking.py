@@ -1,0 +1,176 @@
+"""How well a supernet ranks subnets, against the committed stand-alone truth (issue 31, part 1).
+
+One command, one supernet, no stand-alone training: every subnet of the truth file
+(benchmarks/data/standalone_small_fashion-mnist.json, subnets trained alone, two seeds) is
+extracted from the supernet, BN calibrated as `qnas export` calibrates (2,000 images) and scored
+with the exact int8 forward on the whole test split (its *inherited* accuracy). Then:
+- Kendall tau of inherited vs truth, with a bootstrap 90% interval (subnets resampled), Spearman rho;
+- the floor to beat: tau of MFLOPs alone against the same truth, with its interval;
+- the truth's own yardstick: its two seeds' tau with each other;
+- the mean inherited-minus-truth gap;
+- **regret** at three latency budgets (the demo's, from this host's latency table): truth of the
+  best truth subnet under the budget minus truth of the supernet's pick under it (highest
+  inherited accuracy), and the same for the naive pick, "largest MFLOPs that fits".
+Inherited scores are cached in OUT keyed by what made them (supernet sha256, calibration images,
+integer contract, data), so rerunning on the same supernet costs nothing and another supernet
+is scored afresh.
+
+    python -m benchmarks.ranking [--supernet runs/bench/supernet_accuracy/default/supernet.pt]
+        [--truth benchmarks/data/standalone_small_fashion-mnist.json] [--table T.json] [--out runs/bench/ranking]
+
+About 10-15 minutes on 2 cores for 20 `small` subnets (the calibration and 10,000 exact images each).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+from qnas_cli.calibrate import CALIB_IMAGES, calibrated_subnet, evaluate
+from qnas_cli.checkpoint import sha256_file, write_json
+from qnas_cli.cost import arch_cost
+from qnas_cli.data import load_dataset
+from qnas_cli.demo import budgets_for
+from qnas_cli.latency import Predictor
+from qnas_cli.quant import INTEGER_CONTRACT_VERSION
+from qnas_cli.ranking import kendall_tau
+from qnas_cli.supernet import load_supernet
+
+from benchmarks.plots import pyplot, save_png
+from benchmarks.truth import DEFAULT_TRUTH, check_truth_matches, load_truth, seed_taus, truth_archs, truth_mean
+
+DEFAULT_SUPERNET = Path("runs/bench/supernet_accuracy/default/supernet.pt")
+BOOTSTRAP = 2000
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho: Pearson's correlation of the ranks (ties: mean ranks)."""
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+    return statistics.correlation(ranks(x), ranks(y))
+
+
+def bootstrap_tau(x: list[float], y: list[float], seed: int = 0, n: int = BOOTSTRAP) -> tuple[float, float]:
+    """A 90% interval of Kendall tau by resampling the subnets with replacement (seeded)."""
+    rng = random.Random(seed)
+    taus = []
+    for _ in range(n):
+        idx = [rng.randrange(len(x)) for _ in x]
+        a, b = [x[i] for i in idx], [y[i] for i in idx]
+        if len(set(a)) > 1 and len(set(b)) > 1:
+            taus.append(kendall_tau(a, b))
+    taus.sort()
+    return taus[int(0.05 * len(taus))], taus[int(0.95 * len(taus)) - 1]
+
+
+def regret(truth: list[float], score: list[float], latency: list[float], budget: float) -> dict:
+    """Truth of the best subnet under ``budget`` minus truth of the one ``score`` picks under it."""
+    fits = [i for i, ms in enumerate(latency) if ms <= budget]
+    if not fits:
+        return {"fits": 0}
+    best = max(fits, key=truth.__getitem__)
+    pick = max(fits, key=lambda i: (score[i], -latency[i]))
+    return {"fits": len(fits), "best": best, "pick": pick, "regret_pp": 100 * (truth[best] - truth[pick])}
+
+
+def inherited_scores(supernet: Path, archs, data, calib_images: int, cache: Path, log=print) -> list[float]:
+    """Each subnet's inherited exact int8 top-1 on the whole test split, cached by what made it."""
+    identity = {"supernet_sha256": sha256_file(supernet), "calib_images": calib_images, "data": data.describe(),
+                "integer_contract": INTEGER_CONTRACT_VERSION, "eval": "test split, all images, exact xnnpack"}
+    done = {}
+    if cache.is_file():
+        doc = json.loads(cache.read_text())
+        if doc.get("identity") == identity:
+            done = doc["scores"]
+        else:
+            log(f"{cache}: made from other inputs; scoring afresh")
+    net, _ = load_supernet(supernet)
+    for i, arch in enumerate(archs):
+        if arch.key not in done:
+            done[arch.key] = evaluate(calibrated_subnet(net, arch, data, calib_images), data.test, data, arch.resolution)
+            write_json(cache, {"identity": identity, "scores": done})
+            log(f"  subnet {i:2d}: inherited {100 * done[arch.key]:.2f}%")
+    return [done[a.key] for a in archs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--supernet", type=Path, default=DEFAULT_SUPERNET)
+    ap.add_argument("--truth", type=Path, default=DEFAULT_TRUTH)
+    ap.add_argument("--table", type=Path, default=None, help="latency table (default: this host's, built on first use)")
+    ap.add_argument("--calib-images", type=int, default=CALIB_IMAGES)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/ranking"))
+    args = ap.parse_args()
+    if not args.supernet.is_file():
+        raise SystemExit(f"error: --supernet {args.supernet}: no such file (train it: qnas train --out {args.supernet.parent})")
+    from qnas_cli.export.latency_build import resolve_table
+
+    truth_doc = load_truth(args.truth)
+    net, meta = load_supernet(args.supernet)
+    data = load_dataset(meta["data"]["spec"] if "data" in meta else "fashion-mnist")
+    # the supernet is compared with the truth whatever its own recipe: only space and data must match
+    check_truth_matches(truth_doc, net.space, data.describe(), truth_doc["recipe"])
+    archs = truth_archs(truth_doc)
+    truth = [truth_mean(e) for e in truth_doc["subnets"]]
+    table, table_path = resolve_table(args.table, net.space, data.in_channels, data.num_classes)
+    pred = Predictor(table, net.space)
+    latency = [pred.predict(a) for a in archs]
+    mflops = [arch_cost(net.space, a, data.in_channels, data.num_classes).mflops for a in archs]
+    print(f"scoring {len(archs)} truth subnets inherited from {args.supernet}")
+    inherited = inherited_scores(args.supernet, archs, data, args.calib_images, args.out / "inherited.json")
+
+    budgets = budgets_for(pred, net.space)
+    result = {
+        "supernet": {"path": str(args.supernet), "sha256": sha256_file(args.supernet)},
+        "truth": {"path": str(args.truth), "subnets": len(archs), "seed_tau": seed_taus(truth_doc)},
+        "table": str(table_path), "calib_images": args.calib_images,
+        "kendall_tau": kendall_tau(inherited, truth), "kendall_tau_90": bootstrap_tau(inherited, truth),
+        "spearman_rho": spearman(inherited, truth),
+        "mflops_tau": kendall_tau(mflops, truth), "mflops_tau_90": bootstrap_tau(mflops, truth),
+        "mean_gap_pp": 100 * statistics.mean(i - t for i, t in zip(inherited, truth)),
+        "regret": {str(b): {"supernet": regret(truth, inherited, latency, b), "largest_mflops": regret(truth, mflops, latency, b)}
+                   for b in budgets},
+        "subnets": [{"index": e["index"], "arch": a.key, "mflops": m, "latency_ms": ms, "truth": t, "inherited": i}
+                    for e, a, m, ms, t, i in zip(truth_doc["subnets"], archs, mflops, latency, truth, inherited)],
+    }
+    write_json(args.out / "ranking.json", result)
+    lo, hi = result["kendall_tau_90"]
+    mlo, mhi = result["mflops_tau_90"]
+    print(f"Kendall tau {result['kendall_tau']:+.3f} (90% {lo:+.2f}..{hi:+.2f}), Spearman {result['spearman_rho']:+.3f}; "
+          f"MFLOPs alone {result['mflops_tau']:+.3f} ({mlo:+.2f}..{mhi:+.2f}); truth seeds agree at "
+          f"{list(result['truth']['seed_tau'].values())[0]:+.3f}; mean gap {result['mean_gap_pp']:+.2f} pp")
+    for b, r in result["regret"].items():
+        s, n = r["supernet"], r["largest_mflops"]
+        print(f"  budget {b} ms: {s.get('fits', 0)} subnets fit; regret supernet {s.get('regret_pp', float('nan')):.2f} pp, "
+              f"largest-that-fits {n.get('regret_pp', float('nan')):.2f} pp")
+    _plot(result, args.out / "ranking.png")
+    print(f"wrote {args.out / 'ranking.json'} and ranking.png")
+
+
+def _plot(result: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    rows = result["subnets"]
+    ax.scatter([100 * r["truth"] for r in rows], [100 * r["inherited"] for r in rows], c=[r["mflops"] for r in rows], cmap="viridis")
+    for r in rows:
+        ax.annotate(str(r["index"]), (100 * r["truth"], 100 * r["inherited"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("stand-alone int8 test top-1 (%), mean of 2 seeds")
+    ax.set_ylabel("inherited int8 test top-1 (%)")
+    ax.set_title(f"tau {result['kendall_tau']:+.2f} (MFLOPs alone {result['mflops_tau']:+.2f})")
+    save_png(fig, path)
+
+
+if __name__ == "__main__":
+    main()
