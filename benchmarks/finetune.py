@@ -231,6 +231,9 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=5)
     ap.add_argument("--no-search", action="store_true")
     ap.add_argument("--no-curves", action="store_true")
+    ap.add_argument("--no-teacher-off", action="store_true", help="skip the teacher-off curves (run beside, --teacher none)")
+    ap.add_argument("--merge-tables", type=Path, nargs="*", default=[],
+                    help="with --merge-winners: the truth rows (and teacher-on curves) of runs on other cores (--indices)")
     ap.add_argument("--teacher", default="largest", choices=("largest", "none"),
                     help="the table's teacher (none: the table's curves are the teacher-off ones; no second pass)")
     ap.add_argument("--indices", default=None, help="truth subnets by index (comma-separated) instead of --subnets' spread")
@@ -248,6 +251,14 @@ def main() -> None:
         result = json.loads((args.out / "finetune.json").read_text())
         result["winners"] = json.loads(args.merge_winners.read_text())["winners"]
         result["merged_winners_from"] = str(args.merge_winners)
+        for path in args.merge_tables:
+            other = json.loads(path.read_text())
+            have = {r["index"] for r in result["truth_subnets"]}
+            result["truth_subnets"] = sorted(result["truth_subnets"] + [r for r in other["truth_subnets"] if r["index"] not in have],
+                                             key=lambda r: r["index"])
+            have = {c["index"] for c in result["curves"]}
+            result["curves"] = sorted(result["curves"] + [c for c in other["curves"] if c["index"] not in have], key=lambda c: c["index"])
+            result.setdefault("merged_tables_from", []).append(str(path))
         if args.merge_curves:
             other = {c["index"]: c for c in json.loads(args.merge_curves.read_text())["curves"]}
             for c in result["curves"]:
@@ -327,7 +338,7 @@ def main() -> None:
             done[w["arch"]] = r
         result["winners"].append({**w, **done[w["arch"]]})
         save()
-    for c in result["curves"] if args.teacher == "largest" else []:  # the same subnets without the teacher
+    for c in result["curves"] if args.teacher == "largest" and not args.no_teacher_off else []:  # the same subnets without the teacher
         f = args.out / "subnets" / f"truth_{c['index']}.json"
         print(f"curve #{c['index']}, teacher none", flush=True)
         r = run_finetune(f, args.out / "runs" / f"truth_{c['index']}_noteacher", max(curve), "none", args, curve, data)

@@ -86,7 +86,7 @@ def test_lineage_is_recorded_and_calibrate_takes_the_result_as_it_is(base):
     assert doc["supernet"] == {"path": "supernet.pt", "sha256": meta["weights"]["sha256"]}
     lineage = doc["finetune"]
     assert lineage["supernet"] == {"path": str(net.resolve()), "sha256": sha256_file(net)}
-    assert (lineage["arch_key"], lineage["steps"], lineage["teacher"], lineage["lr"]) == (arch.key, 4, "largest", 0.01)
+    assert (lineage["arch_key"], lineage["steps"], lineage["teacher"], lineage["lr"]) == (arch.key, 4, "largest", FinetuneConfig.lr)
     assert lineage["data"]["spec"] == "fashion-mnist" and lineage["seed"] == 0
     assert meta["finetuned_for"] == arch.key and load_weights(root / "ft" / "supernet.pt")[0]["finetuned_for"] == arch.key
     assert set(summary["metrics"]) == {"inherited", "finetuned"}
