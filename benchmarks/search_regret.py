@@ -26,7 +26,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import random
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +41,25 @@ from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.data import load_dataset, ordered_batches, stratified_indices, to_input
 from qnas_cli.demo import budgets_for
 from qnas_cli.export.latency_build import resolve_table
-from qnas_cli.fitness import SearchInputs, cache_identity
+from qnas_cli.fitness import CACHE_FORMAT, SearchInputs, cache_identity, fitness_arithmetic
 from qnas_cli.latency import Predictor
+from qnas_cli.rescore import DEFAULT_TOP, RESCORE_FILE, rescore_identity
+from qnas_cli.search_job import SearchConfig, prepare_search, run_search
 from qnas_cli.space import Arch, Block, SearchSpace, Stage
 from qnas_cli.supernet import load_supernet
 from qnas_cli.train import TrainConfig, train
 
 from benchmarks.parallel import run_difference, run_parallel
+from benchmarks.plots import pyplot, save_png
 
 DATA = "fashion-mnist"
 ARITHMETIC = "xnnpack"  # the search's default --runtime
 PROXY = {"calib_images": 250, "eval_images": (1000, 2000)}  # qnas search's calibration; the demo's and the default's images
 TABLE_FORMAT = "qnas.bench.search_regret/1"
-CHUNK = 40  # subnets per job: the table grows (and a killed run resumes) a chunk at a time
+CHUNK = 20  # subnets per job: the table grows (and a killed run resumes) a chunk at a time
+DEMO = {"population": 32, "generations": 5, "eval_images": 1000}  # qnas_cli/demo.py's search (its other settings: the defaults)
+QUICK = {"population": 4, "generations": 1, "eval_images": 1000}
+TOPS = (0, 1, 2, 3, 5, 8)  # --rescore-top values compared
 
 
 def every_subnet(space: SearchSpace) -> list[Arch]:
@@ -80,6 +90,7 @@ def trained_supernet(out: Path, quick: bool) -> Path:
 
 def table_header(sha256: str) -> dict[str, Any]:
     """What every row of the table depends on besides its architecture (a row is reused only under it)."""
+    # "rescore": the calibration of the test rows (export's), as the stage's cache records it
     return {"format": TABLE_FORMAT, "proxy": cache_identity(sha256, DATA, PROXY["calib_images"], max(PROXY["eval_images"]), ARITHMETIC),
             "rescore": cache_identity(sha256, DATA, CALIB_IMAGES, None, ARITHMETIC), "test": "whole split"}
 
@@ -95,14 +106,14 @@ def _worker_state(supernet: str) -> dict[str, Any]:
         in_big = stratified_indices(data.search, big).sort().values  # the order ordered_batches scores them in
         nested = {n: torch.isin(in_big, stratified_indices(data.search, n)) for n in PROXY["eval_images"]}
         _WORKER.update(path=supernet, net=net, data=data, proxy=SearchInputs(data, PROXY["calib_images"], big),
-                       rescore=SearchInputs(data, CALIB_IMAGES, None), in_big=in_big, nested=nested, test={})
+                       export=SearchInputs(data, CALIB_IMAGES, 1), in_big=in_big, nested=nested, test={})
     return _WORKER
 
 
 def score_subnets(supernet: str, keys: list[str], part: str) -> list[dict[str, Any]]:
     """Table rows (correct-image counts) of the subnets ``keys``; runs in a worker process.
-    ``part``: "proxy" (the search's fitness at each size) or "export" (calibrated as export does:
-    the whole search split, its 2,000 subset, the whole test split)."""
+    ``part``: "proxy" (the search's fitness at each of ``PROXY``'s sizes) or "test" (the truth:
+    calibrated as `qnas export` calibrates, top-1 on the whole test split)."""
     w = _worker_state(supernet)
     net, data = w["net"], w["data"]
     rows = []
@@ -115,15 +126,11 @@ def score_subnets(supernet: str, keys: list[str], part: str) -> list[dict[str, A
             rows.append({"arch": key, **{f"proxy_{n}": int(hits[m].sum()) for n, m in w["nested"].items()},
                          "proxy_seconds": round(time.perf_counter() - t0, 3)})
             continue
-        sub = calibrated_subnet(net, arch, data, batches=w["rescore"].calibration(r))
-        search = correct(sub, w["rescore"].search(r))  # the whole split, in file order
-        t1 = time.perf_counter()
         if r not in w["test"]:
             w["test"][r] = [(to_input(x, data, r), y) for x, y in ordered_batches(data.test, 100)]
-        test = correct(sub, w["test"][r])
-        rows.append({"arch": key, "rescore": int(search.sum()), f"rescore_{max(PROXY['eval_images'])}": int(search[w["in_big"]].sum()),
-                     "test": int(test.sum()), "search_images": len(search), "test_images": len(test),
-                     "rescore_seconds": round(t1 - t0, 3)})
+        hits = correct(calibrated_subnet(net, arch, data, batches=w["export"].calibration(r)), w["test"][r])
+        rows.append({"arch": key, "test": int(hits.sum()), "test_images": len(hits),
+                     "test_seconds": round(time.perf_counter() - t0, 3)})
     return rows
 
 
@@ -182,24 +189,181 @@ def fill_table(rows: dict[str, dict[str, Any]], supernet: Path, keys: list[str],
             print(f"  {part}: {done}/{len(todo)} ({time.perf_counter() - t:.0f} s)", flush=True)
 
 
+def proxy_gaps(rows: dict[str, dict[str, Any]], latency: dict[str, float], budgets: list[float]) -> dict[str, float]:
+    """Per subnet that meets a budget: how far (fraction) its proxy score lies below the best one
+    under the tightest budget it meets (the smaller gap of the two sizes). The truth is scored
+    nearest first, so that a margin (``--margin-pp``) or a run cut short leaves out only the
+    subnets least likely to be a budget's best; a budget's best keeps its gap in the report."""
+    best = {b: {n: max((rows[a][f"proxy_{n}"] / n for a in latency if latency[a] <= b), default=0.0) for n in PROXY["eval_images"]}
+            for b in budgets}
+    gaps = {}
+    for a in latency:
+        if latency[a] <= max(budgets):
+            b = min(x for x in budgets if latency[a] <= x)
+            gaps[a] = min(best[b][n] - rows[a][f"proxy_{n}"] / n for n in PROXY["eval_images"])
+    return dict(sorted(gaps.items(), key=lambda kv: kv[1]))
+
+
+def write_cache(path: Path, identity: dict[str, Any], scores: dict[str, float]) -> None:
+    """A search cache (``fitness.Fitness``'s file) holding ``scores``: a search resumed on it
+    evaluates only what is missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"format": CACHE_FORMAT, **identity})] + [json.dumps({"arch": k, "accuracy": v}) for k, v in scores.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_cache(path: Path) -> dict[str, float]:
+    if not path.is_file():
+        return {}
+    return {r["arch"]: r["accuracy"] for r in map(json.loads, path.read_text().splitlines()[1:])}
+
+
+def fed_search(cfg: SearchConfig, setup, table, proxy: dict[str, float], rescores: dict[str, float]) -> dict[str, Any]:
+    """``qnas search`` (run_search) resumed on caches that hold the table's proxy scores and every
+    re-score made so far (``rescores``, grown with this run's): the real code, evaluating only what
+    the table lacks."""
+    out = Path(cfg.out)
+    shutil.rmtree(out, ignore_errors=True)
+    sha, arithmetic = setup.meta["weights"]["sha256"], fitness_arithmetic(cfg.runtime)
+    write_cache(out / "evaluations.jsonl", cache_identity(sha, setup.data_spec, cfg.calib_images, cfg.eval_images, arithmetic), proxy)
+    if cfg.rescore_top:
+        write_cache(out / RESCORE_FILE, rescore_identity(sha, setup.data_spec, arithmetic), rescores)
+    result = run_search(replace(cfg, resume=True), log=lambda m: None, table=table, setup=setup)
+    rescores.update(read_cache(out / RESCORE_FILE))
+    return result
+
+
+def timed_search(cfg: SearchConfig, setup, table) -> dict[str, Any]:
+    """One search from empty caches (what a user's search costs)."""
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    t = time.perf_counter()
+    result = run_search(cfg, log=lambda m: None, table=table, setup=setup)
+    return {**result, "measured_wall": time.perf_counter() - t}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench/search_regret"))
     ap.add_argument("--table", type=Path, help="latency table (default: this host's XNNPACK table, built on first use)")
+    ap.add_argument("--seeds", type=int, default=5, help="searches per K (seeds 0..N-1)")
     ap.add_argument("--jobs", type=int, default=2, help="processes scoring the table (one thread each)")
-    ap.add_argument("--quick", action="store_true", help="a smoke test: a few training steps, a few subnets, tiny searches")
+    ap.add_argument("--margin-pp", type=float, help="score the truth only of the subnets whose proxy score lies within this "
+                                                    "many pp of the best under their tightest budget (default: every subnet)")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: a few training steps, 24 subnets, tiny searches")
     args = ap.parse_args()
     torch.set_num_threads(1)  # on a loaded 2-core host one thread per process is several times faster than two
+    t_start = time.perf_counter()
     supernet = trained_supernet(args.out, args.quick)
     net, _ = load_supernet(supernet)
     table, table_path = resolve_table(args.table, net.space, net.in_channels, net.num_classes, ARITHMETIC, 1, log=print)
     pred = Predictor(table, net.space)
     budgets = budgets_for(pred, net.space)
     archs = every_subnet(net.space)
+    if args.quick:
+        archs = [archs[0], archs[-1]] + random.Random(0).sample(archs[1:-1], 22)
+    latency = {a.key: pred.predict(a) for a in archs}
     print(f"{len(archs)} subnets; budgets {budgets} ms (the demo's, from {table_path})")
     path = args.out / "subnets.jsonl"
     rows = open_table(supernet, path)
-    fill_table(rows, supernet, [a.key for a in archs], "proxy", path, args.jobs)
+    fill_table(rows, supernet, list(latency), "proxy", path, args.jobs)
+    gaps = proxy_gaps(rows, latency, budgets)
+    margin = math.inf if args.margin_pp is None else args.margin_pp / 100
+    fill_table(rows, supernet, [a for a, g in gaps.items() if g <= margin], "test", path, args.jobs)
+
+    size = QUICK if args.quick else DEMO
+    tops, seeds = ((0, 2), 1) if args.quick else (TOPS, args.seeds)
+    base = SearchConfig(supernet=str(supernet), budgets_ms=budgets, table=str(table_path), tensorboard=False,
+                        calib_images=PROXY["calib_images"], **size)
+    setup = prepare_search(base)
+    n = base.eval_images
+    proxy = {k: r[f"proxy_{n}"] / n for k, r in rows.items() if f"proxy_{n}" in r}
+    rescores: dict[str, float] = {}
+    runs = []
+    print(f"searches at the demo's size ({size}), K in {tops}, seeds 0..{seeds - 1}, fed from the table", flush=True)
+    for k in tops:
+        for seed in range(seeds):
+            res = fed_search(replace(base, rescore_top=k, seed=seed, out=str(args.out / "searches" / f"k{k}_s{seed}")),
+                             setup, (table, table_path), proxy, rescores)
+            runs.append({"top": k, "seed": seed, "winners": {f"{c['budget_ms']:g}": c["arch"] for c in res["chosen"]},
+                         "rescored": res["rescore"].get("rescored", 0), "new_evaluations": res["evaluations"]["new"]})
+    # One search per arm for real, from empty caches: the stage's cost, and the table's scores checked
+    timed = {}
+    for k in (0, DEFAULT_TOP if not args.quick else 2):
+        res = timed_search(replace(base, rescore_top=k, seed=0, out=str(args.out / "timed" / f"k{k}")), setup, (table, table_path))
+        made = read_cache(args.out / "timed" / f"k{k}" / "evaluations.jsonl")
+        timed[k] = {"wall_s": round(res["measured_wall"], 1), "rescore_s": res["seconds"]["rescore"],
+                    "rescored": res["rescore"].get("rescored", 0), "evaluations": res["evaluations"]["new"],
+                    "equal_to_table": sum(proxy.get(a) == v for a, v in made.items()), "in_table": sum(a in proxy for a in made)}
+        print(f"timed search, K={k}: {timed[k]}", flush=True)
+    missing = {a for r in runs for a in r["winners"].values() if "test" not in rows.get(a, {})}
+    if missing:  # quick mode: winners outside its sample
+        fill_table(rows, supernet, sorted(missing), "test", path, 1)
+        for a in missing:
+            latency[a] = pred.predict(_arch_of(a, net.space))
+    doc = report(rows, latency, budgets, runs, timed, tops, size, len(archs), gaps)
+    doc["truth"] = {"margin_pp": args.margin_pp, "scored": sum("test" in rows.get(a, {}) for a in gaps), "meet_a_budget": len(gaps)}
+    doc.update(supernet={"path": str(supernet), "sha256": setup.meta["weights"]["sha256"]}, table=str(table_path),
+               command="python -m benchmarks.search_regret" + (" --quick" if args.quick else ""),
+               minutes=round((time.perf_counter() - t_start) / 60, 1), versions=versions())
+    write_json(args.out / "search_regret.json", doc)
+    plot(doc, args.out / "search_regret.png")
+    print_report(doc)
+    print(f"wrote {args.out / 'search_regret.json'} and search_regret.png ({doc['minutes']} min)")
+
+
+def report(rows, latency, budgets, runs, timed, tops, size, universe, gaps) -> dict[str, Any]:
+    """Per budget and K: the winners' test top-1 and regret over the seeds; the stage's cost."""
+    test = {a: r["test"] / r["test_images"] for a, r in rows.items() if "test" in r}
+    per_rescore = timed[max(timed)]["rescore_s"] / max(timed[max(timed)]["rescored"], 1)
+    search_s = timed[0]["wall_s"]
+    out_rows = []
+    for b in budgets:
+        under = [a for a in test if latency.get(a, math.inf) <= b]
+        best = max(under, key=lambda a: test[a])
+        for k in tops:
+            picks = [r["winners"][f"{b:g}"] for r in runs if r["top"] == k]
+            regret = [100 * (test[best] - test[a]) for a in picks]
+            out_rows.append({"budget_ms": b, "top": k, "subnets_under": len(under), "best_test_top1": test[best], "best": best,
+                             "best_proxy_gap_pp": round(100 * gaps.get(best, math.nan), 2),
+                             "winners_test_top1": [test[a] for a in picks], "regret_pp": regret,
+                             "mean_regret_pp": sum(regret) / len(regret), "max_regret_pp": max(regret)})
+    cost = {}
+    for k in tops:
+        rescored = [r["rescored"] for r in runs if r["top"] == k]
+        cost[k] = {"mean_rescored": sum(rescored) / len(rescored),
+                   "estimated_pct": 100 * per_rescore * sum(rescored) / len(rescored) / search_s}
+    return {"budgets": budgets, "search": size, "subnets": universe, "tops": list(tops), "rows": out_rows, "timed": timed,
+            "seconds_per_rescore": round(per_rescore, 2), "cost": cost,
+            "measured_cost_pct": round(100 * timed[max(timed)]["rescore_s"] / search_s, 1), "runs": runs}
+
+
+def print_report(doc: dict[str, Any]) -> None:
+    print(f"\nregret = test top-1 of the best subnet under the budget - the winner's (pp), {len(doc['runs']) // len(doc['tops'])} "
+          f"seed(s); {doc['subnets']} subnets, search {doc['search']}")
+    print(f"{'budget':>9} {'best test':>9} {'its gap':>7} | " + " | ".join(f"K={k}: mean / max" for k in doc["tops"]))
+    for b in doc["budgets"]:
+        rows = [r for r in doc["rows"] if r["budget_ms"] == b]
+        print(f"{b:>7g}ms {100 * rows[0]['best_test_top1']:>8.2f}% {rows[0]['best_proxy_gap_pp']:>7.2f} | "
+              + " | ".join(f"{r['mean_regret_pp']:>6.2f} / {r['max_regret_pp']:>5.2f}" for r in rows))
+    means = {k: sum(r["mean_regret_pp"] for r in doc["rows"] if r["top"] == k) / len(doc["budgets"]) for k in doc["tops"]}
+    print("mean over budgets: " + ", ".join(f"K={k}: {v:.2f} pp" for k, v in means.items()))
+    print("stage cost, % of the search's time: " + ", ".join(f"K={k}: {c['estimated_pct']:.1f}%" for k, c in doc["cost"].items())
+          + f" (estimated from {doc['seconds_per_rescore']} s per re-score; measured at K={max(doc['timed'])}: {doc['measured_cost_pct']}%)")
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for b in doc["budgets"]:
+        rows = [r for r in doc["rows"] if r["budget_ms"] == b]
+        ax.errorbar([r["top"] for r in rows], [r["mean_regret_pp"] for r in rows],
+                    yerr=[[0] * len(rows), [r["max_regret_pp"] - r["mean_regret_pp"] for r in rows]], marker="o", capsize=3,
+                    label=f"{b:g} ms ({rows[0]['subnets_under']} subnets)")
+    ax.axhline(0.3, color="0.5", ls=":", label="target 0.3 pp")
+    ax.set(xlabel="--rescore-top K (0: the fitness's winner)", ylabel="test regret (pp): mean, bar to max",
+           title=f"qnas search on tiny, every subnet scored; search {doc['search']['population']} x {doc['search']['generations']}")
+    ax.legend(fontsize=8)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from qnas_cli.train import TrainConfig, train
 from tests.test_latency import synthetic_table
 
 SPACE = PRESETS["tiny"]
-SMALL_SEARCH = ["--population", "8", "--generations", "2", "--calib-images", "64", "--eval-images", "200"]
+# The last stage (re-scoring, tests/test_rescore.py) off: these tests are about the evolution's own winners.
+SMALL_SEARCH = ["--population", "8", "--generations", "2", "--calib-images", "64", "--eval-images", "200", "--rescore-top", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +104,10 @@ def test_resume_of_an_interrupted_search_gives_the_same_result(setup, runner):
 
 @pytest.mark.slow
 def test_a_two_process_torchrun_search_equals_a_one_process_search(setup):
-    """Each rank evaluates its share of every generation; the result must not depend on how many,
-    nor on threads: one process on 2 threads scores every subnet as 2 ranks of 1 thread each do
-    (calibration is exact, batch_stats; before, 318 of 353 scores differed, by up to 0.45 pp)."""
+    """Each rank evaluates its share of every generation and of the last stage's re-scores; the
+    result must not depend on how many, nor on threads: one process on 2 threads scores every
+    subnet as 2 ranks of 1 thread each do (calibration is exact, batch_stats; before, 318 of 353
+    scores differed, by up to 0.45 pp)."""
     import os
     import subprocess
     import sys
@@ -113,7 +115,8 @@ def test_a_two_process_torchrun_search_equals_a_one_process_search(setup):
     root, table = setup
     budgets, _ = _budgets(table)
     args = ["-m", "qnas_cli", "search", "--supernet", str(root / "run" / "supernet.pt"), "--table",
-            str(root / "table.json"), "--latency-ms", f"{budgets[0]:.6f},{budgets[2]:.6f}", *SMALL_SEARCH, "--json"]
+            str(root / "table.json"), "--latency-ms", f"{budgets[0]:.6f},{budgets[2]:.6f}", *SMALL_SEARCH, "--json",
+            "--rescore-top", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *args, "--out", str(root / "one")], capture_output=True, text=True,
                          timeout=600, env={**env, "OMP_NUM_THREADS": "2"})
@@ -126,6 +129,8 @@ def test_a_two_process_torchrun_search_equals_a_one_process_search(setup):
     assert [(s["arch"], s["search_top1"]) for s in a["subnets"]] == [(s["arch"], s["search_top1"]) for s in b["subnets"]]
     rows = (root / "two" / "evaluations.jsonl").read_text().splitlines()
     assert len(rows) == 1 + a["evaluations"]["count"]  # one writer, every evaluation once
+    assert a["rescore"]["budgets"] == b["rescore"]["budgets"] and a["rescore"]["rescored"] > 0
+    assert len((root / "two" / "rescores.jsonl").read_text().splitlines()) == 1 + b["rescore"]["rescored"]
 
 
 def test_a_looser_budget_never_gets_a_worse_winner(setup, runner):
