@@ -285,6 +285,10 @@ def main() -> None:
             res = fed_search(replace(base, rescore_top=k, seed=seed, out=str(args.out / "searches" / f"k{k}_s{seed}")),
                              setup, (table, table_path), proxy, rescores)
             runs.append({"top": k, "seed": seed, "winners": {f"{c['budget_ms']:g}": c["arch"] for c in res["chosen"]},
+                         # the best on test of every subnet this search evaluated under each budget: what a perfect
+                         # last stage could pick, so the regret its coverage alone leaves
+                         "oracle": {f"{b:g}": max((s["arch"] for s in res["subnets"] if s["latency_ms"] <= b and "test" in rows.get(s["arch"], {})),
+                                                  key=lambda a: rows[a]["test"]) for b in budgets},
                          "rescored": res["rescore"].get("rescored", 0), "new_evaluations": res["evaluations"]["new"]})
     # One search per arm for real, from empty caches: the stage's cost, and the table's scores checked
     timed = {}
@@ -296,6 +300,7 @@ def main() -> None:
                     "equal_to_table": sum(proxy.get(a) == v for a, v in made.items()), "in_table": sum(a in proxy for a in made)}
         print(f"timed search, K={k}: {timed[k]}", flush=True)
     missing = {a for r in runs for a in r["winners"].values() if "test" not in rows.get(a, {})}
+    missing |= {a for b in budgets for n in PROXY["eval_images"] if (a := fitness_optimum(rows, latency, b, n)) and "test" not in rows[a]}
     if missing:  # quick mode: winners outside its sample
         fill_table(rows, supernet, sorted(missing), "test", path, 1)
         for a in missing:
@@ -320,11 +325,14 @@ def report(rows, latency, budgets, runs, timed, tops, size, universe, gaps) -> d
     for b in budgets:
         under = [a for a in test if latency.get(a, math.inf) <= b]
         best = max(under, key=lambda a: test[a])
+        oracle = [100 * (test[best] - test[r["oracle"][f"{b:g}"]]) for r in runs if r["top"] == tops[0]]
+        optimum = {n: round(100 * (test[best] - test[fitness_optimum(rows, latency, b, n)]), 2) for n in PROXY["eval_images"]}
         for k in tops:
             picks = [r["winners"][f"{b:g}"] for r in runs if r["top"] == k]
             regret = [100 * (test[best] - test[a]) for a in picks]
             out_rows.append({"budget_ms": b, "top": k, "subnets_under": len(under), "best_test_top1": test[best], "best": best,
                              "best_proxy_gap_pp": round(100 * gaps.get(best, math.nan), 2),
+                             "oracle_mean_regret_pp": sum(oracle) / len(oracle), "fitness_optimum_regret_pp": optimum,
                              "winners_test_top1": [test[a] for a in picks], "regret_pp": regret,
                              "mean_regret_pp": sum(regret) / len(regret), "max_regret_pp": max(regret)})
     cost = {}
@@ -337,6 +345,12 @@ def report(rows, latency, budgets, runs, timed, tops, size, universe, gaps) -> d
             "measured_cost_pct": round(100 * timed[max(timed)]["rescore_s"] / search_s, 1), "runs": runs}
 
 
+def fitness_optimum(rows, latency, budget: float, n: int) -> str:
+    """The subnet under ``budget`` with the best fitness at ``n`` images, over the whole table (ties: faster)."""
+    return max((a for a in rows if latency.get(a, math.inf) <= budget and f"proxy_{n}" in rows[a]),
+               key=lambda a: (rows[a][f"proxy_{n}"], -latency[a]))
+
+
 def print_report(doc: dict[str, Any]) -> None:
     print(f"\nregret = test top-1 of the best subnet under the budget - the winner's (pp), {len(doc['runs']) // len(doc['tops'])} "
           f"seed(s); {doc['subnets']} subnets, search {doc['search']}")
@@ -347,6 +361,9 @@ def print_report(doc: dict[str, Any]) -> None:
               + " | ".join(f"{r['mean_regret_pp']:>6.2f} / {r['max_regret_pp']:>5.2f}" for r in rows))
     means = {k: sum(r["mean_regret_pp"] for r in doc["rows"] if r["top"] == k) / len(doc["budgets"]) for k in doc["tops"]}
     print("mean over budgets: " + ", ".join(f"K={k}: {v:.2f} pp" for k, v in means.items()))
+    first = [r for r in doc["rows"] if r["top"] == doc["tops"][0]]
+    print("floor, the best on test of what each search evaluated: " + ", ".join(f"{r['budget_ms']:g} ms {r['oracle_mean_regret_pp']:.2f} pp" for r in first))
+    print("the fitness's exhaustive optimum (every subnet): " + ", ".join(f"{r['budget_ms']:g} ms {r['fitness_optimum_regret_pp']}" for r in first))
     print("stage cost, % of the search's time: " + ", ".join(f"K={k}: {c['estimated_pct']:.1f}%" for k, c in doc["cost"].items())
           + f" (estimated from {doc['seconds_per_rescore']} s per re-score; measured at K={max(doc['timed'])}: {doc['measured_cost_pct']}%)")
 
