@@ -293,7 +293,7 @@ def main() -> None:
                          # the best on test of every subnet this search evaluated under each budget: what a perfect
                          # last stage could pick, so the regret its coverage alone leaves
                          "oracle": {f"{b:g}": max((s["arch"] for s in res["subnets"] if s["latency_ms"] <= b and "test" in rows.get(s["arch"], {})),
-                                                  key=lambda a: rows[a]["test"]) for b in budgets},
+                                                  key=lambda a: rows[a]["test"], default=None) for b in budgets},
                          "rescored": res["rescore"].get("rescored", 0), "new_evaluations": res["evaluations"]["new"]})
     # One search per arm for real, from empty caches: the stage's cost, and the table's scores checked
     timed = {}
@@ -330,14 +330,15 @@ def report(rows, latency, budgets, runs, timed, tops, size, universe, gaps) -> d
     for b in budgets:
         under = [a for a in test if latency.get(a, math.inf) <= b]
         best = max(under, key=lambda a: test[a])
-        oracle = [100 * (test[best] - test[r["oracle"][f"{b:g}"]]) for r in runs if r["top"] == tops[0]]
+        oracle = [100 * (test[best] - test[r["oracle"][f"{b:g}"]]) for r in runs if r["top"] == tops[0] and r["oracle"][f"{b:g}"]]
         optimum = {n: round(100 * (test[best] - test[fitness_optimum(rows, latency, b, n)]), 2) for n in PROXY["eval_images"]}
         for k in tops:
             picks = [r["winners"][f"{b:g}"] for r in runs if r["top"] == k]
             regret = [100 * (test[best] - test[a]) for a in picks]
             out_rows.append({"budget_ms": b, "top": k, "subnets_under": len(under), "best_test_top1": test[best], "best": best,
                              "best_proxy_gap_pp": round(100 * gaps.get(best, math.nan), 2),
-                             "oracle_mean_regret_pp": sum(oracle) / len(oracle), "fitness_optimum_regret_pp": optimum,
+                             # None: no subnet a search evaluated has a truth (--quick's sample)
+                             "oracle_mean_regret_pp": sum(oracle) / len(oracle) if oracle else None, "fitness_optimum_regret_pp": optimum,
                              "winners_test_top1": [test[a] for a in picks], "regret_pp": regret,
                              "mean_regret_pp": sum(regret) / len(regret), "max_regret_pp": max(regret)})
     cost = {}
@@ -367,7 +368,8 @@ def print_report(doc: dict[str, Any]) -> None:
     means = {k: sum(r["mean_regret_pp"] for r in doc["rows"] if r["top"] == k) / len(doc["budgets"]) for k in doc["tops"]}
     print("mean over budgets: " + ", ".join(f"K={k}: {v:.2f} pp" for k, v in means.items()))
     first = [r for r in doc["rows"] if r["top"] == doc["tops"][0]]
-    print("floor, the best on test of what each search evaluated: " + ", ".join(f"{r['budget_ms']:g} ms {r['oracle_mean_regret_pp']:.2f} pp" for r in first))
+    print("floor, the best on test of what each search evaluated: "
+          + ", ".join(f"{r['budget_ms']:g} ms {r['oracle_mean_regret_pp'] or math.nan:.2f} pp" for r in first))
     print("the fitness's exhaustive optimum (every subnet): " + ", ".join(f"{r['budget_ms']:g} ms {r['fitness_optimum_regret_pp']}" for r in first))
     print("stage cost, % of the search's time: " + ", ".join(f"K={k}: {c['estimated_pct']:.1f}%" for k, c in doc["cost"].items())
           + f" (estimated from {doc['seconds_per_rescore']} s per re-score; measured at K={max(doc['timed'])}: {doc['measured_cost_pct']}%)")
