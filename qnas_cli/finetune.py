@@ -39,11 +39,11 @@ from .event_log import open_event_log
 from .guard import CollapseGuard
 from .layers import set_runtime
 from .lineage import FINETUNED_FOR, check_serves, finetuned_for, original_supernet
-from .run_folder import (check_fresh, check_resumable, ckpt_dir, latest_checkpoint, remove_temp_files, save_checkpoint,
+from .run_folder import (check_fresh, check_resumable, checkpoint_to_resume, remove_temp_files, save_checkpoint,
                          start_afresh, truncate_metrics)
 from .space import Arch, SearchSpace, read_structured, sample
 from .supernet import Supernet, load_supernet
-from .train import (Dist, Phase, StepCallback, Teacher, TrainConfig, leave_distributed, make_optimizer, plan_record,
+from .train import (Dist, Phase, StepCallback, Teacher, TrainConfig, epoch_steps, leave_distributed, make_optimizer, plan_record,
                     resolve_device, setup_distributed, supernet_payload, train_loop)
 
 # Measured on the default `small` supernet (2,800 steps; benchmarks/finetune.py, BENCHMARKS.md
@@ -186,9 +186,7 @@ def _finetune(inputs: _Inputs, d: Dist, resume: bool, overwrite: bool, on_step: 
     cfg, arch, data, out = inputs.cfg, inputs.arch, inputs.data, inputs.out
     space = inputs.origin.space
     device = resolve_device(cfg.device, d)
-    steps_per_epoch = len(data.train) // (cfg.batch_size * d.world)
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} x {d.world} processes exceeds the {len(data.train)} training images")
+    steps_per_epoch = epoch_steps(data, cfg, d)
     plan = [Phase("finetune", inputs.origin.cfg, 0, cfg.steps)]
     guard = CollapseGuard(data.num_classes, cfg.collapse_patience, cfg.collapse_give_up)
     origin = inputs.origin.to(device).requires_grad_(False)
@@ -196,13 +194,7 @@ def _finetune(inputs: _Inputs, d: Dist, resume: bool, overwrite: bool, on_step: 
     opt = make_optimizer(model, cfg)
     start = 0
     if resume:
-        found = latest_checkpoint(out, log)
-        if found is None:
-            corrupt = len(list(ckpt_dir(out).glob("step_*.pt")))
-            raise UserError(f"--resume: no usable checkpoint in {ckpt_dir(out)}"
-                            + (f" ({corrupt} found, none verifies against its sidecar)" if corrupt else "")
-                            + "; start without --resume")
-        payload, meta = found
+        payload, meta = checkpoint_to_resume(out, log)
         check_resumable(meta, cfg.to_dict(), FinetuneConfig.RESUME_KEYS, space, cfg.space, plan_record(plan),
                         length_keys=FinetuneConfig.LENGTH_KEYS)
         try:

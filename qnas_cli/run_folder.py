@@ -97,6 +97,17 @@ def latest_checkpoint(out: Path, log: Callable[[str], None]) -> tuple[dict[str, 
     return None
 
 
+def checkpoint_to_resume(out: Path, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The latest verified checkpoint in ``out`` (payload, sidecar), or a one-line refusal of --resume."""
+    found = latest_checkpoint(out, log)
+    if found is None:
+        corrupt = len(list(ckpt_dir(out).glob("step_*.pt")))
+        raise UserError(f"--resume: no usable checkpoint in {ckpt_dir(out)}"
+                        + (f" ({corrupt} found, none verifies against its sidecar)" if corrupt else "")
+                        + "; start without --resume")
+    return found
+
+
 def check_resumable(meta: dict[str, Any], config: dict[str, Any], keys: tuple[str, ...], space: SearchSpace,
                     space_arg: str, phases: list[dict[str, Any]] | None = None, length_keys: tuple[str, ...] = ()) -> None:
     """Refuse to resume a checkpoint (``meta``) made with other options (``keys`` of ``config``) or

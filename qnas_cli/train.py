@@ -52,7 +52,7 @@ from .diagnostics import grad_norms, layer_diagnostics
 from .guard import CollapseGuard, TrainingCollapsed, scales_finite
 from .layers import QConvBN, QLinear, QuantInit, init_scales, keep_scales_positive
 from .quant import QuantConfig
-from .run_folder import (Interrupted, StopFlag, append_metrics, check_fresh, check_resumable, ckpt_dir, latest_checkpoint,
+from .run_folder import (Interrupted, StopFlag, append_metrics, check_fresh, check_resumable, checkpoint_to_resume, ckpt_dir,
                          remove_temp_files, save_checkpoint, start_afresh, truncate_metrics)
 from .space import Arch, SearchSpace, load_arch, load_space, sample
 from .supernet import Supernet, load_supernet
@@ -220,6 +220,14 @@ def resolve_device(device: str, d: Dist) -> str:
     return device
 
 
+def epoch_steps(data: Dataset, cfg: TrainConfig, d: Dist) -> int:
+    """Optimizer steps per pass over the training split (all ranks together); at least one."""
+    steps = len(data.train) // (cfg.batch_size * d.world)
+    if steps == 0:
+        raise UserError(f"--batch-size {cfg.batch_size} x {d.world} processes exceeds the {len(data.train)} training images")
+    return steps
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to zero."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
@@ -362,9 +370,7 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
     anchor = alone or sample(space, "largest")  # the subnet trained on the labels: scales initialise on it, diagnostics run it
     device = resolve_device(cfg.device, d)
     data = load_dataset(cfg.data, load_size=max(space.resolutions))
-    steps_per_epoch = len(data.train) // (cfg.batch_size * d.world)
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {cfg.batch_size} x {d.world} processes exceeds the {len(data.train)} training images")
+    steps_per_epoch = epoch_steps(data, cfg, d)
     plan = phase_plan(cfg, steps_per_epoch)
     total = plan[-1].end
     guard = CollapseGuard(data.num_classes, cfg.collapse_patience, cfg.collapse_give_up)
@@ -372,13 +378,7 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
     # Everything is checked before the folder is touched: a refused run changes nothing there.
     start, first = 0, 0  # the step and the phase (index in plan) to continue from
     if resume:
-        found = latest_checkpoint(out, log)
-        if found is None:
-            corrupt = len(list(ckpt_dir(out).glob("step_*.pt")))
-            raise UserError(f"--resume: no usable checkpoint in {ckpt_dir(out)}"
-                            + (f" ({corrupt} found, none verifies against its sidecar)" if corrupt else "")
-                            + "; start without --resume")
-        payload, meta = found
+        payload, meta = checkpoint_to_resume(out, log)
         check_resumable(meta, cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space, plan_record(plan),
                         length_keys=TrainConfig.LENGTH_KEYS)
         try:

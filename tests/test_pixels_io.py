@@ -56,18 +56,28 @@ def test_every_pixel_is_its_own_int8_value_on_the_pixel_grid(fmnist):
     assert sub.input_q.scale.item() != scale  # the calibrated subnet itself is untouched
 
 
+@pytest.fixture(scope="module", params=[1, 3], ids=lambda c: f"c{c}")
+def pixel_file(request, tmp_path_factory):
+    """A graph of ``channels`` inputs exported with the default ends (uint8 RGB pixels, uint8 scores)
+    and metadata: (graph, the TFLite export, its FileIO), converted once for the module's tests."""
+    channels = request.param
+    graph, calib = mobilenet_like(channels, 28, "full_range")
+    io = file_io("uint8", "uint8", None, {**FMNIST, "in_channels": channels, "mean": [0.5] * channels,
+                                           "std": [0.25] * channels})
+    meta = ClassifierMetadata("qnas test", "a test model", "1", FASHION_MNIST_CLASSES, "rgb", 28, 28, 128.0, 63.75,
+                              "pixels", "scores")
+    result = export_tflite(graph, calib, tmp_path_factory.mktemp("pixels"), "model",
+                           lambda m: attach(adapt_io(m, io), meta))
+    return graph, result, io
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("channels", [1, 3])
-def test_uint8_ends_are_exact_on_every_target_and_carry_metadata(channels, tmp_path):
+def test_uint8_ends_are_exact_on_every_target_and_carry_metadata(pixel_file):
     """Pixels in, scores out, on the int8 graph our rewrite verified: every target runtime equals
     the exact integer forward end to end and op by op; census: the two uint8 ends are the only
     QUANTIZE ops and XNNPACK takes everything else; a grey model with RGB input reads one channel."""
-    graph, calib = mobilenet_like(channels, 28, "full_range")
-    rgb_io = file_io("uint8", "uint8", None, {**FMNIST, "in_channels": channels, "mean": [0.5] * channels,
-                                               "std": [0.25] * channels})
-    meta = ClassifierMetadata("qnas test", "a test model", "1", FASHION_MNIST_CLASSES, "rgb", 28, 28, 128.0, 63.75,
-                              "pixels", "scores")
-    result = export_tflite(graph, calib, tmp_path, "model", lambda m: attach(adapt_io(m, rgb_io), meta))
+    graph, result, rgb_io = pixel_file
+    channels = graph.input_shape[1]
     images, _ = sample_images(100, channels, 28, "full_range", seed=7)
     report = verify_tflite(result.tflite, graph, reference_runs(graph, images), latency=False)
     report["io"] = {"file": rgb_io.to_dict()}
@@ -96,18 +106,14 @@ def test_uint8_ends_are_exact_on_every_target_and_carry_metadata(channels, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.skipif(not mediapipe_available(), reason="no .venv-mediapipe (make mediapipe-venv)")
-def test_mediapipe_classifies_exactly_as_the_exact_forward(tmp_path):
+def test_mediapipe_classifies_exactly_as_the_exact_forward(pixel_file):
     """A real client: MediaPipe Tasks' ImageClassifier loads the default export (uint8 RGB in, uint8
-    out, metadata) of a grey model, names the categories with our labels, and its scores are the
-    exact forward's int8 logits in MediaPipe's arithmetic, bit for bit."""
+    out, metadata) of a grey and a colour model, names the categories with our labels, and its
+    scores are the exact forward's int8 logits in MediaPipe's arithmetic, bit for bit."""
     from qnas_cli.export.reference import run_reference
 
-    graph, calib = mobilenet_like(1, 28, "full_range")
-    io = file_io("uint8", "uint8", None, {**FMNIST, "mean": [0.5], "std": [0.25]})
-    meta = ClassifierMetadata("qnas test", "a test model", "1", FASHION_MNIST_CLASSES, "rgb", 28, 28, 128.0, 63.75,
-                              "pixels", "scores")
-    result = export_tflite(graph, calib, tmp_path, "model", lambda m: attach(adapt_io(m, io), meta))
-    images, _ = sample_images(60, 1, 28, "full_range", seed=11)
+    graph, result, _ = pixel_file
+    images, _ = sample_images(60, graph.input_shape[1], 28, "full_range", seed=11)
     detail = {"dtype": np.uint8, "shape": [1, 28, 28, 3]}
     scores, names = mediapipe_scores(result.tflite, np.concatenate([as_file_input(img, detail) for img in images]))
     assert names == list(FASHION_MNIST_CLASSES)

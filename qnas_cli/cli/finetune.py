@@ -9,11 +9,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..finetune import DEFAULT_FINETUNE_STEPS, TEACHERS, FinetuneConfig, finetune as run_finetune
-from ..guard import TrainingCollapsed
-from ..run_folder import Interrupted
 from .calibrate import DataOpt, SupernetOpt
-from .common import EXIT_TRAINING_COLLAPSED, console, err_console, interactive, logger, print_json, say
-from .train import plain_logger, with_progress
+from .common import console, say
+from .train import run_loop
 
 D = FinetuneConfig(subnet="-")  # defaults shown in --help come from the library's config
 
@@ -57,20 +55,9 @@ def finetune(
                          out=str(out) if out else None, steps=steps, teacher=teacher, lr=lr, warmup_steps=warmup_steps,
                          kd_ratio=kd_ratio, batch_size=batch_size, seed=seed, device=device, ckpt_every=ckpt_every,
                          eval_images=eval_images, calib_images=calib_images, tensorboard=tensorboard)
-    log = logger(err_console if json_out else console)
-    try:
-        run = lambda on_step, log: run_finetune(cfg, resume, on_step=on_step, log=log, overwrite=overwrite)  # noqa: E731
-        summary = with_progress("finetune", run) if interactive() and not json_out else run(plain_logger(log), log)
-    except Interrupted as e:
-        say(err_console, str(e))
-        raise typer.Exit(130) from None
-    except TrainingCollapsed as e:
-        say(err_console, f"error: {e}")
-        raise typer.Exit(EXIT_TRAINING_COLLAPSED) from None
-    if not summary:  # a non-zero rank under torchrun
-        return
-    if json_out:
-        print_json(summary)
+    summary = run_loop("finetune", lambda on_step, log: run_finetune(cfg, resume, on_step=on_step, log=log,
+                                                                      overwrite=overwrite), json_out)
+    if summary is None:
         return
     m = summary["metrics"]
     t = Table(title=escape(f"fine-tuned {summary['subnet']}"))

@@ -68,20 +68,9 @@ def train(
                       epochs=epochs, steps=steps, float_steps=float_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random, kd_ratio=kd_ratio, seed=seed,
                       device=device, init=str(init) if init else None, subnet=str(subnet) if subnet else None, ckpt_every=ckpt_every, eval_images=eval_images,
                       calib_images=calib_images, tensorboard=tensorboard)
-    log = logger(err_console if json_out else console)
-    try:
-        run = lambda on_step, log: run_train(cfg, resume, on_step=on_step, log=log, overwrite=overwrite)  # noqa: E731
-        summary = with_progress("train", run) if interactive() and not json_out else run(plain_logger(log), log)
-    except Interrupted as e:
-        say(err_console, str(e))
-        raise typer.Exit(130) from None
-    except TrainingCollapsed as e:
-        say(err_console, f"error: {e}")
-        raise typer.Exit(EXIT_TRAINING_COLLAPSED) from None
-    if not summary:  # a non-zero rank under torchrun
-        return
-    if json_out:
-        print_json(summary)
+    summary = run_loop("train", lambda on_step, log: run_train(cfg, resume, on_step=on_step, log=log, overwrite=overwrite),
+                       json_out)
+    if summary is None:
         return
     t = Table(title=escape(f"supernet {out / 'supernet.pt'}"))
     t.add_column("subnet")
@@ -90,6 +79,25 @@ def train(
     for how, r in summary["metrics"].items():
         t.add_row(how, r["arch"], f"{100 * r['test_top1']:.2f}%")
     console.print(t)
+
+
+def run_loop(label: str, run, json_out: bool) -> dict | None:
+    """A training command's loop, ``run(on_step, log)`` (train, finetune): a progress bar on a
+    terminal, plain lines off one; Ctrl-C is exit 130, a collapse exit 4; with ``--json`` the
+    summary is printed. Returns the summary still to be shown as a table, else None (``--json``,
+    or a non-zero rank under torchrun)."""
+    log = logger(err_console if json_out else console)
+    try:
+        summary = with_progress(label, run) if interactive() and not json_out else run(plain_logger(log), log)
+    except Interrupted as e:
+        say(err_console, str(e))
+        raise typer.Exit(130) from None
+    except TrainingCollapsed as e:
+        say(err_console, f"error: {e}")
+        raise typer.Exit(EXIT_TRAINING_COLLAPSED) from None
+    if summary and json_out:
+        print_json(summary)
+    return summary if summary and not json_out else None
 
 
 def with_progress(label: str, run) -> dict:

@@ -169,8 +169,7 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
     check_data_fits(data, sub.in_channels, sub.num_classes, "the subnet")
     trained_on = meta.get("data") or data.describe()
     io = io or file_io(input_type, output_type, color_space, trained_on)
-    names = names or (read_labels(labels_file, sub.num_classes) if labels_file else
-                      data.class_names or tuple(str(i) for i in range(sub.num_classes)))
+    names = names or data.class_names or tuple(str(i) for i in range(sub.num_classes))  # --labels was read above
     if len(names) != sub.num_classes:
         raise UserError(f"--labels {labels_file}: {len(names)} names for a model of {sub.num_classes} classes")
     clock.lap("calibrate")
