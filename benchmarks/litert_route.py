@@ -40,7 +40,7 @@ def float_module(graph):
     import torch
     from torch import nn
 
-    from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, Linear
+    from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, Linear, channel_scale, real_weight
 
     qp = graph.qparams
 
@@ -50,8 +50,8 @@ def float_module(graph):
             self.layers = nn.ModuleDict()
             for i, op in enumerate(graph.ops):
                 if isinstance(op, (Conv, Linear)):
-                    w = torch.tensor(op.weight.astype(np.float64) * op.weight_scale, dtype=torch.float32)
-                    b = torch.tensor(op.bias.astype(np.float64) * qp[op.input].scale * op.weight_scale, dtype=torch.float32)
+                    w = torch.tensor(real_weight(op), dtype=torch.float32)
+                    b = torch.tensor(op.bias.astype(np.float64) * qp[op.input].scale * channel_scale(op, 1), dtype=torch.float32)
                     if isinstance(op, Conv):
                         k = op.weight.shape[-1]
                         layer = nn.Conv2d(w.shape[1] * op.groups, w.shape[0], k, op.stride, k // 2, groups=op.groups)

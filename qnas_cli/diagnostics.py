@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .layers import BN_EPS, ActQuant, QConvBN, QLinear
+from .layers import BN_EPS, ActQuant, QConvBN, QLinear, rows
 from .quant import A_QMAX, W_QMAX
 from .space import Arch
 
@@ -47,8 +47,8 @@ def layer_diagnostics(model: nn.Module, x: Tensor, arch: Arch) -> dict[str, dict
         w_fold, _, s_w = m.fold(w, mean, var)
         sigma = torch.sqrt(var + BN_EPS)
         stats.setdefault(names[m], {}).update(
-            w_scale=float(s_w), w_zero=(torch.round(w_fold / s_w) == 0).float().mean().item(),
-            w_fold_absmax=w_fold.abs().max().item(), w_clipped=(w_fold.abs() / s_w > W_QMAX).float().mean().item(),
+            w_scale=float(s_w.mean()), w_zero=(torch.round(w_fold / rows(s_w)) == 0).float().mean().item(),  # per channel: the mean scale
+            w_fold_absmax=w_fold.abs().max().item(), w_clipped=(w_fold.abs() / rows(s_w) > W_QMAX).float().mean().item(),
             sigma_min=sigma.min().item(), dead_channels=(sigma <= 2 * math.sqrt(BN_EPS)).float().mean().item())
 
     def linear_hook(m: QLinear, inputs, out: Tensor) -> None:

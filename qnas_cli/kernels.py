@@ -25,6 +25,10 @@ MEAN       raw-int8 sum times ``f32(1/N)`` in float32, zero-point-removed sum, `
            ``std::round`` (half away from zero)        into the multiplier, double rounding
 =========  =========================================  ========================================
 
+Per-channel conv and depthwise weight scales (``s_w`` one per output channel): every runtime
+applies the rule above channel by channel, ``s_w[c]`` in place of ``s_w`` (XNNPACK's qc8w
+operators, TFLite's per-channel multipliers; FC stays per-tensor).
+
 ``mediapipe`` is not a target but a client's runtime: MediaPipe Tasks (PyPI mediapipe 1.2.3, what
 apps calling its ImageClassifier run) bundles an XNNPACK whose conv, depthwise, FC and ADD round
 as ``xnnpack`` above, and whose MEAN rounds the same float32 product half to *even* (measured op by
@@ -105,7 +109,7 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     return fixed, shift
 
 
-def rounding_doubling_high_mul(a: Tensor, b: int) -> Tensor:
+def rounding_doubling_high_mul(a: Tensor, b: int | Tensor) -> Tensor:
     """gemmlowp ``SaturatingRoundingDoublingHighMul``: ``(a*b + nudge) / 2**31``, truncated toward
     zero, nudge ``2**30`` or ``1 - 2**30`` by sign (gemmlowp/fixedpoint/fixedpoint.h). Saturation
     only for ``a == b == -2**31``, which a positive multiplier never meets."""
@@ -114,18 +118,40 @@ def rounding_doubling_high_mul(a: Tensor, b: int) -> Tensor:
     return torch.div(ab + nudge, 2**31, rounding_mode="trunc")
 
 
-def rounding_divide_by_pot(x: Tensor, exponent: int) -> Tensor:
-    """gemmlowp ``RoundingDivideByPOT``: ``x / 2**exponent`` rounded to nearest, ties away from zero."""
-    if exponent == 0:
+def quantize_multipliers(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize_multiplier`` of each element (int64 arrays), vectorized for per-channel scales:
+    the same frexp, ``floor(q * 2**31 + 0.5)`` (exact in double: q * 2**31 < 2**31 keeps 22
+    fraction bits) and the same corrections, so each channel equals the scalar call."""
+    real = np.asarray(real, np.float64)
+    q, shift = np.frexp(real)
+    fixed = (np.floor(np.abs(q) * 2**31 + 0.5) * np.sign(q)).astype(np.int64)
+    shift = shift.astype(np.int64)
+    top = np.abs(fixed) == 2**31
+    fixed, shift = np.where(top, fixed // 2, fixed), np.where(top, shift + 1, shift)
+    zero = (real == 0.0) | (shift < -31)
+    return np.where(zero, 0, fixed), np.where(zero, 0, shift)
+
+
+def rounding_divide_by_pot(x: Tensor, exponent: int | Tensor) -> Tensor:
+    """gemmlowp ``RoundingDivideByPOT``: ``x / 2**exponent`` rounded to nearest, ties away from zero.
+    ``exponent`` may be an int64 tensor broadcasting with ``x`` (per-channel shifts)."""
+    if isinstance(exponent, int) and exponent == 0:
         return x
     mask = (1 << exponent) - 1
     threshold = (mask >> 1) + (x < 0).to(x.dtype)
     return (x >> exponent) + ((x & mask) > threshold).to(x.dtype)
 
 
-def multiply_by_quantized_multiplier(x: Tensor, multiplier: int, shift: int) -> Tensor:
+def multiply_by_quantized_multiplier(x: Tensor, multiplier: int | Tensor, shift: int | Tensor) -> Tensor:
     """TFLite ``MultiplyByQuantizedMultiplier`` (kernels/internal/common.h, double rounding):
-    a left shift for multipliers >= 1, the rounding doubling high multiply, a rounding right shift."""
+    a left shift for multipliers >= 1, the rounding doubling high multiply, a rounding right shift.
+    ``multiplier`` and ``shift`` are ints, or int64 tensors broadcasting with ``x`` (per channel:
+    TFLite's per-channel conv calls the same function with channel c's pair,
+    reference/integer_ops/conv.h, depthwise_conv.h)."""
+    if isinstance(shift, Tensor):
+        left, right = shift.clamp(min=0), (-shift).clamp(min=0)
+        x = wrap_int32(x << left) if bool((left > 0).any()) else x
+        return rounding_divide_by_pot(rounding_doubling_high_mul(x, multiplier), right)
     left, right = max(shift, 0), max(-shift, 0)
     x = wrap_int32(x * (1 << left)) if left else x
     return rounding_divide_by_pot(rounding_doubling_high_mul(x, multiplier), right)
@@ -183,13 +209,20 @@ class Requant:
     """How one conv, depthwise conv or FC maps its int32 accumulator to int8."""
 
     runtime: str
-    scale: np.float32  # xnnpack: float32(float32(s_in * s_w) / s_out)
-    multiplier: int  # reference conv: fixed-point form of double(s_in) * double(s_w) / double(s_out)
-    shift: int
+    scale: np.float32 | Tensor  # xnnpack: float32(float32(s_in * s_w) / s_out)
+    multiplier: int | Tensor  # reference conv: fixed-point form of double(s_in) * double(s_w) / double(s_out)
+    shift: int | Tensor
     real: float = 0.0  # reference FC: that double itself, applied in double
+    # Per-channel weight scales: scale (float32), multiplier and shift (int64) are 1-D tensors,
+    # one entry per output channel, applied along dim 1 of the accumulators.
+
+    @property
+    def per_channel(self) -> bool:
+        return isinstance(self.scale, Tensor)
 
 
-def conv_requant(runtime: str, s_in: float, s_w: float, s_out: float, fully_connected: bool = False) -> Requant:
+def conv_requant(runtime: str, s_in: float, s_w: float | np.ndarray, s_out: float,
+                 fully_connected: bool = False) -> Requant:
     """The requantization a runtime derives from the three stored float32 scales.
 
     XNNPACK: ``input_scale * kernel_scale / output_scale`` in float32, left to right
@@ -197,8 +230,12 @@ def conv_requant(runtime: str, s_in: float, s_w: float, s_out: float, fully_conn
     depthwise: the same in double, as a 31-bit multiplier (tflite/kernels/kernel_util.cc
     ``PopulateConvolutionQuantizationParams``); reference FC: that double, applied in double
     (tflite/kernels/internal/reference/integer_ops/fully_connected.h, LiteRT 921360770).
+
+    ``s_w`` a 1-D array: per-output-channel scales of a conv or depthwise conv (``_per_channel``).
     """
     runtime = family(runtime)
+    if isinstance(s_w, np.ndarray) and s_w.ndim:  # isinstance, not np.ndim: the scalar path is hot
+        return _per_channel(runtime, s_in, s_w, s_out, fully_connected)
     s_in, s_w, s_out = f32(s_in), f32(s_w), f32(s_out)
     scale = np.float32(f32(s_in * s_w) / s_out)  # float32 arithmetic, in XNNPACK's order
     real = float(s_in) * float(s_w) / float(s_out)
@@ -210,6 +247,29 @@ def conv_requant(runtime: str, s_in: float, s_w: float, s_out: float, fully_conn
     return Requant(runtime, scale, multiplier, shift)
 
 
+def _per_channel(runtime: str, s_in: float, s_w: np.ndarray, s_out: float, fully_connected: bool) -> Requant:
+    """``conv_requant`` of each channel's scale, as 1-D tensors. XNNPACK qc8w:
+    ``requantization_scale[c] = input_scale * kernel_scale[c] / output_scale`` in float32, left to
+    right (src/operators/convolution-nhwc.c ``init_requantization_scale_qx8_qc8w``, 75db3c09);
+    TFLite: ``double(input_scale) * double(filter_scale[c]) / double(output_scale)`` ->
+    ``QuantizeMultiplier`` per channel (kernel_util.cc ``PopulateConvolutionQuantizationParams``).
+    Per-channel FC is not a layout we export, and its arithmetic is unverified: refused."""
+    if fully_connected:
+        raise ValueError("per-channel weight scales are emulated for conv and depthwise only, not FC")
+    check_target(runtime)
+    s_w = np.asarray(s_w, np.float32)
+    s_in, s_out = f32(s_in), f32(s_out)
+    scale = ((s_in * s_w) / s_out).astype(np.float32)  # float32 elementwise, as the scalar path
+    real = float(s_in) * s_w.astype(np.float64) / float(s_out)
+    multiplier, shift = quantize_multipliers(real) if runtime != "xnnpack" else (np.zeros(len(s_w), np.int64),) * 2
+    return Requant(runtime, torch.from_numpy(scale), torch.from_numpy(multiplier), torch.from_numpy(shift))
+
+
+def _along_channels(v: Tensor, acc: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast along dim 1 of acc ((N, O, H, W) or (N, O))."""
+    return v.to(acc.device).view(-1, *([1] * (acc.ndim - 2)))
+
+
 def requantize(acc: Tensor, rq: Requant, zero_point: int, qmin: int, qmax: int) -> Tensor:
     """int32 accumulators (bias included, as ``conv_accumulate`` gives them; consumed: the
     xnnpack path works in place) -> int8 values, as a float32 tensor of integers.
@@ -218,6 +278,8 @@ def requantize(acc: Tensor, rq: Requant, zero_point: int, qmin: int, qmax: int) 
     The zero point is added after rounding by every runtime, so ``zero_point=0`` with bounds
     shifted by it gives ``q - zero_point`` directly.
     """
+    if rq.per_channel:
+        return _requantize_per_channel(acc, rq, zero_point, qmin, qmax)
     if rq.runtime == "xnnpack":
         # fp32 requantization: float32(acc) * scale, rounded half to even (XNNPACK's qs8 "fp32"
         # microkernels, e.g. src/qs8-gemm/gen/*-fp32-*.c; cvtps2dq / magic-bias rounding).
@@ -228,6 +290,17 @@ def requantize(acc: Tensor, rq: Requant, zero_point: int, qmin: int, qmax: int) 
         y = round_half_away(acc.to(torch.float64) * rq.real)
     else:
         y = multiply_by_quantized_multiplier(acc.to(torch.int64), rq.multiplier, rq.shift)
+    return (y + zero_point).clamp_(qmin, qmax).to(torch.float32)
+
+
+def _requantize_per_channel(acc: Tensor, rq: Requant, zero_point: int, qmin: int, qmax: int) -> Tensor:
+    """``requantize`` with channel c's scale (xnnpack) or multiplier and shift (reference, micro)
+    on ``acc[:, c]``: the same rounding as the scalar path, one rule per channel."""
+    if rq.runtime == "xnnpack":  # XNNPACK's qc8w microkernels: the fp32 requantization, per channel scale
+        y = acc.to(torch.float32).mul_(_along_channels(rq.scale, acc)).round_()
+        return y.add_(zero_point).clamp_(qmin, qmax) if zero_point else y.clamp_(qmin, qmax)
+    y = multiply_by_quantized_multiplier(acc.to(torch.int64), _along_channels(rq.multiplier, acc),
+                                         _along_channels(rq.shift, acc))
     return (y + zero_point).clamp_(qmin, qmax).to(torch.float32)
 
 

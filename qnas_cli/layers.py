@@ -7,7 +7,8 @@ layer runs the very same code on the very same tensors (bit-exact equality with 
 
 In int8 mode every Conv-BN simulates the folded int8 conv TFLite runs (QuantNAS §4.1):
 the BN is folded into the conv weights and bias, the folded weights are fake-quantized with a
-per-tensor scale, and the bias is quantized to int32 at ``s_in * s_w``. In training the fold
+per-tensor scale (or one per output channel: ``QuantConfig.weight_granularity``), and the bias
+is quantized to int32 at ``s_in * s_w``. In training the fold
 uses this batch's statistics, computed so that it costs one conv backward (``_batch_folded``).
 
 In eval mode the int8 layers compute *exactly* what a target runtime computes (``Exact``): the
@@ -24,13 +25,15 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
 from .batch_stats import conv_batch_stats, digit_conv
-from .quant import A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, inner, lsq_grad_scale, mse_optimal_scale, quantize, scale_grad
+from .quant import (A_QMAX, A_QMIN, BIAS_QMAX, W_QMAX, QuantConfig, fake_quant, inner, lsq_grad_scale, mse_optimal_row_scales,
+                    mse_optimal_scale, quantize, scale_grad)
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
@@ -187,6 +190,17 @@ def _copy_module(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m)
 
 
+def rows(s_w: Tensor) -> Tensor:
+    """A weight scale shaped to broadcast over a conv weight (O, I, k, k): per-channel scales
+    (O,) become (O, 1, 1, 1); a per-tensor one stays as it is."""
+    return s_w.view(-1, 1, 1, 1) if s_w.dim() else s_w
+
+
+def scale_value(s_w: Tensor) -> float | np.ndarray:
+    """A weight scale as the kernels and the integer graph take it: a float, or float32 per channel."""
+    return s_w.item() if s_w.dim() == 0 else s_w.detach().cpu().numpy().astype(np.float32)
+
+
 def _bias_quant(b: Tensor, s_in: Tensor, s_w: Tensor) -> Tensor:
     """int32 bias at scale s_in * s_w (TFLite's bias spec); straight-through for ``b`` only."""
     return fake_quant(b, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX, 0.0)
@@ -212,6 +226,8 @@ class _WeightQuantError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, c, v, s, bias = ctx.saved_tensors
+        if s.dim():
+            return None, None, _per_channel_scale_grad(ctx.layer, grad, x, c, v, s, bias).mul_(ctx.g).reshape(s.shape), None, None, None
         # dQ/ds = round(v) - v = (Q(w) - w)/s inside the range; the clip bound = that + v outside.
         grad_s = inner(grad, c)
         if bias is not None:  # c holds the bias too (one pass fewer than adding it apart)
@@ -226,6 +242,29 @@ class _WeightQuantError(torch.autograd.Function):
                 x_rows = x[:, rows] if ctx.layer.depthwise else x
                 grad_s = grad_s + inner(grad[:, rows], ctx.layer.conv(x_rows, torch.where(clipped, v, 0.0)[rows]))
         return None, None, (grad_s * ctx.g).reshape(s.shape), None, None, None
+
+
+def _per_channel_scale_grad(layer: QConvBN, grad: Tensor, x: Tensor, c: Tensor, v: Tensor, s: Tensor,
+                            bias: Tensor | None) -> Tensor:
+    """``_WeightQuantError``'s step-size gradient with one step per output channel (s: (O, 1, 1, 1)).
+
+    Output channel o reads only weight row o (plain and depthwise convs alike), so each channel's
+    gradient is that of the per-tensor case restricted to its own output: sums over (N, H, W).
+    """
+    s = s.flatten()
+    grad_s = (grad * c).sum((0, 2, 3))
+    if bias is not None:
+        grad_s = grad_s - grad.sum((0, 2, 3)) * bias
+    grad_s = grad_s / s
+    clipped = v.abs() > W_QMAX
+    if x.is_cuda:
+        return grad_s + (grad * layer.conv(x, torch.where(clipped, v, 0.0))).sum((0, 2, 3))
+    rows_ = clipped.flatten(1).any(1).nonzero().flatten()
+    if rows_.numel():
+        x_rows = x[:, rows_] if layer.depthwise else x
+        extra = (grad[:, rows_] * layer.conv(x_rows, torch.where(clipped, v, 0.0)[rows_])).sum((0, 2, 3))
+        grad_s = grad_s.index_add(0, rows_, extra)
+    return grad_s
 
 
 class QConvBN(nn.Module, QuantInit, Exact):
@@ -252,10 +291,11 @@ class QConvBN(nn.Module, QuantInit, Exact):
         self.bn_momentum: float | None = BN_MOMENTUM  # None: cumulative average (BN calibration)
         if cfg.quantized:
             # theta: the scale predictor (paper Eq. 7), one entry per output channel; or one LSQ scale.
+            # per-channel: theta_i predicts channel i's own scale; a shared scale becomes one per channel
             if cfg.weight_scale == "predictor":
                 self.theta = nn.Parameter(torch.ones(out_max))
             else:
-                self.w_scale = nn.Parameter(torch.tensor(1.0))
+                self.w_scale = nn.Parameter(torch.ones(out_max) if cfg.per_channel else torch.tensor(1.0))
         if cfg.mode == "convs":  # the conv quantizes its own input; its output stays float (out_q: the ReLU)
             self.in_q = ActQuant(QuantConfig(act_scheme=cfg.act_scheme), relu=False)
         self.out_q = ActQuant(cfg, relu=relu)
@@ -284,19 +324,27 @@ class QConvBN(nn.Module, QuantInit, Exact):
         self.num_batches_tracked += 1
         return self.bn_momentum if self.bn_momentum is not None else 1.0 / float(self.num_batches_tracked)
 
+    @property
+    def per_channel(self) -> bool:
+        return self.cfg.per_channel
+
     def predicted_scale(self, sigma: Tensor) -> Tensor:
-        """Weight scale of the active subnet: s = mean_i(theta_i / sigma_i) (paper Eq. 7).
+        """Weight scale of the active subnet: s = mean_i(theta_i / sigma_i) (paper Eq. 7), or per
+        channel s_i = theta_i / sigma_i; with ``--weight-scale shared`` the learned scale(s).
 
         theta's gradient is preconditioned by m / mean(1/sigma^2) so that one SGD step moves s
         exactly as plain LSQ would move a shared scale: theta_i ~ s*sigma_i is tiny for small
-        sigma_i while its raw gradient grows as 1/sigma_i, which otherwise makes s jump.
+        sigma_i while its raw gradient grows as 1/sigma_i, which otherwise makes s jump. Per
+        channel the same argument gives sigma_i^2: each s_i moves as a per-channel LSQ step would.
         """
+        n = sigma.shape[0]
         if self.cfg.weight_scale == "shared":
-            return self.w_scale
-        theta = self.theta[: sigma.shape[0]]
+            return self.w_scale[:n] if self.per_channel else self.w_scale
+        theta = self.theta[:n]
         if theta.requires_grad and torch.is_grad_enabled():
-            theta = scale_grad(theta, (sigma.shape[0] / sigma.pow(-2).mean()).detach())  # no host sync on GPU
-        return (theta / sigma).mean()
+            c = sigma.pow(2) if self.per_channel else n / sigma.pow(-2).mean()
+            theta = scale_grad(theta, c.detach())  # no host sync on GPU
+        return theta / sigma if self.per_channel else (theta / sigma).mean()
 
     def integer_params(self, s_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Eval mode, static layer: int8 weights, int32 bias and the weight scale it runs with.
@@ -309,13 +357,20 @@ class QConvBN(nn.Module, QuantInit, Exact):
 
     def _integers(self, w: Tensor, mean: Tensor, var: Tensor, s_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         w_fold, bias, s_w = self.fold(w, mean, var)
-        return (quantize(w_fold, s_w, 0, -W_QMAX, W_QMAX), quantize(bias, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX), s_w)
+        if self.per_channel and self.cfg.weight_scale == "predictor":
+            # (w*gamma/sigma) / (theta/sigma) is w*gamma/theta: computed so, sigma cancels exactly and
+            # BN calibration, which changes only sigma, leaves these integers as they are
+            n = s_w.shape[0]
+            q_w = quantize(w * (self.bn_weight[:n] / self.theta[:n]).view(-1, 1, 1, 1), 1.0, 0, -W_QMAX, W_QMAX)
+        else:
+            q_w = quantize(w_fold, rows(s_w), 0, -W_QMAX, W_QMAX)
+        return q_w, quantize(bias, (s_in * s_w).detach(), 0, -BIAS_QMAX, BIAS_QMAX), s_w
 
     def _exact(self, x: Tensor, s_in: Tensor, w: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """Eval mode: the int8 conv as the target runtime computes it, on ``out_q``'s grid."""
         def make():
             q_w, q_b, s_w = self._integers(w, mean, var, s_in)
-            return q_w, q_b, kernels.conv_requant(self.runtime, s_in.item(), s_w.item(), self.out_q.scale.item())
+            return q_w, q_b, kernels.conv_requant(self.runtime, s_in.item(), scale_value(s_w), self.out_q.scale.item())
 
         q_w, q_b, rq = self.integers_once(make)
         groups = x.shape[1] if self.depthwise else 1
@@ -339,10 +394,14 @@ class QConvBN(nn.Module, QuantInit, Exact):
         return w_fold, self.bn_bias[:n] - mean * factor
 
     def _init_weight_scale(self, w_fold: Tensor, sigma: Tensor) -> None:
-        """MSE-optimal s_init; theta_i = s_init * sigma_i, so the first prediction is s_init."""
-        s_init = mse_optimal_scale(w_fold, 0, -W_QMAX, W_QMAX)
+        """MSE-optimal s_init (per tensor, or per output channel); theta_i = s_init * sigma_i, so
+        the first prediction is s_init."""
+        n = sigma.shape[0]
+        s_init = mse_optimal_row_scales(w_fold, W_QMAX) if self.per_channel else mse_optimal_scale(w_fold, 0, -W_QMAX, W_QMAX)
         if self.cfg.weight_scale == "predictor":
-            self.theta[: sigma.shape[0]] = s_init * sigma
+            self.theta[:n] = s_init * sigma
+        elif self.per_channel:
+            self.w_scale[:n] = s_init
         else:
             self.w_scale.fill_(s_init)
 
@@ -368,9 +427,13 @@ class QConvBN(nn.Module, QuantInit, Exact):
             elif self.exact():
                 return self._exact(x, s_in, w, rm, rv)
             w_fold, bias, s_w = self.fold(w, rm.clone(), rv.clone())
-            w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
+            w_q = fake_quant(w_fold, rows(s_w), 0, -W_QMAX, W_QMAX, self._w_grad_scale(w_fold))
             y = self.conv(x, w_q, _bias_quant(bias, s_in, s_w))
         return self.out_q(y)
+
+    def _w_grad_scale(self, w_fold: Tensor) -> float:
+        """LSQ's gradient scale for the weight step: per channel, a step sees one row's weights."""
+        return lsq_grad_scale(w_fold[0].numel() if self.per_channel else w_fold.numel(), W_QMAX)
 
     def quantized_unfolded(self, w: Tensor) -> Tensor:
         """--quant convs: the conv's own weights, fake-quantized with one LSQ scale (BN stays apart)."""
@@ -398,7 +461,7 @@ class QConvBN(nn.Module, QuantInit, Exact):
             w_fold, bias = self._fold_sigma(w, mean, sigma)
         s_w = self.predicted_scale(sigma)
         bias_error = _bias_quant(bias, s_in, s_w) - bias  # the int32 bias's rounding; no gradient
-        error = _WeightQuantError.apply(x, w_fold, s_w, self, lsq_grad_scale(w_fold.numel(), W_QMAX), bias_error)
+        error = _WeightQuantError.apply(x, w_fold, rows(s_w), self, self._w_grad_scale(w_fold), bias_error)
         return y.add_(error)  # BN's backward needs its input, not its output
 
     @torch.no_grad()
@@ -420,7 +483,7 @@ class QConvBN(nn.Module, QuantInit, Exact):
         fold_mean, fold_var = (mean, var) if self.cfg.bn_fold == "batch" else (rm.clone(), rv.clone())
         q_w, q_b, s_w = self._integers(w, fold_mean, fold_var, s_in)
         acc = digit_conv(u, q_w, self.stride, groups)  # the int8 conv's accumulators, bias aside
-        return self.out_q(acc.add_(q_b.to(torch.float32).view(-1, 1, 1)).mul_(s_in * s_w))
+        return self.out_q(acc.add_(q_b.to(torch.float32).view(-1, 1, 1)).mul_((s_in * s_w).reshape(-1, 1, 1)))
 
     def extract(self, in_channels: int, out_channels: int, kernel: int) -> QConvBN:
         """A static copy holding exactly the active slice."""
@@ -434,7 +497,7 @@ class QConvBN(nn.Module, QuantInit, Exact):
                     getattr(m, name).copy_(getattr(self, name)[:out_channels])
             m.num_batches_tracked.copy_(self.num_batches_tracked)
             if hasattr(self, "w_scale"):
-                m.w_scale.copy_(self.w_scale)
+                m.w_scale.copy_(self.w_scale[:out_channels] if self.per_channel else self.w_scale)
             m.out_q.scale.copy_(self.out_q.scale)
             if hasattr(self, "in_q"):
                 m.in_q.scale.copy_(self.in_q.scale)

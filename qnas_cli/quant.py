@@ -2,8 +2,10 @@
 
 Real value of an int8 tensor: ``real = scale * (q - zero_point)``.
 
-- Weights (conv, FC): int8, symmetric, per-tensor, zero point 0, q in [-127, 127].
-- Biases: int32, scale = s_in * s_w, zero point 0.
+- Weights (conv, FC): int8, symmetric, zero point 0, q in [-127, 127]; one scale per tensor, or
+  (``--weight-granularity per-channel``) one per conv output channel, TFLite's per-axis
+  convention for CONV_2D and DEPTHWISE_CONV_2D. FC weights keep one scale.
+- Biases: int32, scale = s_in * s_w (per channel where s_w is), zero point 0.
 - Activations: int8 per-tensor, q in [-128, 127]. Zero point 0 ("symmetric", the paper's
   scheme) or -128 for non-negative tensors ("full-range": all 256 levels after a ReLU).
 - Rounding: fake quantization rounds half to even (``torch.round``) in float32. How each
@@ -32,7 +34,9 @@ BIAS_QMAX = 2**31 - 1
 # subnets record it, and export recalibrates one made under another version.
 # 2: BN calibration computes its statistics and activations exactly (batch_stats), independent of
 # threads; version-1 calibrations differ from it in the last bits.
-INTEGER_CONTRACT_VERSION = 2
+# 3: weight scales may be per output channel (QuantConfig.weight_granularity); calibrations record
+# the version, so one made before it is recalibrated rather than trusted.
+INTEGER_CONTRACT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class QuantConfig:
     act_scheme: str = "symmetric"  # symmetric (zero point 0, the paper's) | full-range (zp -128 after ReLU)
     bn_fold: str = "batch"  # batch: fold batch statistics in training (paper §4.1) | moving: the baseline
     weight_scale: str = "predictor"  # predictor: s = mean(theta / sigma) (paper §4.2) | shared: plain LSQ
+    # per-tensor: one conv weight scale (the paper's) | per-channel: one per output channel, where the
+    # predictor's s_i = theta_i / sigma_i makes the integer weights round(w_i * gamma_i / theta_i)
+    # independent of the BN statistics, so calibration changes only the scales (exact for every subnet)
+    weight_granularity: str = "per-tensor"
 
     def __post_init__(self) -> None:
         for name, legal in (
@@ -53,6 +61,7 @@ class QuantConfig:
             ("act_scheme", ("symmetric", "full-range")),
             ("bn_fold", ("batch", "moving")),
             ("weight_scale", ("predictor", "shared")),
+            ("weight_granularity", ("per-tensor", "per-channel")),
         ):
             if getattr(self, name) not in legal:
                 option = "--quant" if name == "mode" else f"--{name.replace('_', '-')}"
@@ -62,6 +71,14 @@ class QuantConfig:
             # the predictor and the fold act on BN-folded weights; convs-only keeps BN apart
             raise UserError("--quant convs keeps BN unfolded: it takes --weight-scale shared (plain LSQ) "
                             "and the default --bn-fold")
+        if self.mode == "convs" and self.per_channel:
+            raise UserError("--quant convs quantizes the unfolded weights with one scale: it takes the default "
+                            "--weight-granularity per-tensor")
+
+    @property
+    def per_channel(self) -> bool:
+        """Conv weights carry one scale per output channel."""
+        return self.weight_granularity == "per-channel"
 
     @property
     def enabled(self) -> bool:
@@ -106,7 +123,10 @@ class _FakeQuant(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # d out/ds = round(x/s) - x/s inside the range and the clip bound outside, i.e.
             # round(r) - r * inside: two dot products, no temporaries of the tensor's size.
-            grad_s = (inner(grad, r.round()) - inner(grad_x, r)).mul(ctx.g).reshape(s.shape)
+            if s.numel() == 1:
+                grad_s = (inner(grad, r.round()) - inner(grad_x, r)).mul(ctx.g).reshape(s.shape)
+            else:  # one scale per leading-axis row (per-channel weights, s of shape (O, 1, 1, 1))
+                grad_s = (grad * r.round() - grad_x * r).sum_to_size(s.shape).mul(ctx.g)
         return grad_x if ctx.needs_input_grad[0] else None, grad_s, None, None, None, None
 
 
@@ -160,6 +180,23 @@ def quantize(x: Tensor, scale: Tensor | float, zero_point: int, qmin: int, qmax:
 
 def lsq_grad_scale(numel: int, qmax: int) -> float:
     return 1.0 / math.sqrt(max(numel, 1) * qmax)
+
+
+@torch.no_grad()
+def mse_optimal_row_scales(x: Tensor, qmax: int, grid: int = 100) -> Tensor:
+    """``mse_optimal_scale`` of each row of ``x`` (symmetric, zero point 0): per-channel weights.
+
+    The same grid of clip ranges, searched for every row at once; (O, ...) -> (O,).
+    """
+    rows = x.detach().float().flatten(1)
+    top = rows.abs().amax(1)
+    best_s, best_err = top / qmax, torch.full_like(top, math.inf)
+    for i in range(grid, grid // 10, -1):
+        s = (top * i / grid / qmax).clamp(min=1e-30).unsqueeze(1)
+        err = (torch.clamp(torch.round(rows / s), -qmax, qmax) * s - rows).pow_(2).sum(1)
+        better = err < best_err
+        best_s, best_err = torch.where(better, s.squeeze(1), best_s), torch.where(better, err, best_err)
+    return torch.where(top > 0, best_s, torch.full_like(top, 1e-8))
 
 
 @torch.no_grad()

@@ -379,7 +379,7 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
     start, first = 0, 0  # the step and the phase (index in plan) to continue from
     if resume:
         payload, meta = checkpoint_to_resume(out, log)
-        check_resumable(meta, cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space, plan_record(plan),
+        check_resumable(with_quant_defaults(meta), cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space, plan_record(plan),
                         length_keys=TrainConfig.LENGTH_KEYS)
         try:
             start = int(payload["step"])
@@ -492,6 +492,19 @@ def train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model
                    _finish(model, opt, data, space, cfg, out, total, device, log, d.world, guard, alone))
         events.scalars("eval", {f"{how}_test_top1": r["test_top1"] for how, r in summary["metrics"].items()}, total)
     return summary
+
+
+def with_quant_defaults(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's meta with its quantization options completed by today's defaults: a run
+    checkpointed before an option existed (--weight-granularity) ran under its default, and resumes."""
+    quant = meta.get("config", {}).get("quant")
+    if not isinstance(quant, dict):
+        return meta
+    try:
+        full = asdict(QuantConfig(**quant))
+    except (TypeError, UserError):
+        return meta  # unknown or bad fields: compared as they are, and refused
+    return {**meta, "config": {**meta["config"], "quant": full}}
 
 
 def _new_model(space: SearchSpace, data: Dataset, phase: Phase, cfg: TrainConfig, device: str) -> Supernet:

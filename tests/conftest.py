@@ -43,7 +43,9 @@ def make_supernet(mode: str = "int8", in_channels: int = 1, seed: int = 0, **qua
         for _ in range(3):
             a = sample(space, "random", rng)
             net(torch.randn(8, in_channels, a.resolution, a.resolution), a)
-        for p in net.parameters():  # and BN affine parameters away from 1 / 0
+        for name, p in net.named_parameters():  # and BN affine parameters away from 1 / 0
             if p.dim() == 1 and p.shape[0] > 1:
-                p.add_(0.05 * torch.randn_like(p))
+                noise = 0.05 * torch.randn_like(p)
+                # per-channel weight scales are of the order of 1e-2: moved relatively, they stay positive
+                p.mul_(1 + noise) if name.endswith(("theta", "w_scale")) and net.cfg.per_channel else p.add_(noise)
     return net

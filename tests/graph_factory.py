@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op, QParams
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op, QParams, channel_scale
 from qnas_cli.export.reference import dequantize, quantize, real_output, run_op
 
 Scheme = Literal["symmetric", "full_range"]
@@ -52,9 +52,10 @@ class GraphBuilder:
     clip_pct = 99.9  # output scale = this percentile of |y| / 127: clips the tail, as LSQ does
 
     def __init__(self, images: np.ndarray, input_qp: QParams, scheme: Scheme, seed: int,
-                 input_name: str = "input") -> None:
+                 input_name: str = "input", per_channel: bool = False) -> None:
         self.rng = np.random.default_rng(seed)
         self.scheme = scheme
+        self.per_channel = per_channel  # convs get one weight scale per output channel
         self.input_name = input_name
         self.input_shape = (1, *images.shape[1:])
         self.tensors: dict[str, np.ndarray] = {input_name: images}
@@ -81,7 +82,9 @@ class GraphBuilder:
         folded in, as calibration does: each output channel's pre-activation on the sample
         images gets std gamma ~ U(0.5, 1.5) and mean beta ~ N(0, 0.5) (0 with centre=True,
         so logits rank classes per image). Then per-tensor quantization, the weight scale
-        clipping the largest 10% of the range, as an MSE-optimal scale does."""
+        clipping the largest 10% of the range, as an MSE-optimal scale does; with
+        ``per_channel`` (convs only, FC stays per tensor) the same from each row's max abs,
+        a float32 scale per output channel."""
         shape = (-1,) + (1,) * (w_real.ndim - 1)
         op.weight_scale = float(np.abs(w_real).max()) / 127.0
         op.weight = np.rint(w_real / op.weight_scale).astype(np.int8)
@@ -92,9 +95,13 @@ class GraphBuilder:
         beta = np.zeros_like(mu) if centre else self.rng.normal(0.0, 0.5, size=mu.shape)
         w_fold = w_real * (gamma / sigma).reshape(shape)
         b_fold = beta - gamma * mu / sigma
-        op.weight_scale = 0.9 * float(np.abs(w_fold).max()) / 127.0
-        op.weight = np.clip(np.rint(w_fold / op.weight_scale), -127, 127).astype(np.int8)
-        op.bias = np.rint(b_fold / (self.qparams[op.input].scale * op.weight_scale)).astype(np.int32)
+        if self.per_channel and isinstance(op, Conv):
+            op.weight_scale = (0.9 * np.abs(w_fold).reshape(len(w_fold), -1).max(1) / 127.0).astype(np.float32)
+        else:
+            op.weight_scale = 0.9 * float(np.abs(w_fold).max()) / 127.0
+        s_w = channel_scale(op, w_fold.ndim)
+        op.weight = np.clip(np.rint(w_fold / s_w), -127, 127).astype(np.int8)
+        op.bias = np.rint(b_fold / (self.qparams[op.input].scale * channel_scale(op, 1))).astype(np.int32)
 
     def conv(self, name: str, src: str, out_ch: int, k: int, stride: int = 1,
              depthwise: bool = False, relu: bool = True) -> str:
@@ -141,15 +148,17 @@ class GraphBuilder:
 
 
 def mobilenet_like(channels: int = 3, size: int = 24, scheme: Scheme = "full_range", seed: int = 0,
-                   n_images: int = 64, num_classes: int = 10) -> tuple[IntegerGraph, np.ndarray]:
-    """A small MobileNetV3-style graph (ReLU, no SE) and the int8 images its scales came from.
+                   n_images: int = 64, num_classes: int = 10,
+                   per_channel: bool = False) -> tuple[IntegerGraph, np.ndarray]:
+    """A small MobileNetV3-style graph (ReLU, no SE) and the int8 images its scales came from
+    (``per_channel``: every conv's weights with one scale per output channel).
 
     stem 3x3/2 -> IR(expand 3, dw 3x3, residual add) -> IR(expand 2, dw 5x5/2)
     -> head 1x1 -> global average pool -> linear logits. Even input sizes make onnx2tf
     insert explicit PADs before both stride-2 convs; odd ones let TFLite's SAME padding do.
     """
     images, in_qp = sample_images(n_images, channels, size, scheme, seed, num_classes)
-    b = GraphBuilder(images, in_qp, scheme, seed + 1)
+    b = GraphBuilder(images, in_qp, scheme, seed + 1, per_channel=per_channel)
     x = b.conv("stem", "input", 8, 3, stride=2)
     x = b.inverted_residual("b1", x, expand=3, k=3, out_ch=8)
     x = b.inverted_residual("b2", x, expand=2, k=5, out_ch=16, stride=2)

@@ -56,8 +56,10 @@ def fashion():
     return load_dataset("fashion-mnist", load_size=20)
 
 
-@pytest.mark.parametrize("quant", [{"act_scheme": "full-range"}, {"weight_scale": "shared"}, {"bn_fold": "moving"}],
-                         ids=["full-range", "shared-scale", "moving-fold"])
+@pytest.mark.parametrize("quant", [{"act_scheme": "full-range"}, {"weight_scale": "shared"}, {"bn_fold": "moving"},
+                                   {"weight_granularity": "per-channel"},
+                                   {"weight_granularity": "per-channel", "weight_scale": "shared", "act_scheme": "full-range"}],
+                         ids=["full-range", "shared-scale", "moving-fold", "per-channel", "per-channel-shared"])
 def test_quantization_options_export_bit_exact(quant, fashion, tmp_path):
     net = make_supernet("int8", **quant)
     keep_scales_positive(net)
@@ -85,6 +87,18 @@ def mbv3_net():
     return net, data
 
 
+def test_mbv3_per_channel_exports_bit_exact(tmp_path):
+    """Per-channel weights (TFLite's per-axis convention) on mbv3's 42-op subnet, uint8 ends."""
+    from qnas_cli.space import PRESETS
+
+    data = load_dataset("fashion-mnist", load_size=128)
+    net = Supernet(PRESETS["mbv3"], 1, 10, QuantConfig(weight_granularity="per-channel"))
+    init_quant_scales(net, data, net.space, "cpu", images=16)
+    smallest = sample(net.space, "smallest")
+    arch = type(smallest)(128, smallest.stages)
+    _exact_everywhere(calibrated_subnet(net, arch, data, images=64), data, tmp_path, n_images=20, pixels=True)
+
+
 @pytest.mark.parametrize("resolution", [128, 224])
 def test_mbv3_exports_bit_exact(mbv3_net, resolution, tmp_path):
     """The issue's failing case: mbv3's smallest subnet at 128 px (42 ops) failed the old gate
@@ -95,15 +109,16 @@ def test_mbv3_exports_bit_exact(mbv3_net, resolution, tmp_path):
     _exact_everywhere(calibrated_subnet(net, arch, data, images=64), data, tmp_path, n_images=20, pixels=resolution == 128)
 
 
-@pytest.mark.parametrize("how", ["largest", "smallest", "random"])
-def test_small_space_subnets_export_bit_exact(how, tmp_path):
+@pytest.mark.parametrize("how,granularity", [("largest", "per-tensor"), ("smallest", "per-tensor"), ("random", "per-tensor"),
+                                             ("largest", "per-channel")])
+def test_small_space_subnets_export_bit_exact(how, granularity, tmp_path):
     """The project's default space, data-initialised and BN-calibrated on Fashion-MNIST."""
     import random
 
     from qnas_cli.space import PRESETS
 
     data = load_dataset("fashion-mnist", load_size=32)
-    net = Supernet(PRESETS["small"], 1, 10, QuantConfig())
+    net = Supernet(PRESETS["small"], 1, 10, QuantConfig(weight_granularity=granularity))
     init_quant_scales(net, data, net.space, "cpu", images=64)
     arch = sample(net.space, how, random.Random(7))
     _exact_everywhere(calibrated_subnet(net, arch, data, images=256), data, tmp_path, n_images=100, pixels=how == "random")

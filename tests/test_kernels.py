@@ -162,8 +162,9 @@ def _grid_tensors(sub, x):
     return got, out
 
 
-@pytest.mark.parametrize("quant", [{}, {"act_scheme": "full-range"}, {"weight_scale": "shared"}, {"bn_fold": "moving"}],
-                         ids=["default", "full-range", "shared-scale", "moving-fold"])
+@pytest.mark.parametrize("quant", [{}, {"act_scheme": "full-range"}, {"weight_scale": "shared"}, {"bn_fold": "moving"},
+                                   {"weight_granularity": "per-channel"}],
+                         ids=["default", "full-range", "shared-scale", "moving-fold", "per-channel"])
 @pytest.mark.parametrize("runtime", kernels.TARGETS)
 def test_subnet_exact_forward_equals_integer_graph(runtime, quant):
     net = make_supernet("int8", **quant).eval()

@@ -24,9 +24,18 @@ pytestmark = pytest.mark.slow
 C, H = 8, 12  # even size: onnx2tf puts explicit PADs before the stride-2 convs
 
 
-def _graph(seed: int = 0) -> IntegerGraph:
+def _graph(seed: int = 0, per_channel: bool = False) -> IntegerGraph:
+    """``per_channel``: each conv's scale s_w becomes one per output channel, s_w times 1/2, 1 or
+    2 by channel on the tie branches (so ratios 0.125..1: ties stay on every branch) and times
+    U(0.5, 2) on the others; FC stays per tensor."""
     rng = np.random.default_rng(seed)
     ops, qp = [], {"input": QParams(2.0**-4, 0)}
+
+    def channel_scales(name, out_ch, s_w):
+        if not per_channel:
+            return s_w
+        factors = 2.0 ** (np.arange(out_ch) % 3 - 1) if "tie" in name else rng.uniform(0.5, 2.0, out_ch)
+        return (s_w * factors).astype(np.float32)
 
     def conv(name, src, out_ch, k, stride, groups, relu, s_w, s_out, zp=0, w_max=3, bias_max=2**12):
         in_ch = C if src == "input" else None
@@ -34,7 +43,7 @@ def _graph(seed: int = 0) -> IntegerGraph:
         w = rng.integers(-w_max, w_max + 1, size=(out_ch, in_ch // groups, k, k)).astype(np.int8)
         w[0].flat[0] = 127  # the extreme weight, in every conv
         b = rng.integers(-bias_max, bias_max + 1, size=out_ch).astype(np.int32)
-        ops.append(Conv(name, src, name, w, b, s_w, stride, groups, relu))
+        ops.append(Conv(name, src, name, w, b, channel_scales(name, out_ch, s_w), stride, groups, relu))
         qp[name] = QParams(s_out, zp)
         return name
 

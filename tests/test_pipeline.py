@@ -131,6 +131,7 @@ def test_the_readme_ci_job_exports_a_subnet_and_reads_its_figures(trained, tmp_p
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["schema"] == "qnas.export_report/4" and report["passed"] and report["problems"] == []
+    assert report["quant"]["weight_granularity"] == "per-tensor"  # what the file's conv weights carry
     assert report == json.loads((tmp_path / "dist" / "export_report.json").read_text())
     a = report["accuracy"]
     assert f"{report['arch_key']}: top-1 {a['top1']:.4f}" in r.stdout

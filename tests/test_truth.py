@@ -63,7 +63,9 @@ def test_the_default_stand_alone_recipe_matches_and_another_is_refused(truth):
     assert truth_difference(truth, space, data, default_recipe(steps=2800)) is None  # the default, given explicitly
     check_truth_matches(truth, space, data, default_recipe())
     for recipe, field in [(default_recipe(steps=1400), "recipe.steps"), (default_recipe(lr=0.1), "recipe.lr"),
-                          (default_recipe(float_steps=0), "recipe.float_steps")]:
+                          (default_recipe(float_steps=0), "recipe.float_steps"),
+                          # the truth predates --weight-granularity: it reads as per-tensor, and only that
+                          (default_recipe(quant={"weight_granularity": "per-channel"}), "recipe.quant")]:
         with pytest.raises(SystemExit, match=field):
             check_truth_matches(truth, space, data, recipe)
     with pytest.raises(SystemExit, match="space.name is 'small' there, 'tiny' now"):

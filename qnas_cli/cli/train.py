@@ -26,6 +26,9 @@ def train(
     act_scheme: Annotated[str, typer.Option(help="symmetric (zero point 0, the paper's) | full-range (zero point -128 after ReLU).")] = "symmetric",
     bn_fold: Annotated[str, typer.Option(help="batch: fold batch statistics (paper §4.1) | moving: fold moving statistics (baseline).")] = "batch",
     weight_scale: Annotated[str, typer.Option(help="predictor: s = mean(theta/sigma) (paper §4.2) | shared: one LSQ scale per layer.")] = "predictor",
+    weight_granularity: Annotated[str, typer.Option(help="per-tensor: one weight scale per conv (the paper's) | per-channel: one per output channel "
+                                                         "(TFLite's per-axis convention; with the predictor, s_i = theta_i/sigma_i, so BN "
+                                                         "calibration changes no integer weight).")] = "per-tensor",
     init: Annotated[Path, typer.Option(help="Start the int8 phase from this float supernet.pt (--quant none, or a run's float_supernet.pt) and skip the float phase.")] = None,
     subnet: Annotated[Path, typer.Option(help="Train this one subnet (a subnet.json of --space) alone, with the same recipe: the stand-alone baseline that supernet rankings are measured against.")] = None,
     steps: Annotated[int, typer.Option(help=f"Optimizer steps of the whole run, float and int8 phases together (default {DEFAULT_STEPS}: "
@@ -64,7 +67,8 @@ def train(
     A used --out (a finished run, or an unfinished one) is refused unless --overwrite replaces it.
     """
     cfg = TrainConfig(space=space, data=data, out=str(out),
-                      quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale),
+                      quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale,
+                                       weight_granularity=weight_granularity),
                       epochs=epochs, steps=steps, float_steps=float_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random, kd_ratio=kd_ratio, seed=seed,
                       device=device, init=str(init) if init else None, subnet=str(subnet) if subnet else None, ckpt_every=ckpt_every, eval_images=eval_images,
                       calib_images=calib_images, tensorboard=tensorboard)

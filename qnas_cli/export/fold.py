@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qnas_cli.layers import ActQuant, QConvBN, QLinear
+from qnas_cli.layers import ActQuant, QConvBN, QLinear, scale_value
 from qnas_cli.quant import BIAS_QMAX
 from qnas_cli.supernet import Subnet
 
@@ -32,7 +32,7 @@ def to_integer_graph(sub: Subnet, meta: dict | None = None) -> IntegerGraph:
         q_w, q_b, s_w = layer.integer_params(src_q.scale)
         groups = layer.weight.shape[0] if layer.depthwise else 1
         ops.append(Conv(name, src, name, q_w.numpy().astype(np.int8), q_b.numpy().astype(np.int32),
-                        float(s_w.item()), layer.stride, groups, layer.relu))
+                        scale_value(s_w), layer.stride, groups, layer.relu))
         qparams[name] = _qp(layer.out_q)
         return name
 
@@ -65,7 +65,7 @@ def to_integer_graph(sub: Subnet, meta: dict | None = None) -> IntegerGraph:
     # An int32 bias at the edge of its range was clamped (in integers: never wrapped): the layer
     # still runs, with a bias off by what did not fit. Reachable when a weight scale sits at its floor.
     saturated = [op.name for op in ops if isinstance(op, (Conv, Linear)) and np.abs(op.bias.astype(np.int64)).max(initial=0) >= BIAS_QMAX]
-    bad = [op.name for op in ops if isinstance(op, (Conv, Linear)) and not op.weight_scale > 0]
+    bad = [op.name for op in ops if isinstance(op, (Conv, Linear)) and not np.all(np.asarray(op.weight_scale) > 0)]
     bad += [name for name, qp in qparams.items() if not qp.scale > 0]
     if bad:
         raise ValueError(f"non-positive scales in {', '.join(bad[:5])}: this subnet has no valid int8 form")

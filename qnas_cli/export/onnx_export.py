@@ -1,6 +1,7 @@
 """IntegerGraph -> float ONNX (NCHW) whose int8 quantization with our qparams is the contract.
 
-Weights and biases are stored dequantized (w = s_w * q_w, b = s_in * s_w * q_b), so the float
+Weights and biases are stored dequantized (w = s_w * q_w, b = s_in * s_w * q_b; s_w per output
+channel where the graph has it), so the float
 network computes exactly the real values the integer contract describes, before each output
 is rounded. onnx2tf only needs it for structure; the TFLite writer later replaces every
 constant and every scale with the integer originals.
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qnas_cli.checkpoint import write_bytes
-from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, channel_scale, real_weight
 
 OPSET = 13
 
@@ -55,8 +56,8 @@ def to_onnx(graph: IntegerGraph):
         src = "" if isinstance(op, Add) else onnx_name(op.input)
         if isinstance(op, (Conv, Linear)):
             s_in = qp[op.input].scale
-            w = const(f"{base}.weight", op.weight.astype(np.float64) * op.weight_scale)
-            b = const(f"{base}.bias", op.bias.astype(np.float64) * (s_in * op.weight_scale))
+            w = const(f"{base}.weight", real_weight(op))
+            b = const(f"{base}.bias", op.bias.astype(np.float64) * (s_in * channel_scale(op, 1)))
             pre = f"{base}.preact" if op.relu else dst
             if isinstance(op, Conv):
                 k = op.weight.shape[-1]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,7 @@ def export_subnet(subnet_file: Path, out_dir: Path | None = None, supernet: Path
         "passed": None,
         "arch": meta.get("arch"),
         "arch_key": sub.arch.key,
+        "quant": asdict(sub.cfg),  # weight_granularity: per-tensor or per-channel (per-axis) conv weights
         "source": {"calibrated": meta.get("weights", {}).get("file"), "calibrated_path": str(calibrated_path(Path(subnet_file)).resolve()),
                    "supernet": meta.get("supernet")},
         "accuracy": {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op, QParams
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op, QParams, channel_scale
 from qnas_cli import kernels
 
 
@@ -42,7 +42,8 @@ def real_output(op: Op, tensors: dict[str, np.ndarray], qparams: dict[str, QPara
     """The ideal real value an op computes from its int8 inputs, before any rounding (float64):
     what every runtime approximates; tests use it to choose scales and to bound the rounding."""
     if isinstance(op, (Conv, Linear)):
-        y = _accumulators(op, tensors, qparams).numpy().astype(np.float64) * (qparams[op.input].scale * op.weight_scale)
+        acc = _accumulators(op, tensors, qparams).numpy().astype(np.float64)
+        y = acc * (qparams[op.input].scale * channel_scale(op, acc.ndim, axis=1))
         return np.maximum(y, 0.0) if op.relu else y
     if isinstance(op, Add):
         a, b = op.inputs

@@ -23,7 +23,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 from ai_edge_litert.tools import flatbuffer_utils as fbu
 
-from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op
+from qnas_cli.export.graph import Add, Conv, GlobalAvgPool, IntegerGraph, Linear, Op, is_per_channel, real_weight
 from qnas_cli.export.onnx_export import tensor_shapes
 
 OP_NAMES = {code: name for name, code in vars(fb.BuiltinOperator).items() if not name.startswith("_")}
@@ -172,7 +172,7 @@ class _Matcher:
 
     def conv(self, op: Conv) -> None:
         o_ch, i_per_group, k, _ = op.weight.shape
-        real = op.weight.astype(np.float64) * op.weight_scale
+        real = real_weight(op)
 
         def fits(o: int) -> bool:
             kind, top = self.ix.kind[o], self.ix.ops[o]
@@ -190,7 +190,7 @@ class _Matcher:
         self.bind_output(o, op)
 
     def linear(self, op: Linear) -> None:
-        real = op.weight.astype(np.float64) * op.weight_scale
+        real = real_weight(op)
 
         def fits(o: int) -> bool:
             top = self.ix.ops[o]
@@ -258,13 +258,33 @@ class _Matcher:
                 raise MappingError(f"TFLite tensor '{ix.name(t)}' for {name!r} has shape {got}, expected {nhwc}")
 
 
-def _quant(scale: float, zero_point: int) -> fb.QuantizationParametersT:
+def _quant(scale: float | np.ndarray, zero_point: int, dim: int = 0) -> fb.QuantizationParametersT:
+    """Per-tensor qparams, or per-axis ones (``scale`` 1-D: one per index of dimension ``dim``,
+    zero points all ``zero_point``), as TFLite's schema stores both."""
     q = fb.QuantizationParametersT()
-    q.scale, q.zeroPoint, q.quantizedDimension = [float(scale)], [int(zero_point)], 0
+    scales = [float(v) for v in np.ravel(scale)]
+    q.scale, q.zeroPoint = scales, [int(zero_point)] * len(scales)
+    q.quantizedDimension = dim if np.ndim(scale) else 0
     return q
 
 
-def _set_const(ix: _Index, o: int, slot: int, data: np.ndarray, ttype: int, scale: float, name: str) -> None:
+# Where the output channels sit in each stored weight layout (tflite_layout): TFLite's per-channel
+# conv wants quantizedDimension 0 of OHWI, depthwise 3 of 1HWO (kernels/conv.cc, depthwise_conv.cc
+# check filter quantized_dimension against these).
+CHANNEL_DIM = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}
+
+
+def bias_scale(op: Conv | Linear, s_in: float) -> float | np.ndarray:
+    """The bias scale TFLite expects, ``s_in * s_w`` (per channel where s_w is), as the product of
+    the float32 scales it stores: it checks the bias scale against ``input_scale * filter_scale``
+    (tflite/kernels/kernel_util.cc), so it must be that product, not a rounding of ours."""
+    s_w = np.float32(op.weight_scale) if not is_per_channel(op) else np.asarray(op.weight_scale, np.float32)
+    product = float(np.float32(s_in)) * np.asarray(s_w, np.float64)
+    return product if is_per_channel(op) else float(product)
+
+
+def _set_const(ix: _Index, o: int, slot: int, data: np.ndarray, ttype: int, scale: float | np.ndarray,
+               name: str, dim: int = 0) -> None:
     """Store `data` as input `slot` of op o, in a tensor and buffer that only this op uses."""
     top = ix.ops[o]
     while len(top.inputs) <= slot:
@@ -281,7 +301,7 @@ def _set_const(ix: _Index, o: int, slot: int, data: np.ndarray, ttype: int, scal
     ix.model.buffers[tensor.buffer].data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
     tensor.shape, tensor.type, tensor.name = list(data.shape), ttype, name.encode()
     tensor.shapeSignature = None
-    tensor.quantization = _quant(scale, 0)
+    tensor.quantization = _quant(scale, 0, dim)
 
 
 def rewrite(tflite_bytes: bytes, graph: IntegerGraph) -> tuple[bytes, Match]:
@@ -309,10 +329,9 @@ def rewrite(tflite_bytes: bytes, graph: IntegerGraph) -> tuple[bytes, Match]:
         tensor.name = label.encode()
     for o, op in m.ops.items():
         if isinstance(op, (Conv, Linear)):
-            s_in = graph.qparams[op.input].scale
-            # TFLite checks bias_scale == s_in * s_w (relative 1e-6) on its float32 copies.
-            s_bias = float(np.float32(s_in)) * float(np.float32(op.weight_scale))
+            s_w = np.asarray(op.weight_scale, np.float32) if is_per_channel(op) else op.weight_scale
             _set_const(ix, o, 1, tflite_layout(op.weight, ix.kind[o]).astype(np.int8),
-                       fb.TensorType.INT8, op.weight_scale, f"{op.name}/weight")
-            _set_const(ix, o, 2, op.bias.astype("<i4"), fb.TensorType.INT32, s_bias, f"{op.name}/bias")
+                       fb.TensorType.INT8, s_w, f"{op.name}/weight", CHANNEL_DIM[ix.kind[o]])
+            _set_const(ix, o, 2, op.bias.astype("<i4"), fb.TensorType.INT32,
+                       bias_scale(op, graph.qparams[op.input].scale), f"{op.name}/bias")
     return bytes(fbu.convert_object_to_bytearray(model)), m

@@ -21,11 +21,11 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 from ai_edge_litert.tools import flatbuffer_utils as fbu
 
-from qnas_cli.export.graph import Conv, IntegerGraph, Linear
+from qnas_cli.export.graph import Conv, IntegerGraph, Linear, channel_scales, is_per_channel
 from qnas_cli.export.measure import interpreter, measure_models, xnnpack_coverage
 from qnas_cli.export.onnx_export import tensor_shapes
 from qnas_cli.export.reference import run_op
-from qnas_cli.export.tflite_rewrite import ALIAS_ROLES, OP_NAMES, TYPE_NAMES, tflite_layout
+from qnas_cli.export.tflite_rewrite import ALIAS_ROLES, CHANNEL_DIM, OP_NAMES, TYPE_NAMES, tflite_layout
 from qnas_cli.kernels import TARGETS
 from qnas_cli.latency import STATISTIC, RUNTIMES as TIMED  # (xnnpack, builtin): what latency is reported for
 
@@ -83,8 +83,13 @@ def float_ops(path: Path) -> dict:
 
 
 def stored_scales(path: Path, graph: IntegerGraph) -> dict:
-    """Intended vs stored qparams of every graph tensor (by the names the rewrite gave them),
-    plus whether every stored weight and bias equals ours."""
+    """Intended vs stored qparams of every graph tensor and of every conv/FC weight and bias (by
+    the names the rewrite gave them), plus whether every stored weight and bias equals ours.
+
+    Weights and biases are compared per axis: as many scales as intended (one, or one per output
+    channel), zero points 0, and for per-channel ones the quantized dimension the consuming op's
+    layout needs (``CHANNEL_DIM``: 3 for depthwise); any of those wrong counts as an infinite error.
+    """
     model = _read(path)
     sg = model.subgraphs[0]
     names = [t.name.decode() for t in sg.tensors]
@@ -97,10 +102,11 @@ def stored_scales(path: Path, graph: IntegerGraph) -> dict:
             q = sg.tensors[i].quantization
             s, z = float(q.scale[0]), int(q.zeroPoint[0])
             rel = abs(s - qp.scale) / qp.scale
-            worst = max(worst, rel if z == qp.zero_point else float("inf"))
+            worst = max(worst, rel if z == qp.zero_point and len(q.scale) == 1 else float("inf"))
             rows.append({"tensor": names[i], "intended": [qp.scale, qp.zero_point], "stored": [s, z],
                          "rel_err": rel})
     index = {n: i for i, n in enumerate(names)}
+    kinds = _consumer_kinds(model)
     mismatched = []
     for op in graph.ops:
         if not isinstance(op, (Conv, Linear)):
@@ -116,7 +122,40 @@ def stored_scales(path: Path, graph: IntegerGraph) -> dict:
                        if suffix == "weight" and isinstance(op, Conv) else [ours])
             if not any(w.shape == tuple(t.shape) and np.array_equal(data.reshape(w.shape), w) for w in layouts):
                 mismatched.append(f"{op.name}/{suffix}")
+            dim = CHANNEL_DIM.get(kinds.get(i, ""), 0) if suffix == "weight" else 0
+            row = _constant_row(names[i], t.quantization, _intended_scales(op, suffix, graph), dim)
+            worst = max(worst, row["rel_err"])
+            rows.append(row)
     return {"tensors": rows, "max_rel_err": worst, "missing": missing, "constants_mismatched": mismatched}
+
+
+def _consumer_kinds(model: fb.ModelT) -> dict[int, str]:
+    """Tensor -> the kind of the (last) op reading it: where a weight's output channels lie."""
+    sg, kinds = model.subgraphs[0], {}
+    for op in sg.operators:
+        kind = OP_NAMES[fbu.get_builtin_code_from_operator_code(model.operatorCodes[op.opcodeIndex])]
+        kinds.update({int(t): kind for t in op.inputs if t >= 0})
+    return kinds
+
+
+def _intended_scales(op: Conv | Linear, suffix: str, graph: IntegerGraph) -> np.ndarray:
+    """The scales a weight or bias should carry: s_w, or s_in * s_w (one per output channel where
+    the op is per channel)."""
+    s_w = channel_scales(op) if is_per_channel(op) else np.asarray([op.weight_scale], np.float64)
+    return s_w if suffix == "weight" else graph.qparams[op.input].scale * s_w
+
+
+def _constant_row(name: str, q: fb.QuantizationParametersT | None, intended: np.ndarray, dim: int) -> dict:
+    """One weight or bias: its stored scales vs intended, relative error (inf if the count, a zero
+    point or, for per-axis scales, the quantized dimension is wrong)."""
+    stored = np.asarray([] if q is None or q.scale is None else q.scale, np.float64)
+    zps = np.asarray([] if q is None or q.zeroPoint is None else q.zeroPoint, np.int64)
+    row = {"tensor": name, "intended": intended.tolist(), "stored": stored.tolist(),
+           "zero_points": zps.tolist(), "quantized_dimension": int(q.quantizedDimension) if q else None}
+    ok = (len(stored) == len(intended) == len(zps) and not zps.any()
+          and (len(intended) == 1 or q.quantizedDimension == dim))
+    row["rel_err"] = float(np.max(np.abs(stored - intended) / intended)) if ok else float("inf")
+    return row
 
 
 def run_tflite(path: Path | bytes, images_nchw: np.ndarray, runtime: str = "xnnpack",

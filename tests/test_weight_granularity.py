@@ -1,0 +1,203 @@
+"""Per-channel weight scales in the model core: the fold, the predictor's exactness under BN
+calibration, LSQ gradients per channel, and the supernet/subnet identity (issue 30)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_supernet
+from qnas_cli.errors import UserError
+from qnas_cli.layers import BN_EPS, QConvBN, _bias_quant, init_scales, rows, set_runtime
+from qnas_cli.quant import W_QMAX, QuantConfig, fake_quant, lsq_grad_scale, mse_optimal_row_scales, mse_optimal_scale
+from qnas_cli.space import sample
+
+SCALE_MODES = ["predictor", "shared"]
+
+
+def _convbn(depthwise=False, mode="int8", **kw):
+    torch.manual_seed(1)
+    cfg = QuantConfig(mode=mode, weight_granularity="per-channel", **kw) if mode != "none" else QuantConfig(mode="none")
+    m = QConvBN(8, 8 if depthwise else 12, 5, 1, cfg, depthwise=depthwise, relu=False)
+    with torch.no_grad():
+        m.bn_weight.uniform_(0.5, 1.5)
+        m.bn_bias.uniform_(-0.5, 0.5)
+        m.running_mean.uniform_(-0.2, 0.2)
+        m.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def test_per_channel_is_a_checked_option():
+    assert QuantConfig(weight_granularity="per-channel").per_channel
+    assert not QuantConfig().per_channel  # the paper's per-tensor scale stays the default until measured
+    with pytest.raises(UserError, match="--weight-granularity"):
+        QuantConfig(weight_granularity="per-row")
+    with pytest.raises(UserError, match="convs"):
+        QuantConfig(mode="convs", weight_scale="shared", weight_granularity="per-channel")
+
+
+@pytest.mark.parametrize("scale_mode", SCALE_MODES)
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_per_channel_fold_equals_conv_then_bn_without_quantization(scale_mode, depthwise, training, monkeypatch):
+    from qnas_cli import layers
+
+    monkeypatch.setattr(layers, "fake_quant", lambda x, *args: x)
+    m = _convbn(depthwise, weight_scale=scale_mode)
+    set_runtime(m, None)
+    ref = _convbn(depthwise, mode="none")
+    m.train(training), ref.train(training)
+    x = torch.randn(4, 8, 9, 9)
+    out_c = 8 if depthwise else 10
+    y = m(x, torch.tensor(1e-3), out_c, 3)
+    conv = F.conv2d(x, ref.sliced_weight(8, out_c, 3), None, 1, 1, 1, 8 if depthwise else 1)
+    bn = F.batch_norm(conv, ref.running_mean[:out_c].clone(), ref.running_var[:out_c].clone(),
+                      ref.bn_weight[:out_c], ref.bn_bias[:out_c], training, 0.1, BN_EPS)
+    torch.testing.assert_close(y, bn, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_per_channel_predictor_integers_do_not_change_under_bn_calibration(depthwise):
+    """s_i = theta_i / sigma_i: the integer weights are round(w_i gamma_i / theta_i), whatever sigma."""
+    m = _convbn(depthwise).eval()
+    s_in = torch.tensor(0.02)
+    q_w, q_b, s_w = m.integer_params(s_in)
+    assert s_w.shape == (m.out_max,)
+    with torch.no_grad():
+        m.running_var.mul_(torch.linspace(0.3, 3.0, m.out_max))  # another subnet's statistics
+        m.running_mean.add_(0.1)
+    q_w2, q_b2, s_w2 = m.integer_params(s_in)
+    assert torch.equal(q_w, q_w2)  # bit for bit
+    assert not torch.equal(s_w, s_w2) and not torch.equal(q_b, q_b2)  # only scales and biases move
+    torch.testing.assert_close(s_w2, m.theta / torch.sqrt(m.running_var + BN_EPS))
+    # the per-tensor predictor's integers do change: the point of the option
+    pt = QConvBN(8, m.out_max, 5, 1, QuantConfig(), depthwise=depthwise, relu=False).eval()
+    pt.load_state_dict(m.state_dict())
+    before = pt.integer_params(s_in)[0]
+    with torch.no_grad():
+        pt.running_var.mul_(torch.linspace(3.0, 0.3, m.out_max))
+    assert not torch.equal(before, pt.integer_params(s_in)[0])
+
+
+def test_row_scales_are_each_rows_mse_optimal_scale():
+    w = torch.randn(6, 4, 3, 3) * torch.linspace(0.1, 3.0, 6).view(-1, 1, 1, 1)
+    got = mse_optimal_row_scales(w, W_QMAX)
+    want = torch.tensor([mse_optimal_scale(r, 0, -W_QMAX, W_QMAX) for r in w])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scale_mode", SCALE_MODES)
+def test_first_prediction_is_each_channels_mse_optimal_scale(scale_mode):
+    m = _convbn(weight_scale=scale_mode).train()
+    x = torch.randn(16, 8, 9, 9)
+    with init_scales(m):
+        m(x, torch.tensor(0.02), 12, 5)
+    conv = F.conv2d(x, m.sliced_weight(8, 12, 5), None, 1, 2)
+    var, _ = torch.var_mean(conv, dim=(0, 2, 3), unbiased=False)
+    sigma = torch.sqrt(var + BN_EPS)
+    w_fold = m.sliced_weight(8, 12, 5) * (m.bn_weight[:12] / sigma).view(-1, 1, 1, 1)
+    torch.testing.assert_close(m.predicted_scale(sigma), mse_optimal_row_scales(w_fold, W_QMAX), rtol=1e-5, atol=0)
+
+
+def test_per_channel_predictor_step_moves_each_scale_like_lsq():
+    m = _convbn()
+    sigma = torch.linspace(0.01, 2.0, 7)
+    weights = torch.arange(1.0, 8.0)
+    (m.predicted_scale(sigma) * weights).sum().backward()
+    with torch.no_grad():
+        before = m.predicted_scale(sigma).clone()
+        m.theta -= 1e-3 * m.theta.grad
+        after = m.predicted_scale(sigma)
+    torch.testing.assert_close(after - before, -1e-3 * weights, rtol=2e-3, atol=0)
+    assert m.theta.grad[7:].abs().sum() == 0
+
+
+def _two_conv_reference(m: QConvBN, x, s_in, out_c, k):
+    """The batch-statistics fold the plain way, per-channel steps (fake_quant's own LSQ backward)."""
+    w = m.sliced_weight(x.shape[1], out_c, k)
+    var, mean = torch.var_mean(m.conv(x, w), dim=(0, 2, 3), unbiased=False)
+    sigma = torch.sqrt(var + BN_EPS)
+    factor = m.bn_weight[:out_c] / sigma
+    w_fold, bias = w * factor.view(-1, 1, 1, 1), m.bn_bias[:out_c] - mean * factor
+    s_w = m.predicted_scale(sigma.detach())
+    w_q = fake_quant(w_fold, rows(s_w), 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold[0].numel(), W_QMAX))
+    return m.conv(x, w_q, _bias_quant(bias, s_in, s_w)), w_fold, s_w
+
+
+@pytest.mark.parametrize("scale_mode", SCALE_MODES)
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("clipping", [False, True])
+def test_per_channel_batch_fold_has_the_two_conv_forms_scale_gradients(scale_mode, depthwise, clipping):
+    m = _convbn(depthwise, weight_scale=scale_mode).double().train()
+    m.out_q.enabled = False
+    out_c, k, s_in = (8 if depthwise else 12), 5, torch.tensor(0.02, dtype=torch.float64)
+    x = torch.randn(8, 8, 9, 9, dtype=torch.float64)
+    with init_scales(m):
+        m(x, s_in, out_c, k)
+    name = "theta" if scale_mode == "predictor" else "w_scale"
+    with torch.no_grad():  # each channel at 1.01x (no clipping) or 0.6x (clipping) its largest folded weight
+        _, w_fold, s_w = _two_conv_reference(m, x, s_in, out_c, k)
+        factor = (0.6 if clipping else 1.01) * w_fold.flatten(1).abs().amax(1) / W_QMAX / s_w
+        getattr(m, name)[:out_c] *= factor
+        assert ((w_fold / rows(_two_conv_reference(m, x, s_in, out_c, k)[2])).abs() > W_QMAX).any() == clipping
+    upstream = torch.randn(8, out_c, 9, 9, dtype=torch.float64)
+
+    def grads(forward):
+        m.zero_grad()
+        y = forward()
+        (y * upstream).sum().backward()
+        return y.detach(), getattr(m, name).grad.clone()
+
+    state = {k_: v.clone() for k_, v in m.state_dict().items()}
+    y, g = grads(lambda: m(x, s_in, out_c, k))
+    m.load_state_dict(state)
+    y_ref, g_ref = grads(lambda: _two_conv_reference(m, x, s_in, out_c, k)[0])
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-12)  # exact LSQ per channel, by adjointness
+    assert g[:out_c].abs().min() > 0 and g[out_c:].abs().sum() == 0
+
+
+def _archs(space, n=3):
+    rng = random.Random(5)
+    return [sample(space, "largest"), sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(n)]
+
+
+@pytest.mark.parametrize("scale_mode", SCALE_MODES)
+def test_per_channel_subnets_equal_the_supernet_and_train(scale_mode):
+    net = make_supernet("int8", 1, weight_scale=scale_mode, weight_granularity="per-channel")
+    for arch in _archs(net.space):
+        x = torch.randn(4, 1, arch.resolution, arch.resolution)
+        net.eval()
+        sub = net.extract(arch).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(sub(x), net(x, arch), atol=0, rtol=0)
+        net.train()
+        out = net(x, arch)
+        net.zero_grad()
+        out.square().mean().backward()
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_a_bad_granularity_is_refused_before_anything_is_written(runner, tmp_path):
+    from qnas_cli.cli import app
+
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--space", "tiny", "--weight-granularity", "per-row", "--out", str(out)])
+    assert r.exit_code == 2 and "--weight-granularity" in r.output and "Traceback" not in r.output, r.output
+    assert not out.exists()
+
+
+def test_a_checkpoint_from_before_the_option_resumes_as_per_tensor():
+    from dataclasses import asdict
+
+    from qnas_cli.train import with_quant_defaults
+
+    old = {"config": {"quant": {"mode": "int8", "act_scheme": "symmetric", "bn_fold": "batch", "weight_scale": "predictor"}}}
+    assert with_quant_defaults(old)["config"]["quant"] == asdict(QuantConfig())
+    newer = {"config": {"quant": {**old["config"]["quant"], "weight_granularity": "per-channel"}}}
+    assert with_quant_defaults(newer)["config"]["quant"]["weight_granularity"] == "per-channel"
+    unknown = {"config": {"quant": {"mode": "int8", "from_the_future": 1}}}
+    assert with_quant_defaults(unknown) == unknown  # compared as it is, and refused by check_resumable
