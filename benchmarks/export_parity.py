@@ -104,6 +104,7 @@ def plain_onnx2tf(path: Path, folder: Path, n_images: int) -> dict:
     row["parity"]["xnnpack"] = parity(got, expected)
     row["top1_xnnpack"] = float(np.mean(got.argmax(1) == labels))
     row["float_ops"] = float_ops(model)
+    row["size_bytes"] = model.stat().st_size
     return row
 
 
@@ -127,7 +128,7 @@ def litert_torch(path: Path, folder: Path, n_images: int) -> dict:
     got = quantize(logits, ours_out)
     census = op_census(model)
     return {"parity": {"xnnpack": parity(got, expected)}, "census": census, "top1_xnnpack": float(np.mean(logits.argmax(1) == labels)),
-            "float_ops": float_ops(model), "route": json.loads((folder / REPORT).read_text())}
+            "float_ops": float_ops(model), "size_bytes": Path(model).stat().st_size, "route": json.loads((folder / REPORT).read_text())}
 
 
 def exactness(path: Path, tflite: Path, n_images: int) -> dict:
@@ -189,7 +190,8 @@ def table(results: list[dict], images: int) -> None:
 
 def routes_table(results: list[dict], images: int) -> None:
     """The three routes side by side on XNNPACK: qnas, plain onnx2tf, litert-torch + ai-edge-quantizer."""
-    head = ["subnet", "route", "exact vs qnas forward", "max LSB", "top-1 agree", "TFLite top-1", "float ops", "QUANTIZE/DEQUANTIZE"]
+    head = ["subnet", "route", "exact vs qnas forward", "max LSB", "top-1 agree", "TFLite top-1", "float ops", "QUANTIZE/DEQUANTIZE",
+            "size (bytes)"]
     rows = []
     for r in results:
         x = r.get("exactness", {}).get("runtimes", {}).get("xnnpack")
@@ -199,13 +201,13 @@ def routes_table(results: list[dict], images: int) -> None:
             routes[label] = (p["parity"]["xnnpack"], p["top1_xnnpack"], p) if "parity" in p else p.get("error", "not run")
         for label, v in routes.items():
             if not isinstance(v, tuple):
-                rows.append([r["subnet"], label, str(v)[:60], "", "", "", "", ""])
+                rows.append([r["subnet"], label, str(v)[:60], "", "", "", "", "", ""])
                 continue
             par, top1, doc = v
             c = doc["census"]
             rows.append([r["subnet"], label, f"{100 * par['exact']:.2f}%", str(par["max_abs_lsb"]),
                          f"{100 * par['top1_agreement']:.2f}%", f"{100 * top1:.2f}%", str(sum(doc.get("float_ops", {}).values())),
-                         f"{c['quantize_ops']}/{c['dequantize_ops']}"])
+                         f"{c['quantize_ops']}/{c['dequantize_ops']}", str(doc.get("size_bytes", "?"))])
     _print(head, rows, f"\nroutes on XNNPACK, {images} test images: int8 logits in qnas's output LSBs vs qnas's exact forward "
                        "(the trained numbers); float ops: ops whose input is float32")
 

@@ -1,7 +1,9 @@
 """Per-tensor vs per-channel conv weight scales, same recipe and seed (issue 30).
 
-Arms: ``--weight-granularity per-tensor|per-channel`` x ``--weight-scale predictor|shared``, each
-a run folder made by the same command from the same float supernet (the float phase does not
+Arms: ``--weight-granularity per-tensor|per-channel`` with ``--weight-scale predictor``, and per-channel
+steps *learned* by LSQ (both scale modes, trained at commit 3da7750, before per-channel steps were
+held: the measurement that made them held). Each arm is a run folder made by the same command from
+the same float supernet (the float phase does not
 depend on how the int8 phase scales its weights, so it is trained once and shared):
 
     qnas train --space small --weight-granularity G --weight-scale S \\
@@ -37,7 +39,10 @@ from qnas_cli.supernet import load_supernet
 
 from benchmarks.plots import pyplot, save_png
 
-ARMS = ("per-tensor_predictor", "per-channel_predictor", "per-channel_shared", "per-tensor_shared")
+ARMS = ("per-tensor_predictor", "per-channel_predictor", "per-channel-learned_predictor", "per-channel-learned_shared")
+# per-channel steps learned by LSQ, as commit 3da7750 trained them (before they were held): kept as the
+# measurement that made them held
+LEARNED_COMMIT = "3da7750"
 FLOAT_INIT = Path("runs/bench/supernet_accuracy/default/float_supernet.pt")
 SUMMARY = Path("benchmarks/data/granularity_small_fashion-mnist.json")
 RANDOM_SEEDS = (0, 1, 2)
@@ -45,8 +50,10 @@ RANDOM_SEEDS = (0, 1, 2)
 
 def train_command(arm: str, out: Path) -> str:
     granularity, scale = arm.split("_")
-    return (f"qnas train --space small --weight-granularity {granularity} --weight-scale {scale} "
-            f"--init {FLOAT_INIT} --steps 1400 --out {out / arm}")
+    learned = granularity.endswith("-learned")
+    command = (f"qnas train --space small --weight-granularity {granularity.removesuffix('-learned')} --weight-scale {scale} "
+               f"--init {FLOAT_INIT} --steps 1400 --out {out / arm}")
+    return f"{command} (at commit {LEARNED_COMMIT}: per-channel steps learned by LSQ)" if learned else command
 
 
 def subnets(space) -> dict[str, object]:

@@ -150,7 +150,9 @@ def truth_difference(truth: dict[str, Any], space: SearchSpace, data_description
     for key in _keys(truth["data"], data_description):
         if truth["data"].get(key) != data_description.get(key):
             return f"data.{key} is {truth['data'].get(key)!r} there, {data_description.get(key)!r} now"
-    recipe, there = json.loads(json.dumps(recipe)), with_quant_defaults({"config": truth["recipe"]})["config"]
+    # a recipe recorded before --weight-granularity existed ran under its default: both sides read so
+    recipe = with_quant_defaults({"config": json.loads(json.dumps(recipe))})["config"]
+    there = with_quant_defaults({"config": truth["recipe"]})["config"]
     for key in _keys(there, recipe):
         if there.get(key) != recipe.get(key):
             return f"recipe.{key} is {there.get(key)!r} there, {recipe.get(key)!r} now"

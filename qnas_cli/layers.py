@@ -226,8 +226,8 @@ class _WeightQuantError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, c, v, s, bias = ctx.saved_tensors
-        if s.dim():
-            return None, None, _per_channel_scale_grad(ctx.layer, grad, x, c, v, s, bias).mul_(ctx.g).reshape(s.shape), None, None, None
+        if not ctx.needs_input_grad[2]:  # per-channel steps are calibrated, not learned
+            return None, None, None, None, None, None
         # dQ/ds = round(v) - v = (Q(w) - w)/s inside the range; the clip bound = that + v outside.
         grad_s = inner(grad, c)
         if bias is not None:  # c holds the bias too (one pass fewer than adding it apart)
@@ -242,29 +242,6 @@ class _WeightQuantError(torch.autograd.Function):
                 x_rows = x[:, rows] if ctx.layer.depthwise else x
                 grad_s = grad_s + inner(grad[:, rows], ctx.layer.conv(x_rows, torch.where(clipped, v, 0.0)[rows]))
         return None, None, (grad_s * ctx.g).reshape(s.shape), None, None, None
-
-
-def _per_channel_scale_grad(layer: QConvBN, grad: Tensor, x: Tensor, c: Tensor, v: Tensor, s: Tensor,
-                            bias: Tensor | None) -> Tensor:
-    """``_WeightQuantError``'s step-size gradient with one step per output channel (s: (O, 1, 1, 1)).
-
-    Output channel o reads only weight row o (plain and depthwise convs alike), so each channel's
-    gradient is that of the per-tensor case restricted to its own output: sums over (N, H, W).
-    """
-    s = s.flatten()
-    grad_s = (grad * c).sum((0, 2, 3))
-    if bias is not None:
-        grad_s = grad_s - grad.sum((0, 2, 3)) * bias
-    grad_s = grad_s / s
-    clipped = v.abs() > W_QMAX
-    if x.is_cuda:
-        return grad_s + (grad * layer.conv(x, torch.where(clipped, v, 0.0))).sum((0, 2, 3))
-    rows_ = clipped.flatten(1).any(1).nonzero().flatten()
-    if rows_.numel():
-        x_rows = x[:, rows_] if layer.depthwise else x
-        extra = (grad[:, rows_] * layer.conv(x_rows, torch.where(clipped, v, 0.0)[rows_])).sum((0, 2, 3))
-        grad_s = grad_s.index_add(0, rows_, extra)
-    return grad_s
 
 
 class QConvBN(nn.Module, QuantInit, Exact):
@@ -291,11 +268,16 @@ class QConvBN(nn.Module, QuantInit, Exact):
         self.bn_momentum: float | None = BN_MOMENTUM  # None: cumulative average (BN calibration)
         if cfg.quantized:
             # theta: the scale predictor (paper Eq. 7), one entry per output channel; or one LSQ scale.
-            # per-channel: theta_i predicts channel i's own scale; a shared scale becomes one per channel
+            # per-channel: theta_i predicts channel i's own scale; a shared scale becomes one per channel.
+            # Per-channel steps are set from data when the int8 phase starts and then held, not learned:
+            # LSQ on them destabilised the sandwich (BENCHMARKS.md section 3b: a 200-step int8 phase
+            # ended at 77.1% vs 87.6% per-tensor; held, 87.5%): each channel's step followed its own
+            # noisy gradient, from whichever subnet the batch trained.
             if cfg.weight_scale == "predictor":
-                self.theta = nn.Parameter(torch.ones(out_max))
+                self.theta = nn.Parameter(torch.ones(out_max), requires_grad=not cfg.per_channel)
             else:
-                self.w_scale = nn.Parameter(torch.ones(out_max) if cfg.per_channel else torch.tensor(1.0))
+                self.w_scale = (nn.Parameter(torch.ones(out_max), requires_grad=False) if cfg.per_channel
+                                else nn.Parameter(torch.tensor(1.0)))
         if cfg.mode == "convs":  # the conv quantizes its own input; its output stays float (out_q: the ReLU)
             self.in_q = ActQuant(QuantConfig(act_scheme=cfg.act_scheme), relu=False)
         self.out_q = ActQuant(cfg, relu=relu)
@@ -330,21 +312,21 @@ class QConvBN(nn.Module, QuantInit, Exact):
 
     def predicted_scale(self, sigma: Tensor) -> Tensor:
         """Weight scale of the active subnet: s = mean_i(theta_i / sigma_i) (paper Eq. 7), or per
-        channel s_i = theta_i / sigma_i; with ``--weight-scale shared`` the learned scale(s).
+        channel s_i = theta_i / sigma_i; with ``--weight-scale shared`` the shared scale(s).
 
         theta's gradient is preconditioned by m / mean(1/sigma^2) so that one SGD step moves s
         exactly as plain LSQ would move a shared scale: theta_i ~ s*sigma_i is tiny for small
-        sigma_i while its raw gradient grows as 1/sigma_i, which otherwise makes s jump. Per
-        channel the same argument gives sigma_i^2: each s_i moves as a per-channel LSQ step would.
+        sigma_i while its raw gradient grows as 1/sigma_i, which otherwise makes s jump.
         """
         n = sigma.shape[0]
         if self.cfg.weight_scale == "shared":
             return self.w_scale[:n] if self.per_channel else self.w_scale
         theta = self.theta[:n]
+        if self.per_channel:
+            return theta / sigma
         if theta.requires_grad and torch.is_grad_enabled():
-            c = sigma.pow(2) if self.per_channel else n / sigma.pow(-2).mean()
-            theta = scale_grad(theta, c.detach())  # no host sync on GPU
-        return theta / sigma if self.per_channel else (theta / sigma).mean()
+            theta = scale_grad(theta, (n / sigma.pow(-2).mean()).detach())  # no host sync on GPU
+        return (theta / sigma).mean()
 
     def integer_params(self, s_in: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Eval mode, static layer: int8 weights, int32 bias and the weight scale it runs with.
@@ -432,8 +414,8 @@ class QConvBN(nn.Module, QuantInit, Exact):
         return self.out_q(y)
 
     def _w_grad_scale(self, w_fold: Tensor) -> float:
-        """LSQ's gradient scale for the weight step: per channel, a step sees one row's weights."""
-        return lsq_grad_scale(w_fold[0].numel() if self.per_channel else w_fold.numel(), W_QMAX)
+        """LSQ's gradient scale for the weight step (per-channel steps are held: unused there)."""
+        return lsq_grad_scale(w_fold.numel(), W_QMAX)
 
     def quantized_unfolded(self, w: Tensor) -> Tensor:
         """--quant convs: the conv's own weights, fake-quantized with one LSQ scale (BN stays apart)."""

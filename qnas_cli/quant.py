@@ -52,7 +52,8 @@ class QuantConfig:
     weight_scale: str = "predictor"  # predictor: s = mean(theta / sigma) (paper §4.2) | shared: plain LSQ
     # per-tensor: one conv weight scale (the paper's) | per-channel: one per output channel, where the
     # predictor's s_i = theta_i / sigma_i makes the integer weights round(w_i * gamma_i / theta_i)
-    # independent of the BN statistics, so calibration changes only the scales (exact for every subnet)
+    # independent of the BN statistics, so calibration changes only the scales (exact for every subnet);
+    # per-channel steps are set from data at the int8 phase's start and held (layers.QConvBN says why)
     weight_granularity: str = "per-tensor"
 
     def __post_init__(self) -> None:
@@ -123,10 +124,7 @@ class _FakeQuant(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # d out/ds = round(x/s) - x/s inside the range and the clip bound outside, i.e.
             # round(r) - r * inside: two dot products, no temporaries of the tensor's size.
-            if s.numel() == 1:
-                grad_s = (inner(grad, r.round()) - inner(grad_x, r)).mul(ctx.g).reshape(s.shape)
-            else:  # one scale per leading-axis row (per-channel weights, s of shape (O, 1, 1, 1))
-                grad_s = (grad * r.round() - grad_x * r).sum_to_size(s.shape).mul(ctx.g)
+            grad_s = (inner(grad, r.round()) - inner(grad_x, r)).mul(ctx.g).reshape(s.shape)
         return grad_x if ctx.needs_input_grad[0] else None, grad_s, None, None, None, None
 
 
