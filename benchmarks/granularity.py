@@ -103,6 +103,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--ranking", action="store_true", help="also score each arm with benchmarks.ranking (10-15 min each)")
+    ap.add_argument("--latency-rounds", type=int, default=0,
+                    help="time every arm's exported files again, interleaved in one process (the export reports "
+                         "time each file alone, whatever else the machine runs); 0: keep the reports' figures")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/granularity"))
     args = ap.parse_args()
     result: dict = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
@@ -129,10 +132,28 @@ def main() -> None:
             entry["ranking"] = ranking(supernet, args.out / arm / "ranking")
             print(f"  Kendall tau {entry['ranking']['kendall_tau']:+.3f} {entry['ranking']['kendall_tau_90']}", flush=True)
         result["arms"][arm] = entry
+    if args.latency_rounds:
+        interleaved_latency(result, args.out, args.latency_rounds)
     write_json(args.out / "granularity.json", result)
     write_json(SUMMARY, result)
     _plot(result, Path("docs/bench/granularity.png"))
     print(f"wrote {args.out / 'granularity.json'}, {SUMMARY} and docs/bench/granularity.png")
+
+
+def interleaved_latency(result: dict, out: Path, rounds: int) -> None:
+    """Every exported file on XNNPACK and the built-in kernels (1 thread, p10), timed interleaved:
+    per-tensor and per-channel files of one subnet side by side, so host drift cancels."""
+    from qnas_cli.export.measure import measure_models
+
+    files = {(arm, r["subnet"]): out / arm / "export" / r["subnet"] / "model_int8.tflite"
+             for arm, e in result["arms"].items() for r in e["subnets"]}
+    timings = measure_models({f"{a}/{n}": p for (a, n), p in files.items()}, ("xnnpack", "builtin"), threads=1,
+                             rounds=rounds, round_ms=10.0)
+    for arm, e in result["arms"].items():
+        for r in e["subnets"]:
+            r["latency_ms"] = {rt: timings[(f"{arm}/{r['subnet']}", rt)].p10_ms for rt in ("xnnpack", "builtin")}
+            r["latency_ms"].update(statistic="p10", threads=1, rounds=rounds, interleaved=True)
+    print(f"latency: {len(files)} files x 2 runtimes, {rounds} interleaved rounds")
 
 
 def _plot(result: dict, path: Path) -> None:

@@ -22,6 +22,10 @@ TFLITE_BYTES_FIXED = 1707
 # The default file's uint8 ends (two QUANTIZE ops, a STRIDED_SLICE for a grey model's RGB input) and
 # its metadata with the labels: +1,898 and +1,914 B on the demo's two winners, int8-ended vs default.
 TFLITE_BYTES_ENDS = 1906
+# Per-channel conv weights (--weight-granularity per-channel) store a float32 scale and an int64 zero
+# point per output channel, for the weights and for the bias: 24 B per conv output channel (measured:
+# 152,120 B more for the largest `small` subnet's 6,368 conv output channels, 11.94 B per entry).
+TFLITE_BYTES_PER_CHANNEL = 24
 
 
 @dataclass(frozen=True)
@@ -42,16 +46,18 @@ class Cost:
         return (self.weight_bytes + TFLITE_BYTES_PER_OP * self.ops + TFLITE_BYTES_FIXED + TFLITE_BYTES_ENDS) / 1024
 
 
-def arch_cost(space: SearchSpace, arch: Arch, in_channels: int, num_classes: int) -> Cost:
+def arch_cost(space: SearchSpace, arch: Arch, in_channels: int, num_classes: int, per_channel: bool = False) -> Cost:
+    """``per_channel``: the supernet's conv weights carry one scale per output channel (their
+    quantization parameters count into ``weight_bytes``; FC layers keep one)."""
     macs = params = wbytes = 0
     ops = 1  # the global average pool
 
-    def layer(c_in: int, c_out: int, k: int, out_hw: int, groups: int = 1) -> None:
+    def layer(c_in: int, c_out: int, k: int, out_hw: int, groups: int = 1, conv: bool = True) -> None:
         nonlocal macs, params, wbytes, ops
         w = c_out * (c_in // groups) * k * k
         macs += w * out_hw * out_hw
         params += w + c_out
-        wbytes += w + 4 * c_out
+        wbytes += w + 4 * c_out + (TFLITE_BYTES_PER_CHANNEL * c_out if per_channel and conv else 0)
         ops += 1
 
     size = conv_out(arch.resolution, space.stem_stride)
@@ -71,7 +77,7 @@ def arch_cost(space: SearchSpace, arch: Arch, in_channels: int, num_classes: int
     layer(c, space.head_channels, 1, size)
     c = space.head_channels
     if space.feature_channels:
-        layer(c, space.feature_channels, 1, 1)
+        layer(c, space.feature_channels, 1, 1, conv=False)
         c = space.feature_channels
-    layer(c, num_classes, 1, 1)
+    layer(c, num_classes, 1, 1, conv=False)
     return Cost(macs, params, wbytes, ops)

@@ -194,7 +194,7 @@ def _search(cfg: SearchConfig, log: Callable[[str], None], on_generation, on_eva
     pred = Predictor(table, space)
 
     def cost(a: Arch):
-        return arch_cost(space, a, net.in_channels, net.num_classes)
+        return arch_cost(space, a, net.in_channels, net.num_classes, per_channel=net.cfg.per_channel)
 
     def within_others(a: Arch) -> bool:
         c = cost(a)

@@ -181,3 +181,19 @@ def test_a_checkpoint_from_before_the_option_resumes_as_per_tensor():
     assert with_quant_defaults(newer)["config"]["quant"]["weight_granularity"] == "per-channel"
     unknown = {"config": {"quant": {"mode": "int8", "from_the_future": 1}}}
     assert with_quant_defaults(unknown) == unknown  # compared as it is, and refused by check_resumable
+
+
+def test_the_size_model_counts_per_channel_quantization_parameters():
+    """A per-channel file stores a scale and a zero point per conv output channel, for weights and
+    biases (cost.TFLITE_BYTES_PER_CHANNEL each); FC layers keep one."""
+    from qnas_cli.cost import TFLITE_BYTES_PER_CHANNEL, arch_cost
+    from qnas_cli.export.fold import to_integer_graph
+    from qnas_cli.export.graph import Conv
+
+    net = make_supernet("int8", 1, weight_granularity="per-channel").eval()
+    for arch in _archs(net.space, n=1):
+        graph = to_integer_graph(net.extract(arch).eval())
+        channels = sum(op.weight.shape[0] for op in graph.ops if isinstance(op, Conv) and op.per_channel)
+        assert channels == sum(op.weight.shape[0] for op in graph.ops if isinstance(op, Conv))
+        tensor, channel = (arch_cost(net.space, arch, 1, 10, per_channel=pc).weight_bytes for pc in (False, True))
+        assert channel - tensor == TFLITE_BYTES_PER_CHANNEL * channels
