@@ -242,7 +242,7 @@ def main() -> None:
         try:
             rep, wall = timed_export(path, path.parent / "qnas")
             export_versions, row["arch"] = rep["versions"], rep["arch_key"]
-            row["qnas"] = {k: rep[k] for k in ("parity", "census", "accuracy", "passed", "problems", "xnnpack_coverage")}
+            row["qnas"] = {k: rep[k] for k in ("parity", "census", "accuracy", "passed", "problems", "xnnpack_coverage", "size_bytes")}
             row["qnas"].update(seconds_detail=rep["seconds"], wall_seconds=wall,
                                float_ops=float_ops(path.parent / "qnas" / "model_int8.tflite"))
         except Exception as e:  # noqa: BLE001 - one failing subnet must not hide the others

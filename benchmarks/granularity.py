@@ -170,8 +170,8 @@ def _plot(result: dict, path: Path) -> None:
     for a, title in zip(ax, ("int8 test top-1 of the exported file (%)", "XNNPACK latency, p10, 1 thread (ms)")):
         a.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
         a.set_title(title)
-    lo = min((100 * r["top1"] for e in result["arms"].values() for r in e["subnets"]), default=80)
-    ax[0].set_ylim(lo - 1, None)
+    tops = [100 * r["top1"] for e in result["arms"].values() for r in e["subnets"]] or [80.0]
+    ax[0].set_ylim(min(tops) - 1, max(tops) + 0.7)
     ax[0].legend(fontsize=8)
     save_png(fig, path)
 

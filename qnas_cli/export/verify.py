@@ -150,8 +150,11 @@ def _constant_row(name: str, q: fb.QuantizationParametersT | None, intended: np.
     point or, for per-axis scales, the quantized dimension is wrong)."""
     stored = np.asarray([] if q is None or q.scale is None else q.scale, np.float64)
     zps = np.asarray([] if q is None or q.zeroPoint is None else q.zeroPoint, np.int64)
-    row = {"tensor": name, "intended": intended.tolist(), "stored": stored.tolist(),
-           "zero_points": zps.tolist(), "quantized_dimension": int(q.quantizedDimension) if q else None}
+    row = {"tensor": name, "channels": len(intended), "stored_channels": len(stored),
+           "zero_points_zero": bool(len(zps) == len(stored) and not zps.any()),
+           "quantized_dimension": int(q.quantizedDimension) if q else None}
+    if len(intended) == 1:  # per-tensor: the values themselves (per channel they would be most of the report)
+        row.update(intended=intended.tolist(), stored=stored.tolist())
     ok = (len(stored) == len(intended) == len(zps) and not zps.any()
           and (len(intended) == 1 or q.quantizedDimension == dim))
     row["rel_err"] = float(np.max(np.abs(stored - intended) / intended)) if ok else float("inf")
