@@ -1,6 +1,7 @@
 """Per-tensor vs per-channel conv weight scales, same recipe and seed (issue 30).
 
-Arms: ``--weight-granularity per-tensor|per-channel`` with ``--weight-scale predictor``, and per-channel
+Arms: ``--weight-granularity per-tensor|per-channel`` with ``--weight-scale predictor``, per-tensor with
+``--weight-scale shared`` (the paper's baseline), and per-channel
 steps *learned* by LSQ (both scale modes, trained at commit 3da7750, before per-channel steps were
 held: the measurement that made them held). Each arm is a run folder made by the same command from
 the same float supernet (the float phase does not
@@ -39,7 +40,8 @@ from qnas_cli.supernet import load_supernet
 
 from benchmarks.plots import pyplot, save_png
 
-ARMS = ("per-tensor_predictor", "per-channel_predictor", "per-channel-learned_predictor", "per-channel-learned_shared")
+ARMS = ("per-tensor_predictor", "per-channel_predictor", "per-tensor_shared", "per-channel-learned_predictor",
+        "per-channel-learned_shared")
 # per-channel steps learned by LSQ, as commit 3da7750 trained them (before they were held): kept as the
 # measurement that made them held
 LEARNED_COMMIT = "3da7750"
