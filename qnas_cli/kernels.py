@@ -276,31 +276,23 @@ def requantize(acc: Tensor, rq: Requant, zero_point: int, qmin: int, qmax: int) 
 
     ``qmin``/``qmax`` are the int8 bounds of the fused activation (``qmin = zero_point`` for ReLU).
     The zero point is added after rounding by every runtime, so ``zero_point=0`` with bounds
-    shifted by it gives ``q - zero_point`` directly.
+    shifted by it gives ``q - zero_point`` directly. Per-channel ``rq``: the same rounding, with
+    channel c's scale (xnnpack's qc8w microkernels) or multiplier and shift on ``acc[:, c]``.
     """
     if rq.per_channel:
-        return _requantize_per_channel(acc, rq, zero_point, qmin, qmax)
+        scale, multiplier, shift = (_along_channels(v, acc) for v in (rq.scale, rq.multiplier, rq.shift))
+    else:
+        scale, multiplier, shift = float(rq.scale), rq.multiplier, rq.shift
     if rq.runtime == "xnnpack":
         # fp32 requantization: float32(acc) * scale, rounded half to even (XNNPACK's qs8 "fp32"
         # microkernels, e.g. src/qs8-gemm/gen/*-fp32-*.c; cvtps2dq / magic-bias rounding).
         # Converting an exact float64 to float32 rounds to nearest, as cvtdq2ps does with the int32.
-        y = acc.to(torch.float32).mul_(float(rq.scale)).round_()  # acc is a fresh tensor: in place is safe
+        y = acc.to(torch.float32).mul_(scale).round_()  # acc is a fresh tensor: in place is safe
         return y.add_(zero_point).clamp_(qmin, qmax) if zero_point else y.clamp_(qmin, qmax)
     if rq.real:  # reference FC: double, one rounding half away from zero
         y = round_half_away(acc.to(torch.float64) * rq.real)
     else:
-        y = multiply_by_quantized_multiplier(acc.to(torch.int64), rq.multiplier, rq.shift)
-    return (y + zero_point).clamp_(qmin, qmax).to(torch.float32)
-
-
-def _requantize_per_channel(acc: Tensor, rq: Requant, zero_point: int, qmin: int, qmax: int) -> Tensor:
-    """``requantize`` with channel c's scale (xnnpack) or multiplier and shift (reference, micro)
-    on ``acc[:, c]``: the same rounding as the scalar path, one rule per channel."""
-    if rq.runtime == "xnnpack":  # XNNPACK's qc8w microkernels: the fp32 requantization, per channel scale
-        y = acc.to(torch.float32).mul_(_along_channels(rq.scale, acc)).round_()
-        return y.add_(zero_point).clamp_(qmin, qmax) if zero_point else y.clamp_(qmin, qmax)
-    y = multiply_by_quantized_multiplier(acc.to(torch.int64), _along_channels(rq.multiplier, acc),
-                                         _along_channels(rq.shift, acc))
+        y = multiply_by_quantized_multiplier(acc.to(torch.int64), multiplier, shift)
     return (y + zero_point).clamp_(qmin, qmax).to(torch.float32)
 
 

@@ -409,13 +409,9 @@ class QConvBN(nn.Module, QuantInit, Exact):
             elif self.exact():
                 return self._exact(x, s_in, w, rm, rv)
             w_fold, bias, s_w = self.fold(w, rm.clone(), rv.clone())
-            w_q = fake_quant(w_fold, rows(s_w), 0, -W_QMAX, W_QMAX, self._w_grad_scale(w_fold))
+            w_q = fake_quant(w_fold, rows(s_w), 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
             y = self.conv(x, w_q, _bias_quant(bias, s_in, s_w))
         return self.out_q(y)
-
-    def _w_grad_scale(self, w_fold: Tensor) -> float:
-        """LSQ's gradient scale for the weight step (per-channel steps are held: unused there)."""
-        return lsq_grad_scale(w_fold.numel(), W_QMAX)
 
     def quantized_unfolded(self, w: Tensor) -> Tensor:
         """--quant convs: the conv's own weights, fake-quantized with one LSQ scale (BN stays apart)."""
@@ -443,7 +439,7 @@ class QConvBN(nn.Module, QuantInit, Exact):
             w_fold, bias = self._fold_sigma(w, mean, sigma)
         s_w = self.predicted_scale(sigma)
         bias_error = _bias_quant(bias, s_in, s_w) - bias  # the int32 bias's rounding; no gradient
-        error = _WeightQuantError.apply(x, w_fold, rows(s_w), self, self._w_grad_scale(w_fold), bias_error)
+        error = _WeightQuantError.apply(x, w_fold, rows(s_w), self, lsq_grad_scale(w_fold.numel(), W_QMAX), bias_error)
         return y.add_(error)  # BN's backward needs its input, not its output
 
     @torch.no_grad()

@@ -88,17 +88,23 @@ def converted(tmp_path_factory):
     return graph, result.tflite, _images(120)
 
 
-def test_the_cases_hold_ties_and_saturation(converted):
-    """Guard against a test that silently tests nothing: the tie branches put many values
-    exactly on .5 and the saturating one clips at both ends."""
-    graph, _, images = converted
-    t = run_reference_tensors(graph, images[:20], "xnnpack")
-    for name in ("conv_tie", "dw5_tie", "add_tie", "fc_tie"):
+def assert_ties_and_saturation(graph: IntegerGraph, images: np.ndarray, runtime: str, tie_ops: tuple[str, ...],
+                               min_tie_share: float) -> None:
+    """Guard against a test that silently tests nothing: each of ``tie_ops`` puts more than
+    ``min_tie_share`` of its values exactly on .5 and the saturating conv clips at both ends."""
+    t = run_reference_tensors(graph, images, runtime)
+    for name in tie_ops:
         op = next(o for o in graph.ops if o.name == name)
         v = real_output(op, t, graph.qparams) / graph.qparams[name].scale
-        assert np.mean(np.abs(v - np.floor(v) - 0.5) < 1e-9) > 0.02, name
+        assert np.mean(np.abs(v - np.floor(v) - 0.5) < 1e-9) > min_tie_share, name
     sat = t["conv_saturating"]
     assert (sat == -128).mean() > 0.05 and (sat == 127).mean() > 0.05
+
+
+def test_the_cases_hold_ties_and_saturation(converted):
+    """The tie branches put many values exactly on .5 and the saturating one clips at both ends."""
+    graph, _, images = converted
+    assert_ties_and_saturation(graph, images[:20], "xnnpack", ("conv_tie", "dw5_tie", "add_tie", "fc_tie"), 0.02)
 
 
 @pytest.mark.parametrize("runtime", TARGETS)

@@ -120,17 +120,10 @@ N_IMAGES = 100
 
 def test_the_per_channel_tie_graph_still_holds_ties_and_saturation():
     """Guard for the slow per-op test: per-channel scales keep many values exactly on .5."""
-    from qnas_cli.export.reference import real_output, run_reference_tensors
-    from tests.test_kernels_tflite import _graph, _images
+    from tests.test_kernels_tflite import _graph, _images, assert_ties_and_saturation
 
-    graph = _graph(per_channel=True)
-    t = run_reference_tensors(graph, _images(20), "reference")
-    for name in ("conv_tie", "conv_tie_relu", "dw5_tie", "dw3_s2_tie"):
-        op = next(o for o in graph.ops if o.name == name)
-        v = real_output(op, t, graph.qparams) / graph.qparams[name].scale
-        assert np.mean(np.abs(v - np.floor(v) - 0.5) < 1e-9) > 0.05, name
-    sat = t["conv_saturating"]
-    assert (sat == -128).mean() > 0.05 and (sat == 127).mean() > 0.05
+    assert_ties_and_saturation(_graph(per_channel=True), _images(20), "reference",
+                               ("conv_tie", "conv_tie_relu", "dw5_tie", "dw3_s2_tie"), 0.05)
 
 
 # 3 channels, even size (PADs before stride-2 convs); 1 channel, where the stem conv reads a single

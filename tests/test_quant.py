@@ -62,14 +62,17 @@ def _convbn(mode, depthwise=False, **kw):
     return m
 
 
+@pytest.mark.parametrize("quant", [{}, {"weight_granularity": "per-channel"},
+                                   {"weight_granularity": "per-channel", "weight_scale": "shared"}],
+                         ids=["per-tensor", "per-channel", "per-channel-shared"])
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_folded_convbn_equals_conv_then_bn_without_quantization(depthwise, training, monkeypatch):
+def test_folded_convbn_equals_conv_then_bn_without_quantization(quant, depthwise, training, monkeypatch):
     """The int8 layer with its quantizers switched off is exactly Conv followed by BN."""
     from qnas_cli import layers
 
     monkeypatch.setattr(layers, "fake_quant", lambda x, *args: x)
-    m = _convbn("int8", depthwise)
+    m = _convbn("int8", depthwise, **quant)
     layers.set_runtime(m, None)  # the fake-quant forward (the exact one has no quantizers to switch off)
     ref = _convbn("none", depthwise)
     m.train(training), ref.train(training)
@@ -189,8 +192,9 @@ def test_predictor_step_moves_the_scale_like_lsq():
 
 def _two_conv_reference(m: QConvBN, x, s_in, out_c, k):
     """The batch-statistics fold written the plain way (paper Fig. 6): float conv for the
-    statistics, fold, quantize, then the folded int8 conv. Two convs forward and backward."""
-    from qnas_cli.layers import _bias_quant
+    statistics, fold, quantize (per channel where the layer is), then the folded int8 conv. Two
+    convs forward and backward."""
+    from qnas_cli.layers import _bias_quant, rows
     from qnas_cli.quant import lsq_grad_scale
 
     w = m.sliced_weight(x.shape[1], out_c, k)
@@ -199,7 +203,7 @@ def _two_conv_reference(m: QConvBN, x, s_in, out_c, k):
     factor = m.bn_weight[:out_c] / sigma
     w_fold, bias = w * factor.view(-1, 1, 1, 1), m.bn_bias[:out_c] - mean * factor
     s_w = m.predicted_scale(sigma.detach())
-    w_q = fake_quant(w_fold, s_w, 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
+    w_q = fake_quant(w_fold, rows(s_w), 0, -W_QMAX, W_QMAX, lsq_grad_scale(w_fold.numel(), W_QMAX))
     return m.conv(x, w_q, _bias_quant(bias, s_in, s_w)), w_fold, s_w
 
 

@@ -1,5 +1,6 @@
 """Per-channel weight scales in the model core: the fold, the predictor's exactness under BN
-calibration, LSQ gradients per channel, and the supernet/subnet identity (issue 30)."""
+calibration, held per-channel steps, and the supernet/subnet identity (issue 30). The fold without
+quantizers is tests/test_quant.py's, parametrized over granularity."""
 from __future__ import annotations
 
 import random
@@ -10,23 +11,17 @@ import torch.nn.functional as F
 
 from conftest import make_supernet
 from qnas_cli.errors import UserError
-from qnas_cli.layers import BN_EPS, QConvBN, _bias_quant, init_scales, rows, set_runtime
-from qnas_cli.quant import W_QMAX, QuantConfig, fake_quant, mse_optimal_row_scales, mse_optimal_scale
+from qnas_cli.layers import BN_EPS, QConvBN, init_scales
+from qnas_cli.quant import W_QMAX, QuantConfig, mse_optimal_row_scales, mse_optimal_scale
 from qnas_cli.space import sample
+from tests.test_quant import _convbn as convbn, _two_conv_reference as two_conv_reference
 
 SCALE_MODES = ["predictor", "shared"]
 
 
-def _convbn(depthwise=False, mode="int8", **kw):
-    torch.manual_seed(1)
-    cfg = QuantConfig(mode=mode, weight_granularity="per-channel", **kw) if mode != "none" else QuantConfig(mode="none")
-    m = QConvBN(8, 8 if depthwise else 12, 5, 1, cfg, depthwise=depthwise, relu=False)
-    with torch.no_grad():
-        m.bn_weight.uniform_(0.5, 1.5)
-        m.bn_bias.uniform_(-0.5, 0.5)
-        m.running_mean.uniform_(-0.2, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
-    return m
+def _convbn(depthwise=False, **quant):
+    """test_quant's Conv-BN (uniform BN parameters and statistics), per channel."""
+    return convbn("int8", depthwise, weight_granularity="per-channel", **quant)
 
 
 def test_per_channel_is_a_checked_option():
@@ -36,26 +31,6 @@ def test_per_channel_is_a_checked_option():
         QuantConfig(weight_granularity="per-row")
     with pytest.raises(UserError, match="convs"):
         QuantConfig(mode="convs", weight_scale="shared", weight_granularity="per-channel")
-
-
-@pytest.mark.parametrize("scale_mode", SCALE_MODES)
-@pytest.mark.parametrize("depthwise", [False, True])
-@pytest.mark.parametrize("training", [True, False])
-def test_per_channel_fold_equals_conv_then_bn_without_quantization(scale_mode, depthwise, training, monkeypatch):
-    from qnas_cli import layers
-
-    monkeypatch.setattr(layers, "fake_quant", lambda x, *args: x)
-    m = _convbn(depthwise, weight_scale=scale_mode)
-    set_runtime(m, None)
-    ref = _convbn(depthwise, mode="none")
-    m.train(training), ref.train(training)
-    x = torch.randn(4, 8, 9, 9)
-    out_c = 8 if depthwise else 10
-    y = m(x, torch.tensor(1e-3), out_c, 3)
-    conv = F.conv2d(x, ref.sliced_weight(8, out_c, 3), None, 1, 1, 1, 8 if depthwise else 1)
-    bn = F.batch_norm(conv, ref.running_mean[:out_c].clone(), ref.running_var[:out_c].clone(),
-                      ref.bn_weight[:out_c], ref.bn_bias[:out_c], training, 0.1, BN_EPS)
-    torch.testing.assert_close(y, bn, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
@@ -101,18 +76,6 @@ def test_first_prediction_is_each_channels_mse_optimal_scale(scale_mode):
     torch.testing.assert_close(m.predicted_scale(sigma), mse_optimal_row_scales(w_fold, W_QMAX), rtol=1e-5, atol=0)
 
 
-def _two_conv_reference(m: QConvBN, x, s_in, out_c, k):
-    """The batch-statistics fold the plain way: float conv for the statistics, fold, quantize per channel."""
-    w = m.sliced_weight(x.shape[1], out_c, k)
-    var, mean = torch.var_mean(m.conv(x, w), dim=(0, 2, 3), unbiased=False)
-    sigma = torch.sqrt(var + BN_EPS)
-    factor = m.bn_weight[:out_c] / sigma
-    w_fold, bias = w * factor.view(-1, 1, 1, 1), m.bn_bias[:out_c] - mean * factor
-    s_w = m.predicted_scale(sigma.detach())
-    w_q = fake_quant(w_fold, rows(s_w), 0, -W_QMAX, W_QMAX)
-    return m.conv(x, w_q, _bias_quant(bias, s_in, s_w))
-
-
 @pytest.mark.parametrize("scale_mode", SCALE_MODES)
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_per_channel_steps_are_held_and_the_batch_fold_is_the_two_conv_form(scale_mode, depthwise):
@@ -128,7 +91,7 @@ def test_per_channel_steps_are_held_and_the_batch_fold_is_the_two_conv_form(scal
     step = m.theta if scale_mode == "predictor" else m.w_scale
     held = step.detach().clone()
     with torch.no_grad():
-        y_ref = _two_conv_reference(m, x, s_in, out_c, k)
+        y_ref = two_conv_reference(m, x, s_in, out_c, k)[0]
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
     y = m(x, s_in, out_c, k)
     torch.testing.assert_close(y.detach(), y_ref, rtol=0, atol=1e-9)

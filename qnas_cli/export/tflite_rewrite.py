@@ -278,8 +278,7 @@ def bias_scale(op: Conv | Linear, s_in: float) -> float | np.ndarray:
     """The bias scale TFLite expects, ``s_in * s_w`` (per channel where s_w is), as the product of
     the float32 scales it stores: it checks the bias scale against ``input_scale * filter_scale``
     (tflite/kernels/kernel_util.cc), so it must be that product, not a rounding of ours."""
-    s_w = np.float32(op.weight_scale) if not is_per_channel(op) else np.asarray(op.weight_scale, np.float32)
-    product = float(np.float32(s_in)) * np.asarray(s_w, np.float64)
+    product = float(np.float32(s_in)) * np.asarray(op.weight_scale, np.float32).astype(np.float64)
     return product if is_per_channel(op) else float(product)
 
 
@@ -329,9 +328,8 @@ def rewrite(tflite_bytes: bytes, graph: IntegerGraph) -> tuple[bytes, Match]:
         tensor.name = label.encode()
     for o, op in m.ops.items():
         if isinstance(op, (Conv, Linear)):
-            s_w = np.asarray(op.weight_scale, np.float32) if is_per_channel(op) else op.weight_scale
             _set_const(ix, o, 1, tflite_layout(op.weight, ix.kind[o]).astype(np.int8),
-                       fb.TensorType.INT8, s_w, f"{op.name}/weight", CHANNEL_DIM[ix.kind[o]])
+                       fb.TensorType.INT8, op.weight_scale, f"{op.name}/weight", CHANNEL_DIM[ix.kind[o]])
             _set_const(ix, o, 2, op.bias.astype("<i4"), fb.TensorType.INT32,
                        bias_scale(op, graph.qparams[op.input].scale), f"{op.name}/bias")
     return bytes(fbu.convert_object_to_bytearray(model)), m
