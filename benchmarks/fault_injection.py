@@ -257,6 +257,8 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         ("--seed -1", ["--seed", "-1"]), ("--seed 2^64", ["--seed", str(2**64)]), ("--steps abc", ["--steps", "abc"]),
         ("--quant int4", ["--quant", "int4"]), ("--bn-fold sideways", ["--bn-fold", "sideways"]),
         ("--act-scheme odd", ["--act-scheme", "odd"]), ("--weight-scale odd", ["--weight-scale", "odd"]),
+        ("--weight-granularity per-row", ["--weight-granularity", "per-row"]),
+        ("--quant convs per-channel", ["--quant", "convs", "--weight-scale", "shared", "--weight-granularity", "per-channel"]),
         ("--device tpu", ["--device", "tpu"]), ("--resume without a run", ["--resume", "--out", f"{d}/no_run"]),
         ("--out is a file", ["--out", str(d / "syntax.json")]),
         ("--init missing", ["--init", f"{d}/nowhere.pt"]), ("--init truncated", ["--init", "{w:truncated}"]),
@@ -270,6 +272,7 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         ("--resume with another --lr", ["--out", "{r}", "--lr", "0.2"]),
         ("--resume with another --seed", ["--out", "{r}", "--seed", "5"]),
         ("--resume with another --quant", ["--out", "{r}", "--quant", "none"]),
+        ("--resume with another --weight-granularity", ["--out", "{r}", "--weight-granularity", "per-channel"]),
         ("--resume with every checkpoint corrupt", ["--out", "{corrupt_run}"]),
     ]]
     (d / "unfinished").mkdir()
