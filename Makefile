@@ -43,7 +43,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Every benchmark at full size (hours), in an order that runs on a clean clone: supernet_accuracy
-# trains the supernet that search_cost, search_quality and scale_finetune then use.
+# trains the supernet that search_cost, search_quality, scale_finetune, ranking and finetune then use.
 # train_stability --resume: a rerun reuses its finished runs where they record the same options.
 # fault_injection comes last: it exits 1 on any unclean refusal, and nothing else waits on it.
 bench: setup
@@ -58,6 +58,8 @@ bench: setup
 	$(BIN)/python -m benchmarks.scale_finetune --supernet runs/bench/supernet_accuracy/default/supernet.pt
 	$(BIN)/python -m benchmarks.scale_ranking --jobs 2
 	$(BIN)/python -m benchmarks.scale_pareto
+	$(BIN)/python -m benchmarks.ranking
+	$(BIN)/python -m benchmarks.finetune --threads 2
 	@if [ -x .venv-baselines/bin/python ]; then $(BIN)/python -m benchmarks.partial_quant; \
 	 else echo "partial_quant skipped: run make baselines-venv first"; fi
 	$(BIN)/python -m benchmarks.cost
@@ -72,6 +74,7 @@ bench-quick: setup
 	$(BIN)/python -m benchmarks.scale_finetune --quick --subnets 3 --steps 20 --out $(QUICK)/scale_finetune \
 	  --supernet $(QUICK)/scale_ranking/supernet_predictor/supernet.pt
 	$(BIN)/python -m benchmarks.fold_ablation --quick --out $(QUICK)/fold_ablation
+	$(BIN)/python -m benchmarks.finetune --quick --out $(QUICK)/finetune
 	@if [ -x .venv-baselines/bin/python ]; then $(BIN)/python -m benchmarks.partial_quant --quick --out $(QUICK)/partial_quant; \
 	 else echo "partial_quant skipped: run make baselines-venv first"; fi
 	$(BIN)/python -m benchmarks.export_parity --images 200 --out $(QUICK)/export_parity

@@ -53,6 +53,11 @@ def spread(n: int, k: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n - 1, min(n, k))}) if k > 0 else []
 
 
+def teacher_for(arch_key: str, largest_key: str, teacher: str) -> str:
+    """The supernet's largest subnet has no teacher but itself (`qnas finetune` refuses it): ``none``."""
+    return "none" if arch_key == largest_key else teacher
+
+
 def write_subnet(path: Path, arch: Arch, space, supernet: Path) -> Path:
     write_json(path, subnet_document(arch, space, str(supernet.resolve()), sha256_file(supernet)))
     return path
@@ -169,13 +174,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.plot([], [], "k*", label="search winner, fine-tuned (dotted: from inherited)")
     ax.set(xlabel="MFLOPs", ylabel="int8 test top-1 (%)", title=f"{result['config']['space']}: per subnet")
     ax.legend(fontsize=8)
-    for c in result.get("curves", []):
+    for n, c in enumerate(result.get("curves", [])):  # one colour per subnet; the line style tells the teacher
         for teacher, style in (("largest", "-o"), ("none", "--s")):
             if teacher in c:
                 pts = c[teacher]["curve"]
-                bx.plot([int(k) for k in pts], [100 * v for v in pts.values()], style,
+                bx.plot([int(k) for k in pts], [100 * v for v in pts.values()], style, color=f"C{n}",
                         label=f"#{c['index']} ({c['mflops']:.1f} MFLOPs), teacher {teacher}")
-        bx.axhline(100 * c["standalone"], color="grey", lw=0.8, ls=":")
+        bx.axhline(100 * c["standalone"], color=f"C{n}", lw=0.8, ls=":")
     bx.set(xlabel="fine-tune steps (states of one run; dotted: stand-alone)", ylabel="int8 test top-1 (%)",
            title="test top-1 vs fine-tune steps")
     bx.legend(fontsize=8)
@@ -301,16 +306,19 @@ def main() -> None:
         if result["truth_subnets"] or result["winners"]:
             plot(result, png)
 
-    curve_idx = {picked[0]["index"], picked[-1]["index"]} if picked and not args.no_curves else set()
+    largest = sample(net.space, "largest").key
+    teachable = [e for e in picked if e["arch_key"] != largest]  # the curves compare the teacher on and off
+    curve_idx = {teachable[0]["index"], teachable[-1]["index"]} if teachable and not args.no_curves else set()
     for e in picked:
         arch = Arch.from_dict(e["arch"], net.space)
         f = write_subnet(args.out / "subnets" / f"truth_{e['index']}.json", arch, net.space, supernet)
         alone = statistics.mean(e["top1"].values())
         print(f"truth #{e['index']} ({e['mflops']:.2f} MFLOPs) {arch.key}: stand-alone {100 * alone:.2f}%", flush=True)
-        r = run_finetune(f, args.out / "runs" / f"truth_{e['index']}", steps, args.teacher, args,
+        r = run_finetune(f, args.out / "runs" / f"truth_{e['index']}", steps, teacher_for(arch.key, largest, args.teacher), args,
                          curve if e["index"] in curve_idx and max(curve) == steps else None, data)
         print(f"  inherited {100 * r['inherited']:.2f}% -> fine-tuned {100 * r['finetuned']:.2f}% in {r['seconds']:.0f} s", flush=True)
         result["truth_subnets"].append({"index": e["index"], "arch": arch.key, "mflops": e["mflops"], "standalone": alone,
+                                        "teacher": teacher_for(arch.key, largest, args.teacher),
                                         **{k: v for k, v in r.items() if k != "curve"}})
         if "curve" in r:
             result["curves"].append({"index": e["index"], "mflops": e["mflops"], "standalone": alone,
@@ -327,8 +335,8 @@ def main() -> None:
     for w in winners:
         if w["arch"] not in done:
             print(f"winner {w['budget_ms']:g} ms {w['arch']}", flush=True)
-            teacher = "none" if w["arch"] == sample(net.space, "largest").key else "largest"  # the largest has no teacher but itself
-            r = run_finetune(Path(w["file"]), args.out / "runs" / f"winner_{w['budget_ms']:g}ms", steps, teacher, args)
+            r = run_finetune(Path(w["file"]), args.out / "runs" / f"winner_{w['budget_ms']:g}ms", steps,
+                             teacher_for(w["arch"], largest, args.teacher), args)
             try:
                 r["export"] = export_checked(Path(r["subnet"]), args.out / "export" / f"winner_{w['budget_ms']:g}ms")
             except Exception as e:  # noqa: BLE001 - recorded, and the benchmark goes on: the table is the main result
