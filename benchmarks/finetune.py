@@ -164,7 +164,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = result["truth_subnets"]
     x = [r["mflops"] for r in rows]
-    for key, label, mark in (("inherited", "inherited", "o"), ("finetuned", f"fine-tuned ({result['config']['steps']} steps)", "s"),
+    for key, label, mark in (("inherited", "inherited", "o"), ("finetuned", f"fine-tuned ({result['config']['steps']} steps, lr {result['config']['lr']:g})", "s"),
                              ("standalone", f"stand-alone ({STANDALONE_STEPS} steps, mean of seeds)", "^")):
         ax.plot(x, [100 * r[key] for r in rows], mark, label=label)
     for w in result.get("winners", []):
@@ -179,7 +179,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             if teacher in c:
                 pts = c[teacher]["curve"]
                 bx.plot([int(k) for k in pts], [100 * v for v in pts.values()], style, color=f"C{n}",
-                        label=f"#{c['index']} ({c['mflops']:.1f} MFLOPs), teacher {teacher}")
+                        label=f"#{c['index']} ({c['mflops']:.1f} MFLOPs), teacher {teacher}, lr {c.get('lr', result['config']['lr']):g}")
         bx.axhline(100 * c["standalone"], color=f"C{n}", lw=0.8, ls=":")
     bx.set(xlabel="fine-tune steps (states of one run; dotted: stand-alone)", ylabel="int8 test top-1 (%)",
            title="test top-1 vs fine-tune steps")
@@ -262,7 +262,8 @@ def main() -> None:
             result["truth_subnets"] = sorted(result["truth_subnets"] + [r for r in other["truth_subnets"] if r["index"] not in have],
                                              key=lambda r: r["index"])
             have = {c["index"] for c in result["curves"]}
-            result["curves"] = sorted(result["curves"] + [c for c in other["curves"] if c["index"] not in have], key=lambda c: c["index"])
+            imported = [{**c, "lr": c.get("lr", other["config"]["lr"])} for c in other["curves"] if c["index"] not in have]
+            result["curves"] = sorted(result["curves"] + imported, key=lambda c: c["index"])
             result.setdefault("merged_tables_from", []).append(str(path))
         if args.merge_curves:
             other = {c["index"]: c for c in json.loads(args.merge_curves.read_text())["curves"]}

@@ -48,9 +48,9 @@ from .train import (Dist, Phase, StepCallback, Teacher, TrainConfig, epoch_steps
 
 # Measured on the default `small` supernet (2,800 steps; benchmarks/finetune.py, BENCHMARKS.md
 # "Fine-tuning"): a quarter of the stand-alone run's 2,800 steps, the most the target allows.
-# The curves still rise at the end of the schedule (subnet #0: 88.3% at 400 of 700 steps mid-schedule,
-# 88.8% at 700 without the teacher; 88.1% at 300, 88.4% at 700 with it at lr 0.01), so a shorter
-# default would give up accuracy; ~6 minutes of one loaded core for a small subnet.
+# Every curve still rises at the end of the schedule (subnet #19 at peak lr 0.1: 89.3% at 400 of 700 steps
+# mid-schedule, 90.1% at 700), so a shorter default would give up accuracy; about 2 minutes of the
+# 2-core host for a mid-sized `small` subnet.
 DEFAULT_FINETUNE_STEPS = 700
 TEACHERS = ("largest", "none")
 RESULT_SUBNET = "subnet.json"  # the fine-tuned subnet's file in the run folder, beside supernet.pt
@@ -66,7 +66,7 @@ class FinetuneConfig(TrainConfig):
     data: str | None = None  # default: the data the supernet was trained on
     out: str | None = None  # default: beside the subnet file, <stem>_finetuned/
     steps: int | None = DEFAULT_FINETUNE_STEPS
-    lr: float = 0.1  # peak, above training's 0.05; measured (BENCHMARKS.md "Fine-tuning"): 0.01 < 0.03 < 0.06-0.15 (flat)
+    lr: float = 0.06  # peak; measured on 8 subnets (BENCHMARKS.md "Fine-tuning"): 0.06 beat 0.1 and 0.03 (0.01 worse)
     weight_decay: float = 0.0  # must stay 0: see the module docstring
     warmup_steps: int = 20
     supernet: str | None = None  # default: the one the subnet file names

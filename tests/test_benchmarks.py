@@ -324,3 +324,26 @@ def test_train_stability_resume_reuses_finished_runs_and_continues_the_rest(tmp_
     assert second["default"]["resumed"] and not first["default"]["resumed"]
     assert second["default"]["test_top1"] == first["default"]["test_top1"]
     assert second["default"]["loss_largest"] == first["default"]["loss_largest"]
+
+
+@pytest.mark.slow
+def test_finetune_quick(tmp_path):
+    """Issue 29's benchmark end to end at tiny size: stand-in truth, fine-tunes with the teacher on
+    and off, a winner exported with its gate, the table, the JSON and the PNG."""
+    out = run_benchmark("finetune", "--quick", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "finetune.json").read_text())
+    rows = result["truth_subnets"]
+    assert len(rows) == 2 and all(0 < r[k] <= 1 for r in rows for k in ("inherited", "finetuned", "standalone"))
+    assert all(r["teacher"] == "largest" for r in rows)  # random tiny subnets: none is the largest
+    assert set(result["means"]) >= {"inherited", "finetuned", "standalone"} and "target" in out
+    assert all(set(c) >= {"largest", "none"} for c in result["curves"]) and result["curves"]
+    (winner,) = result["winners"]
+    assert winner["export"]["passed"] and winner["export"]["file_equals_exact_forward"], winner["export"]
+    assert (tmp_path / "finetune.png").stat().st_size > 0
+
+
+def test_finetune_benchmark_gives_the_largest_no_teacher():
+    from benchmarks.finetune import teacher_for
+
+    assert teacher_for("big", "big", "largest") == "none"  # qnas finetune refuses the largest as its own teacher
+    assert teacher_for("mid", "big", "largest") == "largest" and teacher_for("mid", "big", "none") == "none"
