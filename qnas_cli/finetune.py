@@ -12,7 +12,7 @@ data order, augmentation, checkpoints, resume, Ctrl-C, metrics.jsonl and torchru
 - the loss: in-place distillation from the supernet's largest subnet as a frozen teacher
   (``--teacher largest``): extracted from the original weights, BN calibrated as for export,
   run in eval mode under ``no_grad`` and never updated; ``--teacher none`` trains on the labels;
-- the schedule: a lower peak learning rate, warm-up then cosine decay to zero, and no weight
+- the schedule: its own peak learning rate (measured), warm-up then cosine decay to zero, and no weight
   decay: decay would also shrink the parts of shared tensors this subnet does not use, and only
   its own slices may move (the others get exactly zero gradient, so SGD leaves them bit for bit);
 - the result: ``supernet.pt`` is the original supernet with this subnet's slices fine-tuned,
