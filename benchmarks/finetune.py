@@ -95,7 +95,7 @@ def run_finetune(subnet: Path, out: Path, steps: int, teacher: str, args, curve:
         space_net.update(net=net, arch=Arch.from_dict(raw, net.space))
     t = time.perf_counter()
     summary = finetune(FinetuneConfig(subnet=str(subnet), out=str(out), steps=steps, teacher=teacher, lr=args.lr,
-                                      kd_ratio=args.kd_ratio, ckpt_every=int(ckpt_every), eval_images=args.eval_images,
+                                      kd_ratio=args.kd_ratio, warmup_steps=args.warmup_steps, ckpt_every=int(ckpt_every), eval_images=args.eval_images,
                                       tensorboard=False), on_step=on_step, log=QUIET, overwrite=True)
     seconds = time.perf_counter() - t - spent["eval"]
     # the steps alone (the first step's start is not seen: one step's time added back)
@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: qnas finetune's)")
     ap.add_argument("--lr", type=float, default=FinetuneConfig.lr)
     ap.add_argument("--kd-ratio", type=float, default=FinetuneConfig.kd_ratio)
+    ap.add_argument("--warmup-steps", type=int, default=FinetuneConfig.warmup_steps)
     ap.add_argument("--curve", default="100,200,300,400,500,700", help="steps of the curve (its last: the curve runs' length)")
     ap.add_argument("--curve-eval-images", type=int, default=5000, help="test images per curve point (seeded, class-stratified; the last point: the table's)")
     ap.add_argument("--eval-images", type=int, default=None, help="test images of the table (default: all)")
@@ -294,7 +295,7 @@ def main() -> None:
     data = load_dataset(meta.get("config", {}).get("data", "fashion-mnist"), load_size=max(net.space.resolutions))
     picked = [entries[i] for i in ([int(i) for i in args.indices.split(",")] if args.indices else spread(len(entries), args.subnets))]
     result: dict[str, Any] = {"config": {"space": net.space.name, "supernet": str(supernet), "supernet_sha256": meta["weights"]["sha256"], "steps": steps,
-                                         "lr": args.lr, "kd_ratio": args.kd_ratio, "curve": curve, "quick": args.quick,
+                                         "lr": args.lr, "kd_ratio": args.kd_ratio, "warmup_steps": args.warmup_steps, "curve": curve, "quick": args.quick,
                                          "eval_images": args.eval_images, "curve_eval_images": args.curve_eval_images,
                                          "threads": args.threads, "population": args.population,
                                          "generations": args.generations},
