@@ -316,11 +316,12 @@ def main() -> None:
         f = write_subnet(args.out / "subnets" / f"truth_{e['index']}.json", arch, net.space, supernet)
         alone = statistics.mean(e["top1"].values())
         print(f"truth #{e['index']} ({e['mflops']:.2f} MFLOPs) {arch.key}: stand-alone {100 * alone:.2f}%", flush=True)
-        r = run_finetune(f, args.out / "runs" / f"truth_{e['index']}", steps, teacher_for(arch.key, largest, args.teacher), args,
+        teacher = teacher_for(arch.key, largest, args.teacher)
+        r = run_finetune(f, args.out / "runs" / f"truth_{e['index']}", steps, teacher, args,
                          curve if e["index"] in curve_idx and max(curve) == steps else None, data)
         print(f"  inherited {100 * r['inherited']:.2f}% -> fine-tuned {100 * r['finetuned']:.2f}% in {r['seconds']:.0f} s", flush=True)
         result["truth_subnets"].append({"index": e["index"], "arch": arch.key, "mflops": e["mflops"], "standalone": alone,
-                                        "teacher": teacher_for(arch.key, largest, args.teacher),
+                                        "teacher": teacher,
                                         **{k: v for k, v in r.items() if k != "curve"}})
         if "curve" in r:
             result["curves"].append({"index": e["index"], "mflops": e["mflops"], "standalone": alone,
