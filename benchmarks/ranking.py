@@ -28,12 +28,15 @@ import random
 import statistics
 from pathlib import Path
 
-from qnas_cli.calibrate import CALIB_IMAGES, calibrated_subnet, evaluate
+import torch
+
+from qnas_cli.calibrate import CALIB_IMAGES, calibrate_bn, calibrated_subnet, calibration_batches, calibration_images, evaluate
 from qnas_cli.checkpoint import sha256_file, write_json
 from qnas_cli.cost import arch_cost
-from qnas_cli.data import load_dataset
+from qnas_cli.data import load_dataset, to_input
 from qnas_cli.demo import budgets_for
 from qnas_cli.latency import Predictor
+from qnas_cli.layers import ActQuant
 from qnas_cli.quant import INTEGER_CONTRACT_VERSION
 from qnas_cli.ranking import kendall_tau
 from qnas_cli.supernet import load_supernet
@@ -85,10 +88,39 @@ def regret(truth: list[float], score: list[float], latency: list[float], budget:
     return {"fits": len(fits), "best": best, "pick": pick, "regret_pp": 100 * (truth[best] - truth[pick])}
 
 
-def inherited_scores(supernet: Path, archs, data, calib_images: int, cache: Path, log=print) -> list[float]:
+ACT_RANGE_IMAGES = 500  # --act-ranges subnet: calibration images the activation steps are fitted on, one batch
+
+
+@torch.no_grad()
+def refit_act_ranges(sub, data, resolution: int, calib_images: int) -> None:
+    """BatchQuant's point as a calibration lever (issue 31, part 3): the supernet's learned
+    activation steps are shared by every subnet, so refit each of this subnet's (a copy: the
+    supernet is untouched) to the MSE-optimal step of its own activations on the first
+    ``ACT_RANGE_IMAGES`` calibration images (layer by layer, each seeing the quantized output
+    of the one before, as at initialisation), then calibrate BN again on the new grid. Only
+    the steps change, so the subnet stays inside the integer contract (export folds them as
+    any). A benchmark lever: the fit sums floats, so it is not yet thread-count exact."""
+    x = torch.cat(list(calibration_images(data, min(ACT_RANGE_IMAGES, calib_images))))
+    acts = [m for m in sub.modules() if isinstance(m, ActQuant) and m.enabled]
+    sub.eval()
+    for m in acts:
+        m.observe = True
+    try:
+        sub(to_input(x, data, resolution))
+    finally:
+        for m in acts:
+            m.observe = False
+    calibrate_bn(sub, calibration_batches(data, resolution, calib_images))
+    sub.eval()
+
+
+def inherited_scores(supernet: Path, archs, data, calib_images: int, cache: Path, log=print,
+                     act_ranges: str = "learned") -> list[float]:
     """Each subnet's inherited exact int8 top-1 on the whole test split, cached by what made it."""
     identity = {"supernet_sha256": sha256_file(supernet), "calib_images": calib_images, "data": data.describe(),
                 "integer_contract": INTEGER_CONTRACT_VERSION, "eval": "test split, all images, exact xnnpack"}
+    if act_ranges != "learned":
+        identity["act_ranges"] = {"how": act_ranges, "images": ACT_RANGE_IMAGES}
     done = {}
     if cache.is_file():
         doc = json.loads(cache.read_text())
@@ -99,7 +131,10 @@ def inherited_scores(supernet: Path, archs, data, calib_images: int, cache: Path
     net, _ = load_supernet(supernet)
     for i, arch in enumerate(archs):
         if arch.key not in done:
-            done[arch.key] = evaluate(calibrated_subnet(net, arch, data, calib_images), data.test, data, arch.resolution)
+            sub = calibrated_subnet(net, arch, data, calib_images)
+            if act_ranges == "subnet":
+                refit_act_ranges(sub, data, arch.resolution, calib_images)
+            done[arch.key] = evaluate(sub, data.test, data, arch.resolution)
             write_json(cache, {"identity": identity, "scores": done})
             log(f"  subnet {i:2d}: inherited {100 * done[arch.key]:.2f}%")
     return [done[a.key] for a in archs]
@@ -111,6 +146,8 @@ def main() -> None:
     ap.add_argument("--truth", type=Path, default=DEFAULT_TRUTH)
     ap.add_argument("--table", type=Path, default=None, help="latency table (default: this host's, built on first use)")
     ap.add_argument("--calib-images", type=int, default=CALIB_IMAGES)
+    ap.add_argument("--act-ranges", choices=("learned", "subnet"), default="learned",
+                    help="subnet: refit each subnet's activation steps to its own calibration activations (BatchQuant's point)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/ranking"))
     args = ap.parse_args()
     if not args.supernet.is_file():
@@ -129,13 +166,14 @@ def main() -> None:
     latency = [pred.predict(a) for a in archs]
     mflops = [arch_cost(net.space, a, data.in_channels, data.num_classes).mflops for a in archs]
     print(f"scoring {len(archs)} truth subnets inherited from {args.supernet}")
-    inherited = inherited_scores(args.supernet, archs, data, args.calib_images, args.out / "inherited.json")
+    inherited = inherited_scores(args.supernet, archs, data, args.calib_images, args.out / "inherited.json",
+                                 act_ranges=args.act_ranges)
 
     budgets = budgets_for(pred, net.space)
     result = {
         "supernet": {"path": str(args.supernet), "sha256": sha256_file(args.supernet)},
         "truth": {"path": str(args.truth), "subnets": len(archs), "seed_tau": seed_taus(truth_doc)},
-        "table": str(table_path), "calib_images": args.calib_images,
+        "table": str(table_path), "calib_images": args.calib_images, "act_ranges": args.act_ranges,
         "kendall_tau": kendall_tau(inherited, truth), "kendall_tau_90": bootstrap_tau(inherited, truth),
         "spearman_rho": spearman(inherited, truth),
         "mflops_tau": kendall_tau(mflops, truth), "mflops_tau_90": bootstrap_tau(mflops, truth),

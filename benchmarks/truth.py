@@ -30,7 +30,7 @@ from qnas_cli.checkpoint import write_json
 from qnas_cli.errors import UserError
 from qnas_cli.ranking import kendall_tau
 from qnas_cli.space import Arch, SearchSpace, load_space
-from qnas_cli.train import TrainConfig, phase_plan, plan_record, with_quant_defaults
+from qnas_cli.train import TrainConfig, phase_plan, plan_record, with_added_defaults
 
 FORMAT = "qnas.standalone_truth/1"
 DEFAULT_TRUTH = Path(__file__).parent / "data" / "standalone_small_fashion-mnist.json"
@@ -150,9 +150,9 @@ def truth_difference(truth: dict[str, Any], space: SearchSpace, data_description
     for key in _keys(truth["data"], data_description):
         if truth["data"].get(key) != data_description.get(key):
             return f"data.{key} is {truth['data'].get(key)!r} there, {data_description.get(key)!r} now"
-    # a recipe recorded before --weight-granularity existed ran under its default: both sides read so
-    recipe = with_quant_defaults({"config": json.loads(json.dumps(recipe))})["config"]
-    there = with_quant_defaults({"config": truth["recipe"]})["config"]
+    # a recipe recorded before an option existed (--weight-granularity, --sampling) ran under its default: both sides read so
+    recipe = with_added_defaults({"config": json.loads(json.dumps(recipe))})["config"]
+    there = with_added_defaults({"config": truth["recipe"]})["config"]
     for key in _keys(there, recipe):
         if there.get(key) != recipe.get(key):
             return f"recipe.{key} is {there.get(key)!r} there, {recipe.get(key)!r} now"

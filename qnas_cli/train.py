@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .calibrate import EVAL_IMAGES_HINT, calibrated_subnet, evaluate
 from .checkpoint import atomic_write, save_weights
+from .cost import arch_cost
 from .data import Dataset, augment, calibration_indices, epoch_batches, load_dataset, to_input
 from .errors import UserError, check_count
 from .event_log import open_event_log
@@ -54,6 +55,7 @@ from .layers import QConvBN, QLinear, QuantInit, init_scales, keep_scales_positi
 from .quant import QuantConfig
 from .run_folder import (Interrupted, StopFlag, append_metrics, check_fresh, check_resumable, checkpoint_to_resume, ckpt_dir,
                          remove_temp_files, save_checkpoint, start_afresh, truncate_metrics)
+from .sampling import Size, candidates, check_sampling
 from .space import Arch, SearchSpace, load_arch, load_space, sample
 from .supernet import Supernet, load_supernet
 
@@ -82,6 +84,8 @@ class TrainConfig:
     weight_decay: float = 1e-5  # not applied to BN parameters, biases or scales
     label_smoothing: float = 0.1
     num_random: int = 1  # random subnets per step besides the largest and the smallest
+    sampling: str = "uniform"  # how each random subnet is drawn: uniform | worst | best (see ``sampling``)
+    sampling_k: int = 3  # worst / best: candidates scored per random subnet
     kd_ratio: float = 0.5  # β (0.9 lost 1.5 pp on the smallest subnet: a short run's largest is a weak teacher)
     kd_temperature: float = 1.0  # T
     warmup_steps: int = 20  # per phase
@@ -116,6 +120,7 @@ class TrainConfig:
                 raise UserError(f"--float-steps {self.float_steps} leaves no int8 steps of --steps {self.steps}")
         if self.num_random < 0 or self.warmup_steps < 0:
             raise UserError("--num-random and --warmup-steps must be >= 0")
+        check_sampling(self.sampling, self.sampling_k)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         check_count("--eval-images", self.eval_images, EVAL_IMAGES_HINT)
@@ -131,7 +136,8 @@ class TrainConfig:
 
     # Fields that must match for --resume to continue the same run.
     RESUME_KEYS = ("space", "data", "quant", "epochs", "steps", "float_steps", "batch_size", "lr", "momentum", "weight_decay",
-                   "label_smoothing", "num_random", "kd_ratio", "kd_temperature", "warmup_steps", "clip_grad", "seed", "init", "subnet")
+                   "label_smoothing", "num_random", "sampling", "sampling_k", "kd_ratio", "kd_temperature", "warmup_steps",
+                   "clip_grad", "seed", "init", "subnet")
     # The options the resolved phase plan stands for, where a checkpoint records one.
     LENGTH_KEYS = ("steps", "float_steps", "epochs")
 
@@ -281,13 +287,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def sandwich(space: SearchSpace, seed: int, step: int, num_random: int, alone: Arch | None = None) -> list[Arch]:
-    """The subnets of one step: the largest, the smallest, ``num_random`` random ones; or ``alone``
-    by itself (stand-alone training of one subnet: no sandwich, no distillation)."""
+def sandwich(space: SearchSpace, seed: int, step: int, num_random: int, alone: Arch | None = None,
+             sampling: str = "uniform", k: int = 3, size: Size | None = None) -> list[list[Arch]]:
+    """The subnets of one step, each as its candidates: the largest, the smallest, ``num_random``
+    random slots drawn by ``sampling`` (one candidate, or ``k`` for worst/best to choose from, by
+    ``size`` in MFLOPs); or ``alone`` by itself (stand-alone training of one subnet: no sandwich,
+    no distillation)."""
     if alone is not None:
-        return [alone]
+        return [[alone]]
     rng = random.Random(seed * 1_000_003 + step)
-    return [sample(space, "largest"), sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(num_random)]
+    fixed = [[sample(space, "largest")], [sample(space, "smallest")]]
+    return fixed + [candidates(space, rng, sampling, k, size) for _ in range(num_random)]
+
+
+@torch.no_grad()
+def pick_by_loss(model: Supernet, archs: list[Arch], x_u8: Tensor, data: Dataset, soft: Tensor, y: Tensor,
+                 cfg: TrainConfig, device: str) -> Arch:
+    """WorstUp / BestUp: the candidate with the highest / lowest training loss on this step's images.
+    The scoring passes leave BN's running statistics as they were (only trained subnets move them)."""
+    if len(archs) == 1:
+        return archs[0]
+    bn = [m for m in model.modules() if isinstance(m, QConvBN)]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bn]
+    losses = [distill_loss(model(to_input(x_u8, data, a.resolution).to(device), a), soft, y, cfg).item() for a in archs]
+    for m, (rm, rv, n) in zip(bn, saved):
+        m.running_mean.copy_(rm), m.running_var.copy_(rv), m.num_batches_tracked.copy_(n)
+    pick = max if cfg.sampling == "worst" else min
+    return archs[pick(range(len(archs)), key=losses.__getitem__)]
 
 
 def distill_loss(logits: Tensor, teacher: Tensor, labels: Tensor, cfg: TrainConfig) -> Tensor:
@@ -379,7 +405,7 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
     start, first = 0, 0  # the step and the phase (index in plan) to continue from
     if resume:
         payload, meta = checkpoint_to_resume(out, log)
-        check_resumable(with_quant_defaults(meta), cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space, plan_record(plan),
+        check_resumable(with_added_defaults(meta), cfg.to_dict(), TrainConfig.RESUME_KEYS, space, cfg.space, plan_record(plan),
                         length_keys=TrainConfig.LENGTH_KEYS)
         try:
             start = int(payload["step"])
@@ -494,17 +520,24 @@ def train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model
     return summary
 
 
-def with_quant_defaults(meta: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's meta with its quantization options completed by today's defaults: a run
-    checkpointed before an option existed (--weight-granularity) ran under its default, and resumes."""
-    quant = meta.get("config", {}).get("quant")
-    if not isinstance(quant, dict):
+# Options added after runs could be checkpointed, with the value a run made before them ran under.
+ADDED_OPTIONS = {"sampling": "uniform", "sampling_k": 3}
+
+
+def with_added_defaults(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's meta with its quantization options (--weight-granularity) and ``ADDED_OPTIONS``
+    completed by the values a run checkpointed before they existed ran under: it resumes."""
+    config = meta.get("config", {})
+    if not isinstance(config, dict):
         return meta
-    try:
-        full = asdict(QuantConfig(**quant))
-    except (TypeError, UserError):
-        return meta  # unknown or bad fields: compared as they are, and refused
-    return {**meta, "config": {**meta["config"], "quant": full}}
+    config = {**ADDED_OPTIONS, **config}
+    quant = config.get("quant")
+    if isinstance(quant, dict):
+        try:
+            config["quant"] = asdict(QuantConfig(**quant))
+        except (TypeError, UserError):
+            pass  # unknown or bad fields: compared as they are, and refused
+    return {**meta, "config": config}
 
 
 def _new_model(space: SearchSpace, data: Dataset, phase: Phase, cfg: TrainConfig, device: str) -> Supernet:
@@ -573,7 +606,9 @@ def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space
     opt.zero_grad(set_to_none=True)
     soft = None  # the largest subnet's logits, which the others are distilled from
     losses = []
-    for i, arch in enumerate(sandwich(space, cfg.seed, step, cfg.num_random, alone)):
+    size = lambda a: arch_cost(space, a, data.in_channels, data.num_classes).mflops  # noqa: E731
+    for i, archs in enumerate(sandwich(space, cfg.seed, step, cfg.num_random, alone, cfg.sampling, cfg.sampling_k, size)):
+        arch = archs[0] if i == 0 else pick_by_loss(model, archs, x_u8, data, soft, y, cfg, device)
         logits = model(to_input(x_u8, data, arch.resolution).to(device), arch)
         if i == 0:
             loss = (distill_loss(logits, teacher(x_u8).to(device), y, cfg) if teacher is not None and alone is not None

@@ -28,3 +28,29 @@ def test_regret_is_the_truth_lost_by_the_pick_under_the_budget():
     r = regret(truth, score, latency, 3.0)
     assert (r["fits"], r["best"], r["pick"]) == (3, 2, 1) and r["regret_pp"] == pytest.approx(3.0)
     assert regret(truth, truth, latency, 3.0)["regret_pp"] == 0 and regret(truth, score, latency, 0.5) == {"fits": 0}
+
+
+def test_refit_act_ranges_gives_the_subnet_its_own_steps_and_leaves_the_supernet_alone(fmnist):
+    """--act-ranges subnet: the subnet's activation steps are refitted to its own activations (so
+    they move), deterministically, on a copy: the supernet's shared steps stay as they were."""
+    import torch
+
+    from benchmarks.ranking import refit_act_ranges
+    from qnas_cli.calibrate import calibrated_subnet, evaluate
+    from qnas_cli.layers import ActQuant
+    from qnas_cli.space import sample
+    from tests.conftest import make_supernet
+
+    net = make_supernet()
+    shared = {k: v.clone() for k, v in net.state_dict().items()}
+    arch = sample(net.space, "random", __import__("random").Random(4))
+    steps = lambda m: [a.scale.item() for a in m.modules() if isinstance(a, ActQuant)]  # noqa: E731
+    subs = []
+    for _ in range(2):
+        sub = calibrated_subnet(net, arch, fmnist, 300)
+        before = steps(sub)
+        refit_act_ranges(sub, fmnist, arch.resolution, 300)
+        subs.append(sub)
+    assert steps(subs[0]) == steps(subs[1]) and steps(subs[0]) != before
+    assert all(torch.equal(v, shared[k]) for k, v in net.state_dict().items())
+    assert not subs[0].training and 0.0 <= evaluate(subs[0], fmnist.test, fmnist, arch.resolution, limit=200) <= 1.0

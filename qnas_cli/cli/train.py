@@ -40,6 +40,10 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, momentum 0.9, warm-up then cosine, in each phase).")] = D.lr,
     warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warm-up at the start of each phase, in steps.")] = D.warmup_steps,
     num_random: Annotated[int, typer.Option(help="Random subnets per step besides the largest and smallest (sandwich rule).")] = D.num_random,
+    sampling: Annotated[str, typer.Option(help="How each random subnet is drawn: uniform (each choice at random) | worst / best (AttentiveNAS's WorstUp / BestUp: of "
+                                               "--sampling-k candidates of one size, the one with the highest / lowest loss on the step's "
+                                               "images; k extra forward passes per random subnet).")] = D.sampling,
+    sampling_k: Annotated[int, typer.Option(help="worst / best: candidates scored per random subnet.")] = D.sampling_k,
     kd_ratio: Annotated[float, typer.Option(help="In-place distillation weight beta in (1-beta)*CE + beta*KL(largest || subnet), for all but the largest. "
                                                  "Lower it for short runs, where the largest is still a weak teacher.")] = D.kd_ratio,
     seed: Annotated[int, typer.Option(help="Seed: model init, data order, augmentation, sampled subnets.")] = D.seed,
@@ -69,7 +73,8 @@ def train(
     cfg = TrainConfig(space=space, data=data, out=str(out),
                       quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale,
                                        weight_granularity=weight_granularity),
-                      epochs=epochs, steps=steps, float_steps=float_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random, kd_ratio=kd_ratio, seed=seed,
+                      epochs=epochs, steps=steps, float_steps=float_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random,
+                      sampling=sampling, sampling_k=sampling_k, kd_ratio=kd_ratio, seed=seed,
                       device=device, init=str(init) if init else None, subnet=str(subnet) if subnet else None, ckpt_every=ckpt_every, eval_images=eval_images,
                       calib_images=calib_images, tensorboard=tensorboard)
     summary = run_loop("train", lambda on_step, log: run_train(cfg, resume, on_step=on_step, log=log, overwrite=overwrite),

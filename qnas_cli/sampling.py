@@ -1,0 +1,58 @@
+"""Which subnets a sandwich step trains besides the largest and the smallest (``--sampling``).
+
+- ``uniform`` (the default): every choice of the space drawn uniformly at random (BigNAS, OFA).
+- ``worst`` / ``best``: AttentiveNAS's WorstUp-k / BestUp-k. ``k`` candidates of one size (a
+  uniformly random anchor, then draws within ``SIZE_TOLERANCE`` of its MFLOPs); the step trains the
+  one whose loss on its own images is the highest / the lowest (``train.train_step`` scores them).
+  The size is still uniform sampling's: only which architecture of a size is trained changes,
+  which is what ranking subnets of one size depends on. WorstUp trains the subnets the shared
+  weights serve worst, to even them out; BestUp the most promising ones (AttentiveNAS's choice
+  for the Pareto front). Scoring the candidates costs ``k`` extra forward passes per random slot.
+
+Every draw comes from the step's own ``random.Random`` (train.sandwich), so a resumed run replays
+the same subnets.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from .errors import UserError, choice_error
+from .space import Arch, SearchSpace, sample
+
+SAMPLINGS = ("uniform", "worst", "best")
+SIZE_TOLERANCE = 0.1  # ``worst``/``best``: candidates lie within 10% of the anchor's MFLOPs
+MAX_DRAWS = 256  # per candidate set; then the nearest draws stand in (sizes near the ends are rare)
+
+Size = Callable[[Arch], float]  # an architecture's MFLOPs
+
+
+def check_sampling(sampling: str, k: int) -> None:
+    if sampling not in SAMPLINGS:
+        raise choice_error("--sampling", sampling, SAMPLINGS)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise UserError(f"--sampling-k must be an integer >= 2 (the candidates of worst/best), got {k}")
+
+
+def candidates(space: SearchSpace, rng: random.Random, sampling: str, k: int, size: Size) -> list[Arch]:
+    """One random slot's candidates: a single subnet (uniform), or ``k`` of one size (worst, best)
+    for the step to choose from."""
+    if sampling == "uniform":
+        return [sample(space, "random", rng)]
+    anchor = sample(space, "random", rng)
+    target = size(anchor)
+    return [anchor] + _draw_near(space, rng, k - 1, size, lambda m: max(abs(m - target) - SIZE_TOLERANCE * target, 0.0))
+
+
+def _draw_near(space: SearchSpace, rng: random.Random, n: int, size: Size, distance: Callable[[float], float]) -> list[Arch]:
+    """``n`` uniform draws at ``distance`` 0 (inside the wanted sizes); where ``MAX_DRAWS`` draws
+    hold fewer, the nearest of them fill the rest."""
+    drawn: list[tuple[float, int, Arch]] = []
+    inside = 0
+    for i in range(MAX_DRAWS):
+        arch = sample(space, "random", rng)
+        drawn.append((distance(size(arch)), i, arch))
+        inside += drawn[-1][0] == 0.0
+        if inside >= n:
+            break
+    return [arch for _, _, arch in sorted(drawn)[:n]]
