@@ -302,14 +302,18 @@ def sandwich(space: SearchSpace, seed: int, step: int, num_random: int, alone: A
 
 @torch.no_grad()
 def pick_by_loss(model: Supernet, archs: list[Arch], x_u8: Tensor, data: Dataset, soft: Tensor, y: Tensor,
-                 cfg: TrainConfig, device: str) -> Arch:
-    """WorstUp / BestUp: the candidate with the highest / lowest training loss on this step's images.
-    The scoring passes leave BN's running statistics as they were (only trained subnets move them)."""
+                 cfg: TrainConfig, device: str, d: Dist | None = None) -> Arch:
+    """WorstUp / BestUp: the candidate with the highest / lowest training loss on this step's images
+    (under torchrun, on all ranks' images: every rank trains the same subnet). The scoring passes
+    leave BN's running statistics as they were (only trained subnets move them)."""
     if len(archs) == 1:
         return archs[0]
     bn = [m for m in model.modules() if isinstance(m, QConvBN)]
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bn]
-    losses = [distill_loss(model(to_input(x_u8, data, a.resolution).to(device), a), soft, y, cfg).item() for a in archs]
+    losses = torch.stack([distill_loss(model(to_input(x_u8, data, a.resolution).to(device), a), soft, y, cfg) for a in archs])
+    if d is not None and d.world > 1:
+        dist.all_reduce(losses)
+    losses = losses.tolist()
     for m, (rm, rv, n) in zip(bn, saved):
         m.running_mean.copy_(rm), m.running_var.copy_(rv), m.num_batches_tracked.copy_(n)
     pick = max if cfg.sampling == "worst" else min
@@ -608,7 +612,7 @@ def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space
     losses = []
     size = lambda a: arch_cost(space, a, data.in_channels, data.num_classes).mflops  # noqa: E731
     for i, archs in enumerate(sandwich(space, cfg.seed, step, cfg.num_random, alone, cfg.sampling, cfg.sampling_k, size)):
-        arch = archs[0] if i == 0 else pick_by_loss(model, archs, x_u8, data, soft, y, cfg, device)
+        arch = archs[0] if i == 0 else pick_by_loss(model, archs, x_u8, data, soft, y, cfg, device, d)
         logits = model(to_input(x_u8, data, arch.resolution).to(device), arch)
         if i == 0:
             loss = (distill_loss(logits, teacher(x_u8).to(device), y, cfg) if teacher is not None and alone is not None

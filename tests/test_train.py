@@ -276,11 +276,13 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("sampling, port", [("uniform", 29517), ("worst", 29518)])
+def test_torchrun_two_cpu_processes(tmp_path, sampling, port):
+    """``worst`` also all-reduces the candidates' losses, so every rank picks the same subnet."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "qnas_cli", "train", "--space", "tiny", "--steps", "4", "--batch-size", "16", "--device", "cpu",
-           "--eval-images", "100", "--calib-images", "64", "--out", str(out)]
+           "--eval-images", "100", "--calib-images", "64", "--sampling", sampling, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
