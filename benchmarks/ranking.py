@@ -17,6 +17,13 @@ is scored afresh.
 
     python -m benchmarks.ranking [--supernet runs/bench/supernet_accuracy/default/supernet.pt]
         [--truth benchmarks/data/standalone_small_fashion-mnist.json] [--table T.json] [--out runs/bench/ranking]
+        [--calib-images N] [--act-ranges learned|subnet]
+    python -m benchmarks.ranking --collect NAME=OUT/ranking.json ...   # lever rows into LEVERS, one PNG
+
+``--collect`` keeps each lever's figures and per-subnet scores in a small committed file
+(benchmarks/data/ranking_levers_small_fashion-mnist.json: the command, commit and the supernet's
+training options with them), since runs/ does not outlive a session, and draws inherited vs
+truth per lever (docs/bench/ranking_levers.png).
 
 About 10-15 minutes on 2 cores for 20 `small` subnets (the calibration and 10,000 exact images each).
 """
@@ -26,6 +33,8 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -45,6 +54,10 @@ from benchmarks.plots import pyplot, save_png
 from benchmarks.truth import DEFAULT_TRUTH, check_truth_matches, load_truth, seed_taus, truth_archs, truth_mean
 
 DEFAULT_SUPERNET = Path("runs/bench/supernet_accuracy/default/supernet.pt")
+DEFAULT_LEVERS = Path("benchmarks/data/ranking_levers_small_fashion-mnist.json")
+LEVERS_FORMAT = "qnas.ranking_levers/1"
+# The training options a lever row records of its supernet (its supernet.json's config).
+TRAIN_KEYS = ("steps", "float_steps", "init", "num_random", "sampling", "sampling_k", "kd_ratio", "seed", "quant")
 BOOTSTRAP = 2000
 
 
@@ -149,7 +162,14 @@ def main() -> None:
     ap.add_argument("--act-ranges", choices=("learned", "subnet"), default="learned",
                     help="subnet: refit each subnet's activation steps to its own calibration activations (BatchQuant's point)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/ranking"))
+    ap.add_argument("--collect", nargs="+", metavar="NAME=RANKING_JSON", default=None,
+                    help="only add these runs' ranking.json as lever rows to --levers and redraw --png")
+    ap.add_argument("--levers", type=Path, default=DEFAULT_LEVERS)
+    ap.add_argument("--png", type=Path, default=Path("docs/bench/ranking_levers.png"))
     args = ap.parse_args()
+    if args.collect:
+        collect(args.collect, args.levers, args.png)
+        return
     if not args.supernet.is_file():
         raise SystemExit(f"error: --supernet {args.supernet}: no such file (train it: qnas train --out {args.supernet.parent})")
     from qnas_cli.export.latency_build import resolve_table
@@ -171,7 +191,10 @@ def main() -> None:
 
     budgets = budgets_for(pred, net.space)
     result = {
-        "supernet": {"path": str(args.supernet), "sha256": sha256_file(args.supernet)},
+        "command": "python -m benchmarks.ranking " + " ".join(sys.argv[1:]),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "supernet": {"path": str(args.supernet), "sha256": sha256_file(args.supernet),
+                     "training": {k: meta.get("config", {}).get(k) for k in TRAIN_KEYS}},
         "truth": {"path": str(args.truth), "subnets": len(archs), "seed_tau": seed_taus(truth_doc)},
         "table": str(table_path), "calib_images": args.calib_images, "act_ranges": args.act_ranges,
         "kendall_tau": kendall_tau(inherited, truth), "kendall_tau_90": bootstrap_tau(inherited, truth),
@@ -207,6 +230,49 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_xlabel("stand-alone int8 test top-1 (%), mean of 2 seeds")
     ax.set_ylabel("inherited int8 test top-1 (%)")
     ax.set_title(f"tau {result['kendall_tau']:+.2f} (MFLOPs alone {result['mflops_tau']:+.2f})")
+    save_png(fig, path)
+
+
+def collect(named: list[str], levers: Path, png: Path) -> None:
+    """Add ``NAME=ranking.json`` results as lever rows to ``levers`` (a row of the same name is
+    replaced) and draw every row's inherited vs truth, one panel each, to ``png``."""
+    doc = json.loads(levers.read_text()) if levers.is_file() else {"format": LEVERS_FORMAT, "levers": {}}
+    if doc.get("format") != LEVERS_FORMAT:
+        raise SystemExit(f"error: {levers}: not a {LEVERS_FORMAT} file")
+    for item in named:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"error: --collect {item!r}: expected NAME=PATH to a ranking.json")
+        r = json.loads(Path(path).read_text())
+        keep = ("command", "commit", "supernet", "truth", "calib_images", "act_ranges", "kendall_tau", "kendall_tau_90",
+                "spearman_rho", "mflops_tau", "mflops_tau_90", "mean_gap_pp", "regret")
+        doc["levers"][name] = {**{k: r.get(k) for k in keep},
+                               "subnets": [{"index": s["index"], "truth": s["truth"], "inherited": s["inherited"],
+                                            "mflops": s["mflops"]} for s in r["subnets"]]}
+    write_json(levers, doc)
+    _plot_levers(doc["levers"], png)
+    for name, r in doc["levers"].items():
+        lo, hi = r["kendall_tau_90"]
+        print(f"{name:28s} tau {r['kendall_tau']:+.3f} ({lo:+.2f}..{hi:+.2f})  MFLOPs {r['mflops_tau']:+.3f}  "
+              f"gap {r['mean_gap_pp']:+.2f} pp")
+    print(f"wrote {levers} and {png}")
+
+
+def _plot_levers(levers: dict, path: Path) -> None:
+    plt = pyplot()
+    cols = min(3, len(levers))
+    rows_n = -(-len(levers) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.8 * rows_n), squeeze=False)
+    for ax, (name, r) in zip(axes.flat, levers.items()):
+        rows = r["subnets"]
+        ax.scatter([100 * s["truth"] for s in rows], [100 * s["inherited"] for s in rows], c=[s["mflops"] for s in rows],
+                   cmap="viridis", s=18)
+        lo, hi = r["kendall_tau_90"]
+        ax.set_title(f"{name}\ntau {r['kendall_tau']:+.2f} ({lo:+.2f}..{hi:+.2f}), MFLOPs {r['mflops_tau']:+.2f}", fontsize=9)
+        ax.set_xlabel("stand-alone top-1 (%)", fontsize=8)
+        ax.set_ylabel("inherited top-1 (%)", fontsize=8)
+    for ax in list(axes.flat)[len(levers):]:
+        ax.axis("off")
     save_png(fig, path)
 
 

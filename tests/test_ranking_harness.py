@@ -54,3 +54,27 @@ def test_refit_act_ranges_gives_the_subnet_its_own_steps_and_leaves_the_supernet
     assert steps(subs[0]) == steps(subs[1]) and steps(subs[0]) != before
     assert all(torch.equal(v, shared[k]) for k, v in net.state_dict().items())
     assert not subs[0].training and 0.0 <= evaluate(subs[0], fmnist.test, fmnist, arch.resolution, limit=200) <= 1.0
+
+
+def test_collect_keeps_lever_rows_by_name_and_draws_them(tmp_path):
+    import json
+
+    from benchmarks.ranking import collect
+
+    def result(tau: float) -> dict:
+        return {"command": "python -m benchmarks.ranking", "commit": "abc", "supernet": {"sha256": "s"}, "kendall_tau": tau,
+                "kendall_tau_90": [tau - 0.2, tau + 0.2], "spearman_rho": tau, "mflops_tau": 0.5, "mflops_tau_90": [0.3, 0.7],
+                "mean_gap_pp": -2.0, "regret": {}, "calib_images": 2000, "act_ranges": "learned",
+                "subnets": [{"index": i, "truth": 0.88 + i / 100, "inherited": 0.86 + i / 90, "mflops": i, "arch": "x"} for i in range(5)]}
+
+    for name, tau in (("a", 0.2), ("b", 0.3), ("b2", 0.4)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(result(tau)))
+    levers, png = tmp_path / "levers.json", tmp_path / "levers.png"
+    collect([f"base={tmp_path / 'a.json'}", f"worst={tmp_path / 'b.json'}"], levers, png)
+    collect([f"worst={tmp_path / 'b2.json'}"], levers, png)  # a rerun replaces its row
+    doc = json.loads(levers.read_text())
+    assert list(doc["levers"]) == ["base", "worst"] and doc["levers"]["worst"]["kendall_tau"] == 0.4
+    assert doc["levers"]["base"]["subnets"][4] == {"index": 4, "truth": 0.92, "inherited": 0.86 + 4 / 90, "mflops": 4}
+    assert png.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="expected NAME=PATH"):
+        collect([str(tmp_path / "a.json")], levers, png)
