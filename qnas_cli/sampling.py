@@ -3,7 +3,7 @@
 - ``uniform`` (the default): every choice of the space drawn uniformly at random (BigNAS, OFA).
 - ``worst`` / ``best``: AttentiveNAS's WorstUp-k / BestUp-k. ``k`` candidates of one size (a
   uniformly random anchor, then draws within ``SIZE_TOLERANCE`` of its MFLOPs); the step trains the
-  one whose loss on its own images is the highest / the lowest (``train.train_step`` scores them).
+  one whose loss on its own images is the highest / the lowest (``train.pick_by_loss`` scores them).
   The size is still uniform sampling's: only which architecture of a size is trained changes,
   which is what ranking subnets of one size depends on. WorstUp trains the subnets the shared
   weights serve worst, to even them out; BestUp the most promising ones (AttentiveNAS's choice
