@@ -108,8 +108,8 @@ ACT_RANGE_IMAGES = 500  # --act-ranges subnet: calibration images the activation
 def refit_act_ranges(sub, data, resolution: int, calib_images: int) -> None:
     """BatchQuant's point as a calibration lever (issue 31, part 3): the supernet's learned
     activation steps are shared by every subnet, so refit each of this subnet's (a copy: the
-    supernet is untouched) to the MSE-optimal step of its own activations on the first
-    ``ACT_RANGE_IMAGES`` calibration images (layer by layer, each seeing the quantized output
+    supernet is untouched) to the MSE-optimal step of its own activations on ``ACT_RANGE_IMAGES``
+    seeded calibration images in one batch (layer by layer, each seeing the quantized output
     of the one before, as at initialisation), then calibrate BN again on the new grid. Only
     the steps change, so the subnet stays inside the integer contract (export folds them as
     any). A benchmark lever: the fit sums floats, so it is not yet thread-count exact."""
