@@ -45,7 +45,7 @@ from qnas_cli.cost import arch_cost
 from qnas_cli.data import load_dataset, to_input
 from qnas_cli.demo import budgets_for
 from qnas_cli.latency import Predictor
-from qnas_cli.layers import ActQuant
+from qnas_cli.layers import ActQuant, init_scales
 from qnas_cli.quant import INTEGER_CONTRACT_VERSION
 from qnas_cli.ranking import kendall_tau
 from qnas_cli.supernet import load_supernet
@@ -114,17 +114,10 @@ def refit_act_ranges(sub, data, resolution: int, calib_images: int) -> None:
     the steps change, so the subnet stays inside the integer contract (export folds them as
     any). A benchmark lever: the fit sums floats, so it is not yet thread-count exact."""
     x = torch.cat(list(calibration_images(data, min(ACT_RANGE_IMAGES, calib_images))))
-    acts = [m for m in sub.modules() if isinstance(m, ActQuant) and m.enabled]
     sub.eval()
-    for m in acts:
-        m.observe = True
-    try:
+    with init_scales(sub, ActQuant):
         sub(to_input(x, data, resolution))
-    finally:
-        for m in acts:
-            m.observe = False
-    calibrate_bn(sub, calibration_batches(data, resolution, calib_images))
-    sub.eval()
+    calibrate_bn(sub, calibration_batches(data, resolution, calib_images))  # leaves it in eval mode, as it found it
 
 
 def inherited_scores(supernet: Path, archs, data, calib_images: int, cache: Path, log=print,

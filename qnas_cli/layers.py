@@ -111,14 +111,15 @@ def keep_scales_positive(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def init_scales(model: nn.Module) -> Iterator[None]:
-    """Within this block, the next forward initialises every scale from the data it sees.
+def init_scales(model: nn.Module, kind: type = QuantInit) -> Iterator[None]:
+    """Within this block, the next forward initialises every scale from the data it sees (of the
+    ``kind`` modules only: ``ActQuant`` refits the activation steps alone).
 
     Run it once, on a fixed calibration batch, with the largest subnet (so every channel of the
     scale predictor sees its sigma). Layers initialise in order, each seeing the already
     quantized output of the previous one.
     """
-    mods = [m for m in model.modules() if isinstance(m, QuantInit)]
+    mods = [m for m in model.modules() if isinstance(m, QuantInit) and isinstance(m, kind)]
     for m in mods:
         m.observe = True
     try:

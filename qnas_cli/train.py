@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import contextlib
 import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -308,14 +309,11 @@ def pick_by_loss(model: Supernet, archs: list[Arch], x_u8: Tensor, data: Dataset
     leave BN's running statistics as they were (only trained subnets move them)."""
     if len(archs) == 1:
         return archs[0]
-    bn = [m for m in model.modules() if isinstance(m, QConvBN)]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bn]
-    losses = torch.stack([distill_loss(model(to_input(x_u8, data, a.resolution).to(device), a), soft, y, cfg) for a in archs])
+    with bn_statistics_kept(model):
+        losses = torch.stack([distill_loss(model(to_input(x_u8, data, a.resolution).to(device), a), soft, y, cfg) for a in archs])
     if d is not None and d.world > 1:
         dist.all_reduce(losses)
     losses = losses.tolist()
-    for m, (rm, rv, n) in zip(bn, saved):
-        m.running_mean.copy_(rm), m.running_var.copy_(rv), m.num_batches_tracked.copy_(n)
     pick = max if cfg.sampling == "worst" else min
     return archs[pick(range(len(archs)), key=losses.__getitem__)]
 
@@ -664,11 +662,20 @@ def init_quant_scales(model: Supernet, data: Dataset, space: SearchSpace, device
     largest subnet, on a seeded batch)."""
     arch = arch or sample(space, "largest")
     x, _ = data.train.get(calibration_indices(data.train, images, seed=1))
-    state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
     model.train()
-    with init_scales(model):
+    with init_scales(model), bn_statistics_kept(model):  # the init pass must not move BN statistics
         model(to_input(x, data, arch.resolution).to(device), arch)
-    model.load_state_dict({**model.state_dict(), **state})  # the init pass must not move BN statistics
+
+
+@contextlib.contextmanager
+def bn_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """BN's running statistics as they were before the block: for forward passes in train mode
+    that only look (scale initialisation, scoring candidates) and must not move them."""
+    state = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    try:
+        yield
+    finally:
+        model.load_state_dict(state, strict=False)  # in place, those buffers alone
 
 
 def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainConfig, out: Path, total: int,
