@@ -254,6 +254,7 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         ("--lr -1", ["--lr", "-1"]), ("--lr nan", ["--lr", "nan"]), ("--lr inf", ["--lr", "inf"]),
         ("--epochs 0", ["--epochs", "0"]), ("--ckpt-every 0", ["--ckpt-every", "0"]), ("--calib-images 0", ["--calib-images", "0"]),
         ("--eval-images 0", ["--eval-images", "0"]), ("--num-random -1", ["--num-random", "-1"]),
+        ("--sampling greedy", ["--sampling", "greedy"]), ("--sampling-k 1", ["--sampling", "worst", "--sampling-k", "1"]),
         ("--seed -1", ["--seed", "-1"]), ("--seed 2^64", ["--seed", str(2**64)]), ("--steps abc", ["--steps", "abc"]),
         ("--quant int4", ["--quant", "int4"]), ("--bn-fold sideways", ["--bn-fold", "sideways"]),
         ("--act-scheme odd", ["--act-scheme", "odd"]), ("--weight-scale odd", ["--weight-scale", "odd"]),
