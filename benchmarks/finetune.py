@@ -287,13 +287,16 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.quick:
         supernet, entries = quick_setup(args.out / "quick")
+        spread_over = len(entries)
     else:
-        from benchmarks.truth import load_truth
+        from benchmarks.truth import load_truth, spread_entries
 
-        supernet, entries = args.supernet, load_truth()["subnets"]
+        truth = load_truth()
+        supernet, entries = args.supernet, truth["subnets"]
+        spread_over = len(spread_entries(truth))  # --subnets spreads over the first 20; --indices may name any added since
     net, meta = load_supernet(supernet)
     data = load_dataset(meta.get("config", {}).get("data", "fashion-mnist"), load_size=max(net.space.resolutions))
-    picked = [entries[i] for i in ([int(i) for i in args.indices.split(",")] if args.indices else spread(len(entries), args.subnets))]
+    picked = [entries[i] for i in ([int(i) for i in args.indices.split(",")] if args.indices else spread(spread_over, args.subnets))]
     result: dict[str, Any] = {"config": {"space": net.space.name, "supernet": str(supernet), "supernet_sha256": meta["weights"]["sha256"], "steps": steps,
                                          "lr": args.lr, "kd_ratio": args.kd_ratio, "warmup_steps": args.warmup_steps, "curve": curve, "quick": args.quick,
                                          "eval_images": args.eval_images, "curve_eval_images": args.curve_eval_images,

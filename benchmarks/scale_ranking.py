@@ -103,15 +103,15 @@ def _trained_as(supernet: Path, cfg: TrainConfig) -> bool:
 STANDALONE_KEYS = (*TrainConfig.RESUME_KEYS, "eval_images", "calib_images")
 
 
-def standalone_runs(root: Path, archs: list[Arch], seeds: list[int], data: dict,
+def standalone_runs(root: Path, archs: list[Arch], seeds: list[int], data_description: dict,
                     known: dict[tuple[str, int], float] | None = None,
                     **config) -> tuple[dict[tuple[int, int], float], list[tuple[str, TrainConfig]]]:
     """Each subnet's stand-alone runs, one per seed, in ``root/standalone/<index>/``: the int8 test
     top-1 of those ``known`` by (architecture key, seed) (a committed truth of this recipe), or
     finished in an earlier invocation as the same run (the same architecture, not the same
-    subnet.json path; the same options, space, plan and ``data``), and the runs still to do. A
-    folder holding a finished run of anything else is refused before anything is written or
-    trained: retraining would destroy a finished result (another subnet's truth, or the same
+    subnet.json path; the same options, space, plan and data: ``data_description``, a
+    ``Dataset.describe()``), and the runs still to do. A folder holding a finished run of
+    anything else is refused before anything is written or trained: retraining would destroy a finished result (another subnet's truth, or the same
     subnet under another recipe), so that choice is left to the user (another --out)."""
     done: dict[tuple[int, int], float] = {}
     runs: list[tuple[str, TrainConfig]] = []
@@ -130,7 +130,7 @@ def standalone_runs(root: Path, archs: list[Arch], seeds: list[int], data: dict,
             trained = meta.get("metrics", {}).get("subnet", {})
             why = ("its supernet.json is missing" if not meta else
                    f"subnet {trained.get('arch')} there, {arch.key} now (another --space, --subnets or --seed?)"
-                   if trained.get("arch") != arch.key else run_difference(meta, cfg, STANDALONE_KEYS, data))
+                   if trained.get("arch") != arch.key else run_difference(meta, cfg, STANDALONE_KEYS, data_description))
             if why:
                 raise SystemExit(f"error: {run} holds a finished stand-alone run that is not subnet {i} of this invocation: "
                                  f"{why}; use another --out (or remove that run to train it again)")

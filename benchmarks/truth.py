@@ -8,6 +8,9 @@ commit that produced them, and per subnet its ``index``, ``arch`` (``Arch.to_dic
 ``arch_key``, ``mflops``, ``steps`` and ``top1`` per seed (``{"0": 0.8898, ...}``, fractions of
 the whole test split). A benchmark uses it only for what it would train itself
 (``truth_difference``: same space, data and recipe; then the same architecture and seed).
+Subnets trained later by ``benchmarks.add_truth`` follow, each naming (``addition``) its entry of
+``additions``: the command, commit, date, host and selection that produced it. The first ones,
+without ``addition``, are the MFLOPs spread (``spread_entries``).
 
 The committed file is written from BENCHMARKS.md §1's table (the runs themselves are gone), its
 architectures regenerated from scale_ranking's seeded spread and checked against the table's
@@ -94,9 +97,15 @@ def _schema_problem(truth: Any) -> str | None:
         return f"recipe.steps: expected an integer, got {truth['recipe'].get('steps')!r}"
     if not truth["subnets"]:
         return "subnets: empty"
+    additions = truth.get("additions", [])
+    if not isinstance(additions, list) or not all(isinstance(a, dict) and isinstance(a.get("command"), str)
+                                                   and isinstance(a.get("commit"), str) for a in additions):
+        return f"additions: expected a list of objects with a command and a commit, got {additions!r:.60}"
     keys = set()
     for i, entry in enumerate(truth["subnets"]):
         why = _entry_problem(entry, i, space, [str(s) for s in seeds], truth["recipe"]["steps"])
+        if not why and "addition" in entry and not (_is_int(entry["addition"]) and 0 <= entry["addition"] < len(additions)):
+            why = f".addition: {entry['addition']!r} names no entry of additions ({len(additions)})"
         if why:
             return f"subnets[{i}]{why}"
         if entry["arch_key"] in keys:
@@ -177,6 +186,11 @@ def truth_mean(entry: dict[str, Any]) -> float:
     return statistics.mean(entry["top1"].values())
 
 
+def spread_entries(truth: dict[str, Any]) -> list[dict[str, Any]]:
+    """The subnets of BENCHMARKS.md §1's table (scale_ranking's MFLOPs spread), without those added since."""
+    return [e for e in truth["subnets"] if "addition" not in e]
+
+
 def truth_archs(truth: dict[str, Any]) -> list[Arch]:
     """Each subnet's architecture, in the file's order."""
     space = load_space(truth["space"]["name"])
@@ -252,8 +266,9 @@ def truth_from_benchmarks_md(text: str) -> dict[str, Any]:
     cfg = TrainConfig(space="small", subnet="subnet.json", steps=STEPS, eval_images=None, calib_images=2000)
     return {
         "format": FORMAT,
-        "description": "Stand-alone int8 test top-1 of 20 `small` subnets, each trained alone from scratch by the "
-                       "default `qnas train --subnet` recipe, seeds 0 and 1: the ground truth of BENCHMARKS.md claim 1",
+        "description": "Stand-alone int8 test top-1 of `small` subnets, each trained alone from scratch by the "
+                       "default `qnas train --subnet` recipe, seeds 0 and 1: the ground truth of BENCHMARKS.md claim 1 "
+                       "(the first 20: its MFLOPs spread; then those of `additions`)",
         "space": {"name": space.name, "fingerprint": space.fingerprint},
         "data": data.describe(),
         "recipe": standalone_recipe(cfg),
@@ -294,11 +309,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_TRUTH)
     args = ap.parse_args()
     if args.write_from_benchmarks_md:
-        write_json(args.out, truth_from_benchmarks_md(args.benchmarks_md.read_text()))
+        truth = truth_from_benchmarks_md(args.benchmarks_md.read_text())
+        if args.out.is_file():  # the subnets added since are kept, after the table's
+            old = load_truth(args.out)
+            truth["additions"] = old.get("additions", [])
+            added = [e for e in old["subnets"] if "addition" in e]
+            truth["subnets"] += [{**e, "index": len(truth["subnets"]) + k} for k, e in enumerate(added)]
+        write_json(args.out, truth)
         print(f"wrote {args.out}")
     truth = load_truth(args.out)
     means = [truth_mean(e) for e in truth["subnets"]]
-    print(f"{len(truth['subnets'])} subnets of {truth['space']['name']}, {truth['recipe']['steps']} steps, seeds "
+    print(f"{len(truth['subnets'])} subnets ({len(spread_entries(truth))} of the MFLOPs spread) of "
+          f"{truth['space']['name']}, {truth['recipe']['steps']} steps, seeds "
           f"{', '.join(map(str, truth['seeds']))}: mean top-1 {100 * min(means):.2f}-{100 * max(means):.2f}%; "
           + ", ".join(f"seeds {pair} tau {t:+.3f}" for pair, t in seed_taus(truth).items()))
 
