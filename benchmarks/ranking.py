@@ -19,6 +19,7 @@ is scored afresh.
         [--truth benchmarks/data/standalone_small_fashion-mnist.json] [--table T.json] [--out runs/bench/ranking]
         [--calib-images N] [--act-ranges learned|subnet]
     python -m benchmarks.ranking --collect NAME=OUT/ranking.json ...   # lever rows into LEVERS, one PNG
+    python -m benchmarks.ranking --quick      # tiny: trains its own supernet and 6-subnet truth first (minutes)
 
 ``--collect`` keeps each lever's figures and per-subnet scores in a small committed file
 (benchmarks/data/ranking_levers_small_fashion-mnist.json: the command, commit and the supernet's
@@ -48,10 +49,13 @@ from qnas_cli.latency import Predictor
 from qnas_cli.layers import ActQuant, init_scales
 from qnas_cli.quant import INTEGER_CONTRACT_VERSION
 from qnas_cli.ranking import kendall_tau
+from qnas_cli.space import load_space
 from qnas_cli.supernet import load_supernet
+from qnas_cli.train import TrainConfig
 
 from benchmarks.plots import pyplot, save_png
-from benchmarks.truth import DEFAULT_TRUTH, check_truth_matches, load_truth, seed_taus, truth_archs, truth_mean
+from benchmarks.truth import (DEFAULT_TRUTH, check_truth_matches, load_truth, seed_taus, truth_archs, truth_document,
+                              truth_mean)
 
 DEFAULT_SUPERNET = Path("runs/bench/supernet_accuracy/default/supernet.pt")
 DEFAULT_LEVERS = Path("benchmarks/data/ranking_levers_small_fashion-mnist.json")
@@ -146,6 +150,44 @@ def inherited_scores(supernet: Path, archs, data, calib_images: int, cache: Path
     return [done[a.key] for a in archs]
 
 
+QUICK = {"space": "tiny", "subnets": 6, "supernet_steps": 40, "standalone_steps": 30, "calib_images": 128}
+
+
+def quick_inputs(out: Path, jobs: int) -> tuple[Path, Path]:
+    """--quick: a `tiny` supernet and a truth of QUICK["subnets"] subnets (MFLOPs spread, two seeds,
+    short runs) trained here into ``out``, reused by a rerun where they are the same runs: the
+    harness end to end in minutes, without the committed `small` truth."""
+    from benchmarks.parallel import run_parallel
+    from benchmarks.scale_ranking import _trained_as, spread_subnets, standalone_runs, train_run
+
+    space = load_space(QUICK["space"])
+    data = load_dataset("fashion-mnist", load_size=max(space.resolutions))
+    common = dict(space=space.name, eval_images=None, calib_images=QUICK["calib_images"], ckpt_every=10**9)
+    supernet_cfg = TrainConfig(out=str(out / "supernet"), steps=QUICK["supernet_steps"], **common)
+    archs = spread_subnets(space, QUICK["subnets"], 0, data.in_channels, data.num_classes)
+    seeds = [0, 1]
+    done, runs = standalone_runs(out, archs, seeds, data.describe(), steps=QUICK["standalone_steps"], **common)
+    if not _trained_as(out / "supernet" / "supernet.pt", supernet_cfg):
+        runs.append(("supernet", supernet_cfg))
+    print(f"--quick: {len(runs)} training runs in {out} ({jobs} at a time)", flush=True)
+    for (name, cfg), summary in zip(runs, run_parallel(train_run, [(cfg,) for _, cfg in runs], jobs)):
+        if name.startswith("standalone"):  # "standalone <index> seed <seed>"
+            done[int(name.split()[1]), cfg.seed] = summary["metrics"]["subnet"]["test_top1"]
+    subnets = [{"index": i, "arch": a.to_dict(space), "arch_key": a.key,
+                "mflops": arch_cost(space, a, data.in_channels, data.num_classes).mflops, "steps": QUICK["standalone_steps"],
+                "top1": {str(s): done[i, s] for s in seeds}} for i, a in enumerate(archs)]
+    truth = truth_document(space, data.describe(), TrainConfig(subnet="subnet.json", steps=QUICK["standalone_steps"], **common),
+                           seeds, subnets, description="--quick: a tiny truth trained by benchmarks.ranking --quick",
+                           command="python -m benchmarks.ranking --quick", commit=_commit(),
+                           integer_contract_version=INTEGER_CONTRACT_VERSION)
+    write_json(out / "truth.json", truth)
+    return out / "supernet" / "supernet.pt", out / "truth.json"
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--supernet", type=Path, default=DEFAULT_SUPERNET)
@@ -159,10 +201,19 @@ def main() -> None:
                     help="only add these runs' ranking.json as lever rows to --levers and redraw --png")
     ap.add_argument("--levers", type=Path, default=DEFAULT_LEVERS)
     ap.add_argument("--png", type=Path, default=Path("docs/bench/ranking_levers.png"))
+    ap.add_argument("--quick", action="store_true",
+                    help=f"train a {QUICK['space']} supernet and a {QUICK['subnets']}-subnet truth in --out first and score "
+                         "those (minutes: the harness end to end; default --out runs/bench-quick/ranking)")
+    ap.add_argument("--jobs", type=int, default=2, help="--quick: training runs at a time")
     args = ap.parse_args()
     if args.collect:
         collect(args.collect, args.levers, args.png)
         return
+    if args.quick:
+        if args.out == ap.get_default("out"):
+            args.out = Path("runs/bench-quick/ranking")
+        args.calib_images = min(args.calib_images, QUICK["calib_images"])
+        args.supernet, args.truth = quick_inputs(args.out, args.jobs)
     if not args.supernet.is_file():
         raise SystemExit(f"error: --supernet {args.supernet}: no such file (train it: qnas train --out {args.supernet.parent})")
     from qnas_cli.export.latency_build import resolve_table
@@ -185,7 +236,7 @@ def main() -> None:
     budgets = budgets_for(pred, net.space)
     result = {
         "command": "python -m benchmarks.ranking " + " ".join(sys.argv[1:]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": _commit(),
         "supernet": {"path": str(args.supernet), "sha256": sha256_file(args.supernet),
                      "training": {k: meta.get("config", {}).get(k) for k in TRAIN_KEYS}},
         "truth": {"path": str(args.truth), "subnets": len(archs), "seed_tau": seed_taus(truth_doc)},
@@ -199,12 +250,22 @@ def main() -> None:
         "subnets": [{"index": e["index"], "arch": a.key, "mflops": m, "latency_ms": ms, "truth": t, "inherited": i}
                     for e, a, m, ms, t, i in zip(truth_doc["subnets"], archs, mflops, latency, truth, inherited)],
     }
+    spread = [i for i, e in enumerate(truth_doc["subnets"]) if "addition" not in e]
+    if len(spread) < len(archs):  # the earlier rows were scored on the MFLOPs spread alone: comparable figures
+        pick = lambda v: [v[i] for i in spread]  # noqa: E731
+        result["spread"] = {"subnets": len(spread), "kendall_tau": kendall_tau(pick(inherited), pick(truth)),
+                            "kendall_tau_90": bootstrap_tau(pick(inherited), pick(truth)),
+                            "mflops_tau": kendall_tau(pick(mflops), pick(truth))}
     write_json(args.out / "ranking.json", result)
     lo, hi = result["kendall_tau_90"]
     mlo, mhi = result["mflops_tau_90"]
     print(f"Kendall tau {result['kendall_tau']:+.3f} (90% {lo:+.2f}..{hi:+.2f}), Spearman {result['spearman_rho']:+.3f}; "
           f"MFLOPs alone {result['mflops_tau']:+.3f} ({mlo:+.2f}..{mhi:+.2f}); truth seeds agree at "
           f"{list(result['truth']['seed_tau'].values())[0]:+.3f}; mean gap {result['mean_gap_pp']:+.2f} pp")
+    if "spread" in result:
+        sp = result["spread"]
+        print(f"  on the {sp['subnets']} subnets of the MFLOPs spread alone: tau {sp['kendall_tau']:+.3f} "
+              f"({sp['kendall_tau_90'][0]:+.2f}..{sp['kendall_tau_90'][1]:+.2f}), MFLOPs {sp['mflops_tau']:+.3f}")
     for b, r in result["regret"].items():
         s, n = r["supernet"], r["largest_mflops"]
         print(f"  budget {b} ms: {s.get('fits', 0)} subnets fit; regret supernet {s.get('regret_pp', float('nan')):.2f} pp, "
@@ -238,7 +299,7 @@ def collect(named: list[str], levers: Path, png: Path) -> None:
             raise SystemExit(f"error: --collect {item!r}: expected NAME=PATH to a ranking.json")
         r = json.loads(Path(path).read_text())
         keep = ("command", "commit", "supernet", "truth", "calib_images", "act_ranges", "kendall_tau", "kendall_tau_90",
-                "spearman_rho", "mflops_tau", "mflops_tau_90", "mean_gap_pp", "regret")
+                "spearman_rho", "mflops_tau", "mflops_tau_90", "mean_gap_pp", "regret", "spread")
         doc["levers"][name] = {**{k: r.get(k) for k in keep},
                                "subnets": [{"index": s["index"], "truth": s["truth"], "inherited": s["inherited"],
                                             "mflops": s["mflops"]} for s in r["subnets"]]}

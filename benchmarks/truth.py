@@ -264,40 +264,53 @@ def truth_from_benchmarks_md(text: str) -> dict[str, Any]:
                              f"{100 * truth_mean(entry):.2f}%; the table says {row['mflops']:.2f} MFLOPs, {row['mean']:.2f}%")
         subnets.append(entry)
     cfg = TrainConfig(space="small", subnet="subnet.json", steps=STEPS, eval_images=None, calib_images=2000)
+    doc = truth_document(
+        space, data.describe(), cfg, list(SEEDS), subnets,
+        description="Stand-alone int8 test top-1 of `small` subnets, each trained alone from scratch by the "
+                    "default `qnas train --subnet` recipe, seeds 0 and 1: the ground truth of BENCHMARKS.md claim 1 "
+                    "(the first 20: its MFLOPs spread; then those of `additions`)",
+        command="python -m benchmarks.scale_ranking --jobs 2 --out runs/bench/scale_ranking_2800 "
+                "--predictor runs/bench/scale_ranking/supernet_predictor/supernet.pt "
+                "--shared runs/bench/scale_ranking/supernet_shared/supernet.pt "
+                "--convs runs/bench/scale_ranking/supernet_convs/supernet.pt",
+        commit=COMMIT, integer_contract_version=1)
+    doc["provenance"] = (
+        f"Run 2026-12-05/06 on an AVX512-VNNI host (BENCHMARKS.md section 1); the runs are gone, so the numbers "
+        f"are BENCHMARKS.md's table, written here by `python -m benchmarks.truth --write-from-benchmarks-md`. "
+        f"`commit` is the one that added that table; the code that trained them is its parent {RUNS_COMMIT} "
+        f"(scale_ranking with --standalone-seeds). The architectures are not in BENCHMARKS.md: they are "
+        f"regenerated from scale_ranking.spread_subnets (20 subnets, seed 0, 2,000 random subnets at evenly "
+        f"spaced MAC ranks), every one matching the table's MFLOPs and mean column. The supernet paths in "
+        f"`command` follow scale_ranking's naming (BENCHMARKS.md says `--predictor/--shared/--convs` the same "
+        f"supernets); they do not affect the stand-alone runs. top1_mean_1400 is the table's 1,400-step mean of "
+        f"seeds 0 and 1 (`--standalone-steps 1400`, out runs/bench/scale_ranking), rounded to 0.01 pp; its "
+        f"per-seed values were not recorded. Since then BN calibration became exact and thread-independent "
+        f"(integer contract 2, commit a69de6b): a retrain today may differ in a few test images.")
+    doc["seeds"], doc["subnets"] = doc.pop("seeds"), doc.pop("subnets")  # the file's order: provenance before them
+    return doc
+
+
+def truth_document(space: SearchSpace, data_description: dict[str, Any], cfg: TrainConfig, seeds: list[int],
+                   subnets: list[dict[str, Any]], description: str, command: str, commit: str,
+                   integer_contract_version: int) -> dict[str, Any]:
+    """A truth file of ``subnets`` (entries as ``load_truth`` checks them), trained alone by ``cfg``'s
+    recipe on the data ``data_description`` describes, scored as `qnas train --subnet` scores them."""
+    images = data_description["test"] if cfg.eval_images is None else min(cfg.eval_images, data_description["test"])
     return {
-        "format": FORMAT,
-        "description": "Stand-alone int8 test top-1 of `small` subnets, each trained alone from scratch by the "
-                       "default `qnas train --subnet` recipe, seeds 0 and 1: the ground truth of BENCHMARKS.md claim 1 "
-                       "(the first 20: its MFLOPs spread; then those of `additions`)",
+        "format": FORMAT, "description": description,
         "space": {"name": space.name, "fingerprint": space.fingerprint},
-        "data": data.describe(),
+        "data": data_description,
         "recipe": standalone_recipe(cfg),
         "evaluation": {
-            "split": "test", "images": len(data.test), "arithmetic": "int8, exact integer (qnas_cli.calibrate.evaluate)",
-            "bn_calibration_images": cfg.calib_images, "integer_contract_version": 1,
-            "how": "qnas train --subnet's final evaluation, which scale_ranking reads from each run's supernet.json "
-                   "(metrics.subnet.test_top1): the trained subnet extracted, BN statistics calibrated on 2,000 seeded "
-                   "training images, int8 top-1 on the whole test split (10,000 images, so 2-decimal percentages are exact)",
+            "split": "test", "images": images, "arithmetic": "int8, exact integer (qnas_cli.calibrate.evaluate)",
+            "bn_calibration_images": cfg.calib_images, "integer_contract_version": integer_contract_version,
+            "how": f"qnas train --subnet's final evaluation, which scale_ranking reads from each run's supernet.json "
+                   f"(metrics.subnet.test_top1): the trained subnet extracted, BN statistics calibrated on "
+                   f"{cfg.calib_images:,} seeded training images, int8 top-1 on "
+                   + (f"the whole test split ({images:,} images, so 2-decimal percentages are exact)"
+                      if images == data_description["test"] else f"the first {images:,} test images"),
         },
-        "command": "python -m benchmarks.scale_ranking --jobs 2 --out runs/bench/scale_ranking_2800 "
-                   "--predictor runs/bench/scale_ranking/supernet_predictor/supernet.pt "
-                   "--shared runs/bench/scale_ranking/supernet_shared/supernet.pt "
-                   "--convs runs/bench/scale_ranking/supernet_convs/supernet.pt",
-        "commit": COMMIT,
-        "provenance": (
-            f"Run 2026-12-05/06 on an AVX512-VNNI host (BENCHMARKS.md section 1); the runs are gone, so the numbers "
-            f"are BENCHMARKS.md's table, written here by `python -m benchmarks.truth --write-from-benchmarks-md`. "
-            f"`commit` is the one that added that table; the code that trained them is its parent {RUNS_COMMIT} "
-            f"(scale_ranking with --standalone-seeds). The architectures are not in BENCHMARKS.md: they are "
-            f"regenerated from scale_ranking.spread_subnets (20 subnets, seed 0, 2,000 random subnets at evenly "
-            f"spaced MAC ranks), every one matching the table's MFLOPs and mean column. The supernet paths in "
-            f"`command` follow scale_ranking's naming (BENCHMARKS.md says `--predictor/--shared/--convs` the same "
-            f"supernets); they do not affect the stand-alone runs. top1_mean_1400 is the table's 1,400-step mean of "
-            f"seeds 0 and 1 (`--standalone-steps 1400`, out runs/bench/scale_ranking), rounded to 0.01 pp; its "
-            f"per-seed values were not recorded. Since then BN calibration became exact and thread-independent "
-            f"(integer contract 2, commit a69de6b): a retrain today may differ in a few test images."),
-        "seeds": list(SEEDS),
-        "subnets": subnets,
+        "command": command, "commit": commit, "seeds": seeds, "subnets": subnets,
     }
 
 

@@ -1,10 +1,20 @@
-"""benchmarks/ranking.py's figures: rank correlation, its interval, regret under a budget."""
+"""benchmarks/ranking.py's figures: rank correlation, its interval, regret under a budget; and
+its --quick mode end to end on `tiny`."""
 from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks.ranking import bootstrap_tau, regret, spearman
+from benchmarks.truth import load_truth
+from qnas_cli.export.latency_build import save_table
 from qnas_cli.ranking import kendall_tau
+from qnas_cli.space import load_space
+from tests.test_latency import synthetic_table
 
 
 def test_spearman_is_the_correlation_of_ranks_with_ties_averaged():
@@ -78,3 +88,23 @@ def test_collect_keeps_lever_rows_by_name_and_draws_them(tmp_path):
     assert png.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="expected NAME=PATH"):
         collect([str(tmp_path / "a.json")], levers, png)
+
+
+@pytest.mark.slow
+def test_quick_mode_trains_its_own_tiny_truth_and_scores_a_supernet_against_it(tmp_path):
+    """The harness end to end on `tiny`: a supernet and a 6-subnet truth (two seeds) trained by the
+    harness itself, every figure computed from them, and a rerun reuses all of it."""
+    table = tmp_path / "table.json"
+    save_table(synthetic_table(load_space("tiny")), table)
+    out = tmp_path / "ranking"
+    command = [sys.executable, "-m", "benchmarks.ranking", "--quick", "--table", str(table), "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    truth, result = load_truth(out / "truth.json"), json.loads((out / "ranking.json").read_text())
+    assert truth["space"]["name"] == "tiny" and len(truth["subnets"]) == 6 and truth["recipe"]["steps"] == 30
+    assert all(set(e["top1"]) == {"0", "1"} and 0 < min(e["top1"].values()) for e in truth["subnets"])
+    assert result["truth"]["subnets"] == 6 and -1 <= result["kendall_tau"] <= 1 and len(result["regret"]) == 3
+    assert [s["truth"] for s in result["subnets"]] == [statistics.mean(e["top1"].values()) for e in truth["subnets"]]
+    assert result["kendall_tau"] == kendall_tau([s["inherited"] for s in result["subnets"]], [s["truth"] for s in result["subnets"]])
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "--quick: 0 training runs" in rerun.stdout and "subnet  0: inherited" not in rerun.stdout
