@@ -308,8 +308,20 @@ def collect(named: list[str], levers: Path, png: Path) -> None:
     for name, r in doc["levers"].items():
         lo, hi = r["kendall_tau_90"]
         print(f"{name:28s} tau {r['kendall_tau']:+.3f} ({lo:+.2f}..{hi:+.2f})  MFLOPs {r['mflops_tau']:+.3f}  "
-              f"gap {r['mean_gap_pp']:+.2f} pp")
+              f"gap {r['mean_gap_pp']:+.2f} pp  ({len(r['subnets'])} subnets)")
+    for arm, taus in arm_taus(doc["levers"]).items():
+        print(f"{arm + ' (mean of seeds)':28s} tau {statistics.mean(taus):+.3f} (seeds {' '.join(f'{t:+.3f}' for t in taus)})")
     print(f"wrote {levers} and {png}")
+
+
+def arm_taus(levers: dict) -> dict[str, list[float]]:
+    """Kendall tau per training seed of each arm that has several: rows named ARM/SEED (e.g.
+    ``default-41/s0``) scored on as many truth subnets are one arm's seeds."""
+    arms: dict[tuple[str, int], list[float]] = {}
+    for name, r in levers.items():
+        if "/" in name:
+            arms.setdefault((name.rsplit("/", 1)[0], len(r["subnets"])), []).append(r["kendall_tau"])
+    return {arm: taus for (arm, _), taus in arms.items() if len(taus) > 1}
 
 
 def _plot_levers(levers: dict, path: Path) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks.ranking import bootstrap_tau, regret, spearman
+from benchmarks.ranking import arm_taus, bootstrap_tau, regret, spearman
 from benchmarks.truth import load_truth
 from qnas_cli.export.latency_build import save_table
 from qnas_cli.ranking import kendall_tau
@@ -108,3 +108,9 @@ def test_quick_mode_trains_its_own_tiny_truth_and_scores_a_supernet_against_it(t
     assert result["kendall_tau"] == kendall_tau([s["inherited"] for s in result["subnets"]], [s["truth"] for s in result["subnets"]])
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0 and "--quick: 0 training runs" in rerun.stdout and "subnet  0: inherited" not in rerun.stdout
+
+
+def test_rows_named_arm_slash_seed_are_one_arms_seeds():
+    row = lambda tau, n: {"kendall_tau": tau, "subnets": [{}] * n}  # noqa: E731
+    levers = {"default/s0": row(0.3, 41), "default/s1": row(0.5, 41), "strong/s0": row(0.6, 41), "control": row(0.4, 20)}
+    assert arm_taus(levers) == {"default": [0.3, 0.5]}
