@@ -11,13 +11,18 @@ with the exact int8 forward on the whole test split (its *inherited* accuracy). 
 - **regret** at three latency budgets (the demo's, from this host's latency table): truth of the
   best truth subnet under the budget minus truth of the supernet's pick under it (highest
   inherited accuracy), and the same for the naive pick, "largest MFLOPs that fits".
+- **re-scoring by fine-tune** (``--finetuned``): each budget's winner taken as the best of the
+  supernet's top ``--finetune-top`` candidates after `qnas finetune` (scores from a
+  ``benchmarks.finetune`` run on the same supernet, checked by sha256): its regret, and what it
+  ships against the best subnet under the budget trained alone. Without it, the shortlists and
+  the command that fine-tunes them are printed.
 Inherited scores are cached in OUT keyed by what made them (supernet sha256, calibration images,
 integer contract, data), so rerunning on the same supernet costs nothing and another supernet
 is scored afresh.
 
     python -m benchmarks.ranking [--supernet runs/bench/supernet_accuracy/default/supernet.pt]
         [--truth benchmarks/data/standalone_small_fashion-mnist.json] [--table T.json] [--out runs/bench/ranking]
-        [--calib-images N] [--act-ranges learned|subnet]
+        [--calib-images N] [--act-ranges learned|subnet] [--finetuned FINETUNE.json [--finetune-top K]]
     python -m benchmarks.ranking --collect NAME=OUT/ranking.json ...   # lever rows into LEVERS, one PNG
     python -m benchmarks.ranking --quick      # tiny: trains its own supernet and 6-subnet truth first (minutes)
 
@@ -105,6 +110,36 @@ def regret(truth: list[float], score: list[float], latency: list[float], budget:
     return {"fits": len(fits), "best": best, "pick": pick, "regret_pp": 100 * (truth[best] - truth[pick])}
 
 
+def top_candidates(score: list[float], latency: list[float], budget: float, k: int) -> list[int]:
+    """The ``k`` subnets that ``score`` ranks highest among those under ``budget`` (a search's shortlist)."""
+    fits = [i for i, ms in enumerate(latency) if ms <= budget]
+    return sorted(fits, key=lambda i: (-score[i], latency[i]))[:k]
+
+
+def rescored_regret(truth: list[float], score: list[float], finetuned: dict[int, float], latency: list[float],
+                    budget: float, k: int) -> dict:
+    """Regret when the winner under ``budget`` is the best *fine-tuned* one of ``score``'s top ``k``
+    (issue 31's re-scoring by `qnas finetune`), and what it ships: the winner's fine-tuned top-1
+    minus the stand-alone truth of the best subnet under the budget (>= 0: the user ships at least
+    what training the best fitting subnet alone would give)."""
+    shortlist = top_candidates(score, latency, budget, k)
+    if not shortlist:
+        return {"fits": 0}
+    best = max((i for i, ms in enumerate(latency) if ms <= budget), key=truth.__getitem__)
+    pick = max(shortlist, key=lambda i: (finetuned[i], -latency[i]))
+    return {"shortlist": shortlist, "best": best, "pick": pick, "regret_pp": 100 * (truth[best] - truth[pick]),
+            "shipped_vs_best_standalone_pp": 100 * (finetuned[pick] - truth[best])}
+
+
+def finetuned_scores(path: Path, supernet_sha256: str) -> dict[int, float]:
+    """Fine-tuned test top-1 by truth index from a benchmarks.finetune result on this very supernet."""
+    doc = json.loads(path.read_text())
+    if doc.get("config", {}).get("supernet_sha256") != supernet_sha256:
+        raise SystemExit(f"error: --finetuned {path}: fine-tuned from another supernet "
+                         f"(sha256 {str(doc.get('config', {}).get('supernet_sha256'))[:12]}, not {supernet_sha256[:12]})")
+    return {r["index"]: r["finetuned"] for r in doc.get("truth_subnets", [])}
+
+
 ACT_RANGE_IMAGES = 500  # --act-ranges subnet: calibration images the activation steps are fitted on, one batch
 
 
@@ -150,6 +185,7 @@ def inherited_scores(supernet: Path, archs, data, calib_images: int, cache: Path
     return [done[a.key] for a in archs]
 
 
+FINETUNE_TOP = 3  # re-scoring by fine-tune: candidates per budget
 QUICK = {"space": "tiny", "subnets": 6, "supernet_steps": 40, "standalone_steps": 30, "calib_images": 128}
 
 
@@ -201,6 +237,11 @@ def main() -> None:
                     help="only add these runs' ranking.json as lever rows to --levers and redraw --png")
     ap.add_argument("--levers", type=Path, default=DEFAULT_LEVERS)
     ap.add_argument("--png", type=Path, default=Path("docs/bench/ranking_levers.png"))
+    ap.add_argument("--finetune-top", type=int, default=FINETUNE_TOP,
+                    help="re-scoring by fine-tune: each budget's winner is the best fine-tuned of the supernet's top K")
+    ap.add_argument("--finetuned", type=Path, default=None,
+                    help="a benchmarks.finetune finetune.json on this supernet holding those K per budget (else: the "
+                         "command that makes it is printed)")
     ap.add_argument("--quick", action="store_true",
                     help=f"train a {QUICK['space']} supernet and a {QUICK['subnets']}-subnet truth in --out first and score "
                          "those (minutes: the harness end to end; default --out runs/bench-quick/ranking)")
@@ -250,6 +291,16 @@ def main() -> None:
         "subnets": [{"index": e["index"], "arch": a.key, "mflops": m, "latency_ms": ms, "truth": t, "inherited": i}
                     for e, a, m, ms, t, i in zip(truth_doc["subnets"], archs, mflops, latency, truth, inherited)],
     }
+    needed = sorted({i for b in budgets for i in top_candidates(inherited, latency, b, args.finetune_top)})
+    finetuned = finetuned_scores(args.finetuned, result["supernet"]["sha256"]) if args.finetuned else {}
+    missing = [i for i in needed if i not in finetuned]
+    if args.finetuned and missing:
+        raise SystemExit(f"error: --finetuned {args.finetuned} lacks subnets {','.join(map(str, missing))} of the shortlists")
+    if finetuned:
+        for b in budgets:
+            result["regret"][str(b)][f"finetuned_top{args.finetune_top}"] = rescored_regret(
+                truth, inherited, finetuned, latency, b, args.finetune_top)
+        result["finetuned"] = {"path": str(args.finetuned), "top": args.finetune_top, "subnets": len(finetuned)}
     spread = [i for i, e in enumerate(truth_doc["subnets"]) if "addition" not in e]
     if len(spread) < len(archs):  # the earlier rows were scored on the MFLOPs spread alone: comparable figures
         pick = lambda v: [v[i] for i in spread]  # noqa: E731
@@ -270,6 +321,13 @@ def main() -> None:
         s, n = r["supernet"], r["largest_mflops"]
         print(f"  budget {b} ms: {s.get('fits', 0)} subnets fit; regret supernet {s.get('regret_pp', float('nan')):.2f} pp, "
               f"largest-that-fits {n.get('regret_pp', float('nan')):.2f} pp")
+    for b, r in result["regret"].items():
+        if (f := r.get(f"finetuned_top{args.finetune_top}", {})).get("shortlist"):
+            print(f"  budget {b} ms, winner by fine-tune of the top {args.finetune_top}: regret {f['regret_pp']:.2f} pp; "
+                  f"ships {f['shipped_vs_best_standalone_pp']:+.2f} pp vs the best subnet under it trained alone")
+    if not args.finetuned:
+        print(f"  re-scoring by fine-tune needs subnets {','.join(map(str, needed))}: python -m benchmarks.finetune "
+              f"--supernet {args.supernet} --indices {','.join(map(str, needed))} --no-search --no-curves, then --finetuned")
     _plot(result, args.out / "ranking.png")
     print(f"wrote {args.out / 'ranking.json'} and ranking.png")
 
@@ -299,7 +357,7 @@ def collect(named: list[str], levers: Path, png: Path) -> None:
             raise SystemExit(f"error: --collect {item!r}: expected NAME=PATH to a ranking.json")
         r = json.loads(Path(path).read_text())
         keep = ("command", "commit", "supernet", "truth", "calib_images", "act_ranges", "kendall_tau", "kendall_tau_90",
-                "spearman_rho", "mflops_tau", "mflops_tau_90", "mean_gap_pp", "regret", "spread")
+                "spearman_rho", "mflops_tau", "mflops_tau_90", "mean_gap_pp", "regret", "spread", "finetuned")
         doc["levers"][name] = {**{k: r.get(k) for k in keep},
                                "subnets": [{"index": s["index"], "truth": s["truth"], "inherited": s["inherited"],
                                             "mflops": s["mflops"]} for s in r["subnets"]]}

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from benchmarks.ranking import arm_taus, bootstrap_tau, regret, spearman
+from benchmarks.ranking import (arm_taus, bootstrap_tau, finetuned_scores, regret, rescored_regret, spearman,
+                                top_candidates)
 from benchmarks.truth import load_truth
 from qnas_cli.export.latency_build import save_table
 from qnas_cli.ranking import kendall_tau
@@ -114,3 +115,21 @@ def test_rows_named_arm_slash_seed_are_one_arms_seeds():
     row = lambda tau, n: {"kendall_tau": tau, "subnets": [{}] * n}  # noqa: E731
     levers = {"default/s0": row(0.3, 41), "default/s1": row(0.5, 41), "strong/s0": row(0.6, 41), "control": row(0.4, 20)}
     assert arm_taus(levers) == {"default": [0.3, 0.5]}
+
+
+def test_rescoring_by_finetune_picks_the_best_finetuned_of_the_shortlist(tmp_path):
+    truth = [0.90, 0.88, 0.91, 0.95, 0.89]
+    inherited = [0.86, 0.87, 0.85, 0.84, 0.88]
+    latency = [1.0, 2.0, 2.5, 9.0, 2.9]
+    assert top_candidates(inherited, latency, 3.0, 2) == [4, 1] and top_candidates(inherited, latency, 0.5, 2) == []
+    finetuned = {4: 0.895, 1: 0.905}
+    r = rescored_regret(truth, inherited, finetuned, latency, 3.0, 2)
+    assert (r["best"], r["pick"]) == (2, 1) and r["regret_pp"] == pytest.approx(3.0)
+    assert r["shipped_vs_best_standalone_pp"] == pytest.approx(-0.5)
+    assert rescored_regret(truth, inherited, finetuned, latency, 0.5, 2) == {"fits": 0}
+    path = tmp_path / "finetune.json"
+    path.write_text(json.dumps({"config": {"supernet_sha256": "ab" * 32},
+                                "truth_subnets": [{"index": 4, "finetuned": 0.895}]}))
+    assert finetuned_scores(path, "ab" * 32) == {4: 0.895}
+    with pytest.raises(SystemExit, match="fine-tuned from another supernet"):
+        finetuned_scores(path, "cd" * 32)
