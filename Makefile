@@ -75,6 +75,7 @@ bench-quick: setup
 	  --supernet $(QUICK)/scale_ranking/supernet_predictor/supernet.pt
 	$(BIN)/python -m benchmarks.fold_ablation --quick --out $(QUICK)/fold_ablation
 	$(BIN)/python -m benchmarks.finetune --quick --out $(QUICK)/finetune
+	$(BIN)/python -m benchmarks.ranking --quick --out $(QUICK)/ranking
 	@if [ -x .venv-baselines/bin/python ]; then $(BIN)/python -m benchmarks.partial_quant --quick --out $(QUICK)/partial_quant; \
 	 else echo "partial_quant skipped: run make baselines-venv first"; fi
 	$(BIN)/python -m benchmarks.export_parity --images 200 --out $(QUICK)/export_parity
