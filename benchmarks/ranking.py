@@ -31,7 +31,8 @@ is scored afresh.
 training options with them), since runs/ does not outlive a session, and draws inherited vs
 truth per lever (docs/bench/ranking_levers.png).
 
-About 10-15 minutes on 2 cores for 20 `small` subnets (the calibration and 10,000 exact images each).
+About 10-15 minutes on 2 cores for 20 `small` subnets (the calibration and 10,000 exact images
+each), so twice that for the grown truth's 41.
 """
 from __future__ import annotations
 
@@ -250,6 +251,10 @@ def main() -> None:
     if args.collect:
         collect(args.collect, args.levers, args.png)
         return
+    if args.finetune_top < 1:
+        ap.error(f"--finetune-top must be >= 1, got {args.finetune_top}")
+    if args.finetuned and not args.finetuned.is_file():
+        ap.error(f"--finetuned {args.finetuned}: no such file (the command that makes it is printed without --finetuned)")
     if args.quick:
         if args.out == ap.get_default("out"):
             args.out = Path("runs/bench-quick/ranking")
