@@ -83,12 +83,12 @@ def budget_subnets(space: SearchSpace, latency: Callable[[Arch], float], mflops:
     return [p[i] for i in range(max(wanted, default=0)) for p in picks if i < len(p)]
 
 
-def load_plan(path: Path, truth_identity: dict[str, Any], space: SearchSpace) -> list[Arch] | None:
-    """The archs of OUT/plan.json when it was made for this truth (space, recipe, seeds); else None."""
+def load_plan(path: Path, identity: dict[str, Any], space: SearchSpace) -> list[Arch] | None:
+    """The archs of OUT/plan.json when it was made for this truth (``identity``: ``truth_identity``); else None."""
     if not path.is_file():
         return None
     plan = json.loads(path.read_text())
-    if plan.get("format") != PLAN_FORMAT or plan.get("truth") != truth_identity:
+    if plan.get("format") != PLAN_FORMAT or plan.get("truth") != identity:
         raise SystemExit(f"error: {path} is the plan of another truth or recipe; use another --out")
     return [Arch.from_dict(a, space) for a in plan["archs"]]
 
@@ -104,15 +104,14 @@ def truth_identity(truth: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge(truth: dict[str, Any], arch: Arch, space: SearchSpace, mflops: float, top1: dict[int, float],
-          addition: dict[str, Any]) -> dict[str, Any]:
-    """``truth`` with ``arch``'s results appended under ``addition`` (added to ``additions`` the first time)."""
+          addition: dict[str, Any]) -> None:
+    """Append ``arch``'s results to ``truth`` (in place) under ``addition`` (added to ``additions`` the first time)."""
     additions = truth.setdefault("additions", [])
     if addition not in additions:
         additions.append(addition)
     truth["subnets"].append({"index": len(truth["subnets"]), "arch": arch.to_dict(space), "arch_key": arch.key,
                              "mflops": mflops, "steps": truth["recipe"]["steps"],
                              "top1": {str(s): top1[s] for s in truth["seeds"]}, "addition": additions.index(addition)})
-    return truth
 
 
 def train_or_resume(cfg: TrainConfig) -> dict:
@@ -172,11 +171,10 @@ def main() -> None:
           f"{args.jobs} at a time, {threads_per_job(args.jobs)} thread(s) each", flush=True)
 
     def add_finished() -> None:
-        nonlocal truth
         in_file = {e["arch_key"] for e in truth["subnets"]}
         for i, arch in enumerate(archs):
             if arch.key not in in_file and all((i, s) in done for s in seeds):
-                truth = merge(truth, arch, space, mflops[arch.key], {s: done[i, s] for s in seeds}, addition)
+                merge(truth, arch, space, mflops[arch.key], {s: done[i, s] for s in seeds}, addition)
                 write_json(args.truth, truth)
                 load_truth(args.truth)  # what was written must load
                 print(f"  subnet {arch.key} ({mflops[arch.key]:.2f} MFLOPs): "

@@ -111,8 +111,9 @@ def standalone_runs(root: Path, archs: list[Arch], seeds: list[int], data_descri
     finished in an earlier invocation as the same run (the same architecture, not the same
     subnet.json path; the same options, space, plan and data: ``data_description``, a
     ``Dataset.describe()``), and the runs still to do. A folder holding a finished run of
-    anything else is refused before anything is written or trained: retraining would destroy a finished result (another subnet's truth, or the same
-    subnet under another recipe), so that choice is left to the user (another --out)."""
+    anything else is refused before anything is written or trained: retraining would destroy a
+    finished result (another subnet's truth, or the same subnet under another recipe), so that
+    choice is left to the user (another --out)."""
     done: dict[tuple[int, int], float] = {}
     runs: list[tuple[str, TrainConfig]] = []
     for i, arch in enumerate(archs):
