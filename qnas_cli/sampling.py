@@ -1,6 +1,13 @@
 """Which subnets a sandwich step trains besides the largest and the smallest (``--sampling``).
 
 - ``uniform`` (the default): every choice of the space drawn uniformly at random (BigNAS, OFA).
+- ``stratified``: uniform over *sizes* instead of over choices. A target MFLOPs is drawn uniformly
+  between the smallest and the largest subnet's, then uniform draws until one lies within
+  ``SIZE_TOLERANCE`` of it (sizes no draw reaches get the nearest of ``MAX_DRAWS``). On ``small``
+  uniform choices put 87% of the random subnets between 3 and 8 MFLOPs (of 1.3-16.6) and 6%
+  between 8 and 11, where the larger latency budgets' competitors lie; stratified sampling puts
+  34% and 41% there (measured over 3,000 draws), for about 5 ms of drawing per step: issue 31's
+  size-mix lever.
 - ``worst`` / ``best``: AttentiveNAS's WorstUp-k / BestUp-k. ``k`` candidates of one size (a
   uniformly random anchor, then draws within ``SIZE_TOLERANCE`` of its MFLOPs); the step trains the
   one whose loss on its own images is the highest / the lowest (``train.pick_by_loss`` scores them).
@@ -20,7 +27,7 @@ from collections.abc import Callable
 from .errors import UserError, choice_error
 from .space import Arch, SearchSpace, sample
 
-SAMPLINGS = ("uniform", "worst", "best")
+SAMPLINGS = ("uniform", "stratified", "worst", "best")
 SIZE_TOLERANCE = 0.1  # ``worst``/``best``: candidates lie within 10% of the anchor's MFLOPs
 MAX_DRAWS = 256  # per candidate set; then the nearest draws stand in (sizes near the ends are rare)
 
@@ -35,10 +42,13 @@ def check_sampling(sampling: str, k: int) -> None:
 
 
 def candidates(space: SearchSpace, rng: random.Random, sampling: str, k: int, size: Size) -> list[Arch]:
-    """One random slot's candidates: a single subnet (uniform), or ``k`` of one size (worst, best)
-    for the step to choose from."""
+    """One random slot's candidates: a single subnet (uniform, stratified), or ``k`` of one size
+    (worst, best) for the step to choose from."""
     if sampling == "uniform":
         return [sample(space, "random", rng)]
+    if sampling == "stratified":
+        target = rng.uniform(size(sample(space, "smallest")), size(sample(space, "largest")))
+        return _draw_near(space, rng, 1, size, lambda m: max(abs(m - target) - SIZE_TOLERANCE * target, 0.0))
     anchor = sample(space, "random", rng)
     target = size(anchor)
     return [anchor] + _draw_near(space, rng, k - 1, size, lambda m: max(abs(m - target) - SIZE_TOLERANCE * target, 0.0))

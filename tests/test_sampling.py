@@ -1,4 +1,4 @@
-"""--sampling: which random subnets a sandwich step trains (uniform, WorstUp/BestUp)."""
+"""--sampling: which random subnets a sandwich step trains (uniform, stratified, WorstUp/BestUp)."""
 from __future__ import annotations
 
 import random
@@ -44,6 +44,20 @@ def test_worst_and_best_candidates_share_one_size(small, k):
         target = size(archs[0])
         assert len(archs) == k and len({a.key for a in archs}) > 1
         assert all(abs(size(a) - target) <= SIZE_TOLERANCE * target + 1e-9 for a in archs[1:])
+
+
+def test_stratified_spreads_the_random_subnets_over_sizes(small):
+    """Uniform over MFLOPs, not over choices: far more of the larger subnets, one candidate each,
+    and the same draws for the same seed and step (a resumed run replays them)."""
+    space, size = small
+    draws = {how: [candidates(space, random.Random(s), how, 3, size) for s in range(300)] for how in ("uniform", "stratified")}
+    assert all(len(c) == 1 for c in draws["stratified"])
+    large = {how: sum(size(c[0]) >= 8 for c in cs) / len(cs) for how, cs in draws.items()}
+    assert large["uniform"] < 0.15 and large["stratified"] > 0.4, large
+    lo, hi = size(sample(space, "smallest")), size(sample(space, "largest"))
+    assert all(lo <= size(c[0]) <= hi for c in draws["stratified"])
+    again = [candidates(space, random.Random(s), "stratified", 3, size) for s in range(300)]
+    assert [c[0].key for c in again] == [c[0].key for c in draws["stratified"]]
 
 
 @pytest.mark.parametrize("sampling", ["worst", "best"])

@@ -40,7 +40,8 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, momentum 0.9, warm-up then cosine, in each phase).")] = D.lr,
     warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warm-up at the start of each phase, in steps.")] = D.warmup_steps,
     num_random: Annotated[int, typer.Option(help="Random subnets per step besides the largest and smallest (sandwich rule).")] = D.num_random,
-    sampling: Annotated[str, typer.Option(help="How each random subnet is drawn: uniform (each choice at random) | worst / best (AttentiveNAS's WorstUp / BestUp: of "
+    sampling: Annotated[str, typer.Option(help="How each random subnet is drawn: uniform (each choice at random) | stratified (uniform over MFLOPs "
+                                               "between the smallest and the largest: more of the larger subnets) | worst / best (AttentiveNAS's WorstUp / BestUp: of "
                                                "--sampling-k candidates of one size, the one with the highest / lowest loss on the step's "
                                                "images; k extra forward passes per random subnet).")] = D.sampling,
     sampling_k: Annotated[int, typer.Option(help="worst / best: candidates scored per random subnet.")] = D.sampling_k,
