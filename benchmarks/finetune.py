@@ -105,6 +105,7 @@ def run_finetune(subnet: Path, out: Path, steps: int, teacher: str, args, curve:
         points[steps] = m["finetuned"]["test_top1"]
         points[0] = m["inherited"]["test_top1"]
     return {"inherited": m["inherited"]["test_top1"], "finetuned": m["finetuned"]["test_top1"],
+            "inherited_search": m["inherited"]["search_top1"], "finetuned_search": m["finetuned"]["search_top1"],
             "seconds": round(seconds, 1), "train_seconds": round(steps_s, 1), "subnet": summary["subnet"],
             **({"curve": {str(k): points[k] for k in sorted(points)}} if curve else {})}
 

@@ -118,27 +118,35 @@ def top_candidates(score: list[float], latency: list[float], budget: float, k: i
 
 
 def rescored_regret(truth: list[float], score: list[float], finetuned: dict[int, float], latency: list[float],
-                    budget: float, k: int) -> dict:
+                    budget: float, k: int, choose_by: dict[int, float] | None = None) -> dict:
     """Regret when the winner under ``budget`` is the best *fine-tuned* one of ``score``'s top ``k``
-    (issue 31's re-scoring by `qnas finetune`), and what it ships: the winner's fine-tuned top-1
-    minus the stand-alone truth of the best subnet under the budget (>= 0: the user ships at least
-    what training the best fitting subnet alone would give)."""
+    (issue 31's re-scoring by `qnas finetune`), and what it ships: the winner's fine-tuned test
+    top-1 minus the stand-alone truth of the best subnet under the budget (>= 0: the user ships at
+    least what training the best fitting subnet alone would give). ``choose_by``: the fine-tuned
+    scores the winner is chosen by, the held-out search split's, as a user would choose; without
+    them (files from before `qnas finetune` scored that split) the test scores choose, which
+    favours the pick by their noise."""
     shortlist = top_candidates(score, latency, budget, k)
     if not shortlist:
         return {"fits": 0}
     best = max((i for i, ms in enumerate(latency) if ms <= budget), key=truth.__getitem__)
-    pick = max(shortlist, key=lambda i: (finetuned[i], -latency[i]))
-    return {"shortlist": shortlist, "best": best, "pick": pick, "regret_pp": 100 * (truth[best] - truth[pick]),
+    by = choose_by or finetuned
+    pick = max(shortlist, key=lambda i: (by[i], -latency[i]))
+    return {"shortlist": shortlist, "best": best, "pick": pick, "chosen_by": "search" if choose_by else "test",
+            "regret_pp": 100 * (truth[best] - truth[pick]),
             "shipped_vs_best_standalone_pp": 100 * (finetuned[pick] - truth[best])}
 
 
-def finetuned_scores(path: Path, supernet_sha256: str) -> dict[int, float]:
-    """Fine-tuned test top-1 by truth index from a benchmarks.finetune result on this very supernet."""
+def finetuned_scores(path: Path, supernet_sha256: str) -> tuple[dict[int, float], dict[int, float] | None]:
+    """Fine-tuned test top-1, and search-split top-1 (None where the file lacks it), by truth index,
+    from a benchmarks.finetune result on this very supernet."""
     doc = json.loads(path.read_text())
     if doc.get("config", {}).get("supernet_sha256") != supernet_sha256:
         raise SystemExit(f"error: --finetuned {path}: fine-tuned from another supernet "
                          f"(sha256 {str(doc.get('config', {}).get('supernet_sha256'))[:12]}, not {supernet_sha256[:12]})")
-    return {r["index"]: r["finetuned"] for r in doc.get("truth_subnets", [])}
+    rows = doc.get("truth_subnets", [])
+    search = {r["index"]: r["finetuned_search"] for r in rows if "finetuned_search" in r}
+    return {r["index"]: r["finetuned"] for r in rows}, (search if len(search) == len(rows) else None)
 
 
 ACT_RANGE_IMAGES = 500  # --act-ranges subnet: calibration images the activation steps are fitted on, one batch
@@ -297,14 +305,14 @@ def main() -> None:
                     for e, a, m, ms, t, i in zip(truth_doc["subnets"], archs, mflops, latency, truth, inherited)],
     }
     needed = sorted({i for b in budgets for i in top_candidates(inherited, latency, b, args.finetune_top)})
-    finetuned = finetuned_scores(args.finetuned, result["supernet"]["sha256"]) if args.finetuned else {}
+    finetuned, choose_by = finetuned_scores(args.finetuned, result["supernet"]["sha256"]) if args.finetuned else ({}, None)
     missing = [i for i in needed if i not in finetuned]
     if args.finetuned and missing:
         raise SystemExit(f"error: --finetuned {args.finetuned} lacks subnets {','.join(map(str, missing))} of the shortlists")
     if finetuned:
         for b in budgets:
             result["regret"][str(b)][f"finetuned_top{args.finetune_top}"] = rescored_regret(
-                truth, inherited, finetuned, latency, b, args.finetune_top)
+                truth, inherited, finetuned, latency, b, args.finetune_top, choose_by)
         result["finetuned"] = {"path": str(args.finetuned), "top": args.finetune_top, "subnets": len(finetuned)}
     spread = [i for i, e in enumerate(truth_doc["subnets"]) if "addition" not in e]
     if len(spread) < len(archs):  # the earlier rows were scored on the MFLOPs spread alone: comparable figures
@@ -328,7 +336,8 @@ def main() -> None:
               f"largest-that-fits {n.get('regret_pp', float('nan')):.2f} pp")
     for b, r in result["regret"].items():
         if (f := r.get(f"finetuned_top{args.finetune_top}", {})).get("shortlist"):
-            print(f"  budget {b} ms, winner by fine-tune of the top {args.finetune_top}: regret {f['regret_pp']:.2f} pp; "
+            print(f"  budget {b} ms, winner by fine-tune of the top {args.finetune_top} (chosen on the {f['chosen_by']} split): "
+                  f"regret {f['regret_pp']:.2f} pp; "
                   f"ships {f['shipped_vs_best_standalone_pp']:+.2f} pp vs the best subnet under it trained alone")
     if not args.finetuned:
         print(f"  re-scoring by fine-tune needs subnets {','.join(map(str, needed))}: python -m benchmarks.finetune "

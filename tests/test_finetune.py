@@ -90,6 +90,10 @@ def test_lineage_is_recorded_and_calibrate_takes_the_result_as_it_is(base):
     assert lineage["data"]["spec"] == "fashion-mnist" and lineage["seed"] == 0
     assert meta["finetuned_for"] == arch.key and load_weights(root / "ft" / "supernet.pt")[0]["finetuned_for"] == arch.key
     assert set(summary["metrics"]) == {"inherited", "finetuned"}
+    for how in ("inherited", "finetuned"):  # both held-out splits, the search one to choose candidates by
+        assert {k: lineage[k][how] for k in ("test_top1", "search_top1")} == \
+            {k: summary["metrics"][how][k] for k in ("test_top1", "search_top1")}
+        assert 0.0 < summary["metrics"][how]["search_top1"] <= 1.0
     _, cal, _ = calibrate_file(root / "ft" / "subnet.json", calib_images=64, eval_images=50)  # no --supernet: the file names it
     assert cal["arch_key"] == arch.key and cal["supernet"]["sha256"] == meta["weights"]["sha256"]
 

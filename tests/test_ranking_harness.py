@@ -126,10 +126,18 @@ def test_rescoring_by_finetune_picks_the_best_finetuned_of_the_shortlist(tmp_pat
     r = rescored_regret(truth, inherited, finetuned, latency, 3.0, 2)
     assert (r["best"], r["pick"]) == (2, 1) and r["regret_pp"] == pytest.approx(3.0)
     assert r["shipped_vs_best_standalone_pp"] == pytest.approx(-0.5)
+    assert r["chosen_by"] == "test"
     assert rescored_regret(truth, inherited, finetuned, latency, 0.5, 2) == {"fits": 0}
+    # chosen on the held-out search split, as a user chooses: #4 wins there; its test score ships
+    r = rescored_regret(truth, inherited, finetuned, latency, 3.0, 2, choose_by={4: 0.93, 1: 0.92})
+    assert (r["pick"], r["chosen_by"]) == (4, "search") and r["regret_pp"] == pytest.approx(2.0)
+    assert r["shipped_vs_best_standalone_pp"] == pytest.approx(-1.5)
     path = tmp_path / "finetune.json"
     path.write_text(json.dumps({"config": {"supernet_sha256": "ab" * 32},
                                 "truth_subnets": [{"index": 4, "finetuned": 0.895}]}))
-    assert finetuned_scores(path, "ab" * 32) == {4: 0.895}
+    assert finetuned_scores(path, "ab" * 32) == ({4: 0.895}, None)
+    path.write_text(json.dumps({"config": {"supernet_sha256": "ab" * 32},
+                                "truth_subnets": [{"index": 4, "finetuned": 0.895, "finetuned_search": 0.9}]}))
+    assert finetuned_scores(path, "ab" * 32) == ({4: 0.895}, {4: 0.9})
     with pytest.raises(SystemExit, match="fine-tuned from another supernet"):
         finetuned_scores(path, "cd" * 32)

@@ -62,8 +62,11 @@ def finetune(
     m = summary["metrics"]
     t = Table(title=escape(f"fine-tuned {summary['subnet']}"))
     t.add_column("architecture", overflow="fold")
-    t.add_column("inherited test top-1", no_wrap=True)
-    t.add_column("fine-tuned test top-1", no_wrap=True)
-    t.add_row(m["finetuned"]["arch"], f"{100 * m['inherited']['test_top1']:.2f}%", f"{100 * m['finetuned']['test_top1']:.2f}%")
+    t.add_column("split")
+    t.add_column("inherited top-1", no_wrap=True)
+    t.add_column("fine-tuned top-1", no_wrap=True)
+    for split, key in (("test", "test_top1"), ("search (held out; choose candidates by it)", "search_top1")):
+        t.add_row(m["finetuned"]["arch"] if key == "test_top1" else "", split,
+                  f"{100 * m['inherited'][key]:.2f}%", f"{100 * m['finetuned'][key]:.2f}%")
     console.print(t)
     say(console, f"next: qnas export {summary['subnet']}")
