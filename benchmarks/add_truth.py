@@ -44,12 +44,11 @@ from qnas_cli.data import load_dataset
 from qnas_cli.demo import budgets_for
 from qnas_cli.latency import Predictor, host_device
 from qnas_cli.quant import INTEGER_CONTRACT_VERSION
-from qnas_cli.run_folder import ckpt_dir
 from qnas_cli.space import Arch, SearchSpace, load_space, sample
-from qnas_cli.train import TrainConfig, train, with_added_defaults
+from qnas_cli.train import TrainConfig, with_added_defaults
 
 from benchmarks.parallel import run_parallel, threads_per_job
-from benchmarks.scale_ranking import standalone_runs
+from benchmarks.scale_ranking import standalone_index, standalone_runs, train_run
 from benchmarks.truth import (DEFAULT_TRUTH, RECIPE_KEYS, check_truth_matches, load_truth, seed_top1,
                               standalone_recipe)
 
@@ -114,12 +113,6 @@ def merge(truth: dict[str, Any], arch: Arch, space: SearchSpace, mflops: float, 
                              "top1": {str(s): top1[s] for s in truth["seeds"]}, "addition": additions.index(addition)})
 
 
-def train_or_resume(cfg: TrainConfig) -> dict:
-    """One stand-alone run, continuing an interrupted one in its folder."""
-    out = Path(cfg.out)
-    return train(cfg, resume=ckpt_dir(out).is_dir() and any(ckpt_dir(out).iterdir()), log=lambda *a, **k: None)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subnets", type=int, default=21, help="subnets to add (each trained once per seed of the file)")
@@ -182,8 +175,8 @@ def main() -> None:
                       + f" -> {args.truth} ({len(truth['subnets'])} subnets)", flush=True)
 
     add_finished()  # results of an earlier invocation into the same OUT not yet in the file
-    for (name, cfg), summary in zip(todo, run_parallel(train_or_resume, [(cfg,) for _, cfg in todo], args.jobs)):
-        done[int(name.split()[1]), cfg.seed] = summary["metrics"]["subnet"]["test_top1"]
+    for (name, cfg), summary in zip(todo, run_parallel(train_run, [(cfg,) for _, cfg in todo], args.jobs)):
+        done[standalone_index(name), cfg.seed] = summary["metrics"]["subnet"]["test_top1"]
         add_finished()
     print(f"{args.truth}: {len(truth['subnets'])} subnets")
 

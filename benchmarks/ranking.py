@@ -203,7 +203,7 @@ def quick_inputs(out: Path, jobs: int) -> tuple[Path, Path]:
     short runs) trained here into ``out``, reused by a rerun where they are the same runs: the
     harness end to end in minutes, without the committed `small` truth."""
     from benchmarks.parallel import run_parallel
-    from benchmarks.scale_ranking import _trained_as, spread_subnets, standalone_runs, train_run
+    from benchmarks.scale_ranking import _trained_as, spread_subnets, standalone_index, standalone_runs, train_run
 
     space = load_space(QUICK["space"])
     data = load_dataset("fashion-mnist", load_size=max(space.resolutions))
@@ -216,8 +216,8 @@ def quick_inputs(out: Path, jobs: int) -> tuple[Path, Path]:
         runs.append(("supernet", supernet_cfg))
     print(f"--quick: {len(runs)} training runs in {out} ({jobs} at a time)", flush=True)
     for (name, cfg), summary in zip(runs, run_parallel(train_run, [(cfg,) for _, cfg in runs], jobs)):
-        if name.startswith("standalone"):  # "standalone <index> seed <seed>"
-            done[int(name.split()[1]), cfg.seed] = summary["metrics"]["subnet"]["test_top1"]
+        if (i := standalone_index(name)) is not None:
+            done[i, cfg.seed] = summary["metrics"]["subnet"]["test_top1"]
     subnets = [{"index": i, "arch": a.to_dict(space), "arch_key": a.key,
                 "mflops": arch_cost(space, a, data.in_channels, data.num_classes).mflops, "steps": QUICK["standalone_steps"],
                 "top1": {str(s): done[i, s] for s in seeds}} for i, a in enumerate(archs)]

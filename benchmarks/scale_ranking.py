@@ -52,6 +52,7 @@ from qnas_cli.cost import arch_cost
 from qnas_cli.data import load_dataset
 from qnas_cli.quant import QuantConfig
 from qnas_cli.ranking import kendall_tau
+from qnas_cli.run_folder import ckpt_dir
 from qnas_cli.space import Arch, SearchSpace, load_space, sample
 from qnas_cli.supernet import Supernet, load_supernet
 from qnas_cli.train import TrainConfig, train
@@ -177,7 +178,16 @@ def standalone_run_name(seed: int, first: int) -> str:
 
 
 def train_run(cfg: TrainConfig) -> dict:
-    return train(cfg, log=lambda *a, **k: None)
+    """One benchmark training run, continuing an interrupted one in its folder (train refuses a
+    resume under other options)."""
+    ckpts = ckpt_dir(Path(cfg.out))
+    return train(cfg, resume=ckpts.is_dir() and any(ckpts.iterdir()), log=lambda *a, **k: None)
+
+
+def standalone_index(run_name: str) -> int | None:
+    """The subnet index of a ``standalone_runs`` run ("standalone <index> seed <seed>"); None for any other run."""
+    kind, *rest = run_name.split()
+    return int(rest[0]) if kind == "standalone" else None
 
 
 def main() -> None:
@@ -238,8 +248,8 @@ def main() -> None:
     for (name, cfg), summary in zip(runs, run_parallel(train_run, [(cfg,) for _, cfg in runs], args.jobs)):
         top1 = {k: v["test_top1"] for k, v in summary["metrics"].items()}
         print(f"  {name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in top1.items()), flush=True)
-        if name.startswith("standalone"):
-            standalone[int(name.split()[1]), cfg.seed] = top1["subnet"]
+        if (i := standalone_index(name)) is not None:
+            standalone[i, cfg.seed] = top1["subnet"]
 
     replicas = {s: [standalone[i, s] for i in range(len(archs))] for s in seeds}
     truth = [statistics.mean(replicas[s][i] for s in seeds) for i in range(len(archs))]
