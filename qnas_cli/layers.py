@@ -1,7 +1,8 @@
 """Elastic, quantized building blocks.
 
 Each layer owns one max-size weight and slices it for the active subnet (once-for-all style:
-channel prefixes, centre-cropped kernels). The active size is passed to ``forward`` explicitly.
+channel prefixes, centre-cropped kernels, optionally through OFA's kernel transforms). The active
+size is passed to ``forward`` explicitly.
 ``extract`` copies the slices into a layer whose max size *is* the active size, so the static
 layer runs the very same code on the very same tensors (bit-exact equality with the supernet).
 
@@ -256,11 +257,19 @@ class QConvBN(nn.Module, QuantInit, Exact):
     calibrating: bool = False  # set only inside ``exact_statistics``
 
     def __init__(self, in_max: int, out_max: int, kernel_max: int, stride: int, cfg: QuantConfig,
-                 depthwise: bool = False, relu: bool = True) -> None:
+                 depthwise: bool = False, relu: bool = True, kernel_transforms: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.cfg, self.stride, self.depthwise, self.relu = cfg, stride, depthwise, relu
         self.weight = nn.Parameter(torch.empty(out_max, 1 if depthwise else in_max, kernel_max, kernel_max))
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        # OFA's elastic kernel (Cai et al. 2020, §3.2): a smaller kernel is the centre of the next
+        # larger one times a learned (k*k x k*k) matrix shared by the layer's channels, starting at
+        # the identity (plain centre crop). Without it the centre of a 7x7 kernel must serve as the
+        # 5x5 and the 3x3 kernel too, and the supernet's scores follow the kernel size more than
+        # training alone does (BENCHMARKS.md §1). ``kernel_transforms``: the kernel choices (else none).
+        sizes = sorted(kernel_transforms)
+        self.kernel_transforms = nn.ParameterDict({
+            f"{big}to{small}": nn.Parameter(torch.eye(small * small)) for small, big in zip(sizes, sizes[1:])})
         self.bn_weight = nn.Parameter(torch.ones(out_max))
         self.bn_bias = nn.Parameter(torch.zeros(out_max))
         self.register_buffer("running_mean", torch.zeros(out_max))
@@ -292,9 +301,16 @@ class QConvBN(nn.Module, QuantInit, Exact):
         return self.weight.shape[-1]
 
     def sliced_weight(self, in_channels: int, out_channels: int, kernel: int) -> Tensor:
-        crop = (self.kernel_max - kernel) // 2
         w = self.weight[:out_channels, : 1 if self.depthwise else in_channels]
-        return w[:, :, crop : crop + kernel, crop : crop + kernel] if crop else w
+        size = self.kernel_max
+        while size > kernel:  # one centre crop (and transform) per smaller kernel choice on the way down
+            smaller = max((int(n.split("to")[1]) for n in self.kernel_transforms if n.startswith(f"{size}to")), default=kernel)
+            crop = (size - smaller) // 2
+            w = w[:, :, crop : crop + smaller, crop : crop + smaller]
+            if (m := self.kernel_transforms.get(f"{size}to{smaller}")) is not None:
+                w = (w.reshape(-1, smaller * smaller) @ m.t()).reshape(w.shape)
+            size = smaller
+        return w
 
     def conv(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         groups = x.shape[1] if self.depthwise else 1

@@ -31,11 +31,11 @@ class MBBlock(nn.Module, Exact):
     """
 
     def __init__(self, in_max: int, out_max: int, kernel_max: int, expand_max: int, stride: int,
-                 residual: bool, cfg: QuantConfig) -> None:
+                 residual: bool, cfg: QuantConfig, kernel_transforms: tuple[int, ...] = ()) -> None:
         super().__init__()
         mid_max = mid_channels(in_max, expand_max)
         self.expand = QConvBN(in_max, mid_max, 1, 1, cfg) if expand_max > 1 else None
-        self.depthwise = QConvBN(mid_max, mid_max, kernel_max, stride, cfg, depthwise=True)
+        self.depthwise = QConvBN(mid_max, mid_max, kernel_max, stride, cfg, depthwise=True, kernel_transforms=kernel_transforms)
         self.project = QConvBN(mid_max, out_max, 1, 1, cfg, relu=False)
         self.add_q = ActQuant(cfg, relu=False) if residual else None
 
@@ -98,9 +98,14 @@ class _Net(nn.Module, Exact):
 
 
 class Supernet(_Net):
-    def __init__(self, space: SearchSpace, in_channels: int, num_classes: int, cfg: QuantConfig) -> None:
+    """``kernel_transform``: smaller depthwise kernels through OFA's learned transforms (``QConvBN``)
+    instead of the plain centre crop; the extracted subnets hold the transformed kernels."""
+
+    def __init__(self, space: SearchSpace, in_channels: int, num_classes: int, cfg: QuantConfig,
+                 kernel_transform: bool = False) -> None:
         super().__init__()
         self.space, self.in_channels, self.num_classes, self.cfg = space, in_channels, num_classes, cfg
+        self.kernel_transform = kernel_transform
         self.input_q = ActQuant(cfg, relu=False)
         self.stem = QConvBN(in_channels, space.stem_channels, 3, space.stem_stride, cfg)
         stages, c_in = [], space.stem_channels
@@ -108,7 +113,8 @@ class Supernet(_Net):
             c_out = max(spec.widths)
             blocks = [
                 MBBlock(c_in if j == 0 else c_out, c_out, max(spec.kernels), max(spec.expands),
-                        spec.stride if j == 0 else 1, residual=j > 0, cfg=cfg)
+                        spec.stride if j == 0 else 1, residual=j > 0, cfg=cfg,
+                        kernel_transforms=tuple(spec.kernels) if kernel_transform else ())
                 for j in range(max(spec.depths))
             ]
             stages.append(nn.ModuleList(blocks))
@@ -183,7 +189,8 @@ def load_supernet(path, expected_sha256: str | None = None) -> tuple[Supernet, d
     payload, meta = load_weights(path, expected_sha256)
     try:
         space = SearchSpace.from_dict(payload["space"])
-        net = Supernet(space, int(payload["in_channels"]), int(payload["num_classes"]), QuantConfig(**payload["quant"]))
+        net = Supernet(space, int(payload["in_channels"]), int(payload["num_classes"]), QuantConfig(**payload["quant"]),
+                       kernel_transform=bool(payload.get("kernel_transform", False)))  # absent: from before the option
         net.load_state_dict(payload["model"])
     except KeyError as e:
         raise UserError(f"{path} is not a qnas supernet: missing field {e.args[0]!r}") from None

@@ -17,8 +17,10 @@ def _archs(space, n=4):
 
 @pytest.mark.parametrize("mode", ["none", "int8", "convs"])
 @pytest.mark.parametrize("in_channels", [1, 3])
-def test_extract_equals_supernet_in_eval_mode(mode, in_channels):
-    net = make_supernet(mode, in_channels).eval()
+@pytest.mark.parametrize("kernel_transform", [False, True])
+def test_extract_equals_supernet_in_eval_mode(mode, in_channels, kernel_transform):
+    """With kernel transforms the extracted subnet holds the transformed kernels: still bit for bit."""
+    net = make_supernet(mode, in_channels, kernel_transform=kernel_transform).eval()
     for arch in _archs(net.space):
         sub = net.extract(arch).eval()
         x = torch.randn(6, in_channels, arch.resolution, arch.resolution)
@@ -92,3 +94,4 @@ def test_convs_mode_quantizes_conv_and_fc_inputs_and_weights_only():
     stem = net.stem
     w = stem.quantized_unfolded(stem.weight) / stem.w_scale
     assert (w - w.round()).abs().max() < 1e-3 and w.abs().max() <= W_QMAX + 1e-3 and not hasattr(stem, "theta")
+
