@@ -37,6 +37,7 @@ each), so twice that for the grown truth's 41.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -44,6 +45,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qnas_cli.calibrate import CALIB_IMAGES, calibrate_bn, calibrated_subnet, calibration_batches, calibration_images, evaluate
@@ -383,6 +385,9 @@ def collect(named: list[str], levers: Path, png: Path) -> None:
               f"gap {r['mean_gap_pp']:+.2f} pp  ({len(r['subnets'])} subnets)")
     for arm, taus in arm_taus(doc["levers"]).items():
         print(f"{arm + ' (mean of seeds)':28s} tau {statistics.mean(taus):+.3f} (seeds {' '.join(f'{t:+.3f}' for t in taus)})")
+    for arm, a in seed_agreement(doc["levers"]).items():
+        print(f"{arm + ' (seeds vs each other)':28s} inherited tau {a['inherited_tau']:+.3f}, "
+              f"errors vs truth correlate {a['residual_corr']:+.2f}")
     print(f"wrote {levers} and {png}")
 
 
@@ -394,6 +399,30 @@ def arm_taus(levers: dict) -> dict[str, list[float]]:
         if "/" in name:
             arms.setdefault((name.rsplit("/", 1)[0], len(r["subnets"])), []).append(r["kendall_tau"])
     return {arm: taus for (arm, _), taus in arms.items() if len(taus) > 1}
+
+
+def seed_agreement(levers: dict) -> dict[str, dict[str, float]]:
+    """For each arm with two or more seeds (rows ``ARM/SEED`` on the same subnets): how its
+    training seeds agree with each other. ``inherited_tau``: Kendall tau between two seeds'
+    inherited scores (mean over pairs); ``residual_corr``: the correlation of their errors
+    (inherited minus truth). An error that two seeds share is the recipe's, not training noise:
+    more seeds, or averaging them, cannot remove it."""
+    arms: dict[tuple[str, int], list[list[dict]]] = {}
+    for name, r in levers.items():
+        if "/" in name:
+            arms.setdefault((name.rsplit("/", 1)[0], len(r["subnets"])), []).append(r["subnets"])
+    out = {}
+    for (arm, _), seeds in arms.items():
+        pairs = list(itertools.combinations(seeds, 2))
+        if not pairs:
+            continue
+        taus, corrs = [], []
+        for a, b in pairs:
+            taus.append(kendall_tau([s["inherited"] for s in a], [s["inherited"] for s in b]))
+            corrs.append(float(np.corrcoef([s["inherited"] - s["truth"] for s in a],
+                                           [s["inherited"] - s["truth"] for s in b])[0, 1]))
+        out[arm] = {"inherited_tau": statistics.mean(taus), "residual_corr": statistics.mean(corrs)}
+    return out
 
 
 def _plot_levers(levers: dict, path: Path) -> None:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from benchmarks.ranking import (arm_taus, bootstrap_tau, finetuned_scores, regret, rescored_regret, spearman,
+from benchmarks.ranking import (arm_taus, bootstrap_tau, finetuned_scores, regret, rescored_regret, seed_agreement, spearman,
                                 top_candidates)
 from benchmarks.truth import load_truth
 from qnas_cli.export.latency_build import save_table
@@ -115,6 +115,16 @@ def test_rows_named_arm_slash_seed_are_one_arms_seeds():
     row = lambda tau, n: {"kendall_tau": tau, "subnets": [{}] * n}  # noqa: E731
     levers = {"default/s0": row(0.3, 41), "default/s1": row(0.5, 41), "strong/s0": row(0.6, 41), "control": row(0.4, 20)}
     assert arm_taus(levers) == {"default": [0.3, 0.5]}
+
+
+def test_seed_agreement_tells_a_shared_error_from_training_noise():
+    truth = [0.88, 0.89, 0.90, 0.91]
+    bias = [0.01, -0.01, 0.02, -0.02]  # the recipe's: both seeds carry it
+    rows = lambda noise: [{"truth": t, "inherited": t - 0.02 + b + n} for t, b, n in zip(truth, bias, noise)]  # noqa: E731
+    levers = {"arm/s0": {"subnets": rows([0.0, 0.001, 0.0, -0.001])}, "arm/s1": {"subnets": rows([0.001, 0.0, -0.001, 0.0])},
+              "alone": {"subnets": rows([0.0] * 4)}}
+    a = seed_agreement(levers)
+    assert set(a) == {"arm"} and a["arm"]["residual_corr"] > 0.9 and a["arm"]["inherited_tau"] == pytest.approx(1.0)
 
 
 def test_rescoring_by_finetune_picks_the_best_finetuned_of_the_shortlist(tmp_path):
