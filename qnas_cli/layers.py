@@ -267,9 +267,10 @@ class QConvBN(nn.Module, QuantInit, Exact):
         # the identity (plain centre crop). Without it the centre of a 7x7 kernel must serve as the
         # 5x5 and the 3x3 kernel too, and the supernet's scores follow the kernel size more than
         # training alone does (BENCHMARKS.md §1). ``kernel_transforms``: the kernel choices (else none).
-        sizes = sorted(kernel_transforms)
+        self.kernel_sizes = tuple(sorted(kernel_transforms, reverse=True))  # e.g. (7, 5, 3)
         self.kernel_transforms = nn.ParameterDict({
-            f"{big}to{small}": nn.Parameter(torch.eye(small * small)) for small, big in zip(sizes, sizes[1:])})
+            f"{big}to{small}": nn.Parameter(torch.eye(small * small))
+            for big, small in zip(self.kernel_sizes, self.kernel_sizes[1:])})
         self.bn_weight = nn.Parameter(torch.ones(out_max))
         self.bn_bias = nn.Parameter(torch.zeros(out_max))
         self.register_buffer("running_mean", torch.zeros(out_max))
@@ -302,14 +303,13 @@ class QConvBN(nn.Module, QuantInit, Exact):
 
     def sliced_weight(self, in_channels: int, out_channels: int, kernel: int) -> Tensor:
         w = self.weight[:out_channels, : 1 if self.depthwise else in_channels]
-        size = self.kernel_max
-        while size > kernel:  # one centre crop (and transform) per smaller kernel choice on the way down
-            smaller = max((int(n.split("to")[1]) for n in self.kernel_transforms if n.startswith(f"{size}to")), default=kernel)
-            crop = (size - smaller) // 2
-            w = w[:, :, crop : crop + smaller, crop : crop + smaller]
-            if (m := self.kernel_transforms.get(f"{size}to{smaller}")) is not None:
-                w = (w.reshape(-1, smaller * smaller) @ m.t()).reshape(w.shape)
-            size = smaller
+        # one centre crop; with transforms, one crop and transform per kernel choice on the way down
+        sizes = [k for k in self.kernel_sizes if k >= kernel] if self.kernel_sizes else [self.kernel_max, kernel]
+        for big, small in zip(sizes, sizes[1:]):
+            crop = (big - small) // 2
+            w = w[:, :, crop : crop + small, crop : crop + small]
+            if self.kernel_sizes:
+                w = (w.reshape(-1, small * small) @ self.kernel_transforms[f"{big}to{small}"].t()).reshape(w.shape)
         return w
 
     def conv(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
