@@ -14,7 +14,8 @@ data order, augmentation, checkpoints, resume, Ctrl-C, metrics.jsonl and torchru
   run in eval mode under ``no_grad`` and never updated; ``--teacher none`` trains on the labels;
 - the schedule: its own peak learning rate (measured), warm-up then cosine decay to zero, and no weight
   decay: decay would also shrink the parts of shared tensors this subnet does not use, and only
-  its own slices may move (the others get exactly zero gradient, so SGD leaves them bit for bit);
+  its own slices may move (the others get exactly zero gradient, so SGD leaves them bit for bit;
+  a ``--kernel-transform`` supernet's transforms on its path move with them);
 - the result: ``supernet.pt`` is the original supernet with this subnet's slices fine-tuned,
   marked ``finetuned_for`` (``lineage``: search and other subnets are refused), and
   ``subnet.json`` names it (path + sha256) with a ``finetune`` lineage block, so that
