@@ -84,3 +84,30 @@ def test_a_supernet_from_before_the_option_loads_without_them(tmp_path):
     train(TrainConfig(out=str(tmp_path / "plain"), steps=2, float_steps=0, **FAST), **QUIET)
     net, _ = load_supernet(tmp_path / "plain" / "supernet.pt")
     assert not net.kernel_transform and not _transforms(net)
+
+
+@pytest.mark.slow
+def test_a_transformed_subnet_exports_with_the_gate_passing(runner, tmp_path):
+    """qnas train --kernel-transform (tiny) -> a subnet with 3x3 kernels -> qnas export: PASS, every
+    int8 logit equal to the exact forward's: the file holds the transformed kernels."""
+    import json
+
+    from qnas_cli.calibrate import subnet_document
+    from qnas_cli.checkpoint import sha256_file, write_json
+
+    r = runner.invoke(app, ["train", "--space", "tiny", "--steps", "60", "--batch-size", "32", "--lr", "0.1", "--kernel-transform",
+                            "--warmup-steps", "5", "--eval-images", "200", "--calib-images", "128", "--no-tensorboard",
+                            "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    net_path = tmp_path / "run" / "supernet.pt"
+    net, _ = load_supernet(net_path)
+    assert any(not torch.equal(m, torch.eye(m.shape[0])) for m in _transforms(net).values())
+    arch = sample(PRESETS["tiny"], "smallest")  # every depthwise kernel 3x3: each through a transform
+    subnet = tmp_path / "subnet.json"
+    write_json(subnet, subnet_document(arch, PRESETS["tiny"], str(net_path.resolve()), sha256_file(net_path)))
+    r = runner.invoke(app, ["export", str(subnet), "--out", str(tmp_path / "export"), "--eval-images", "300",
+                            "--verify-images", "300", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "export" / "export_report.json").read_text())
+    assert report["passed"] and report["parity"][report["target"]]["exact"] == 1.0
+    assert report["accuracy"]["tflite_top1"] == report["accuracy"]["top1"]
