@@ -65,7 +65,7 @@ def finetune(
     t.add_column("split")
     t.add_column("inherited top-1", no_wrap=True)
     t.add_column("fine-tuned top-1", no_wrap=True)
-    for split, key in (("test", "test_top1"), ("search (held out; choose candidates by it)", "search_top1")):
+    for split, key in (("test", "test_top1"), ("search (held out)", "search_top1")):
         t.add_row(m["finetuned"]["arch"] if key == "test_top1" else "", split,
                   f"{100 * m['inherited'][key]:.2f}%", f"{100 * m['finetuned'][key]:.2f}%")
     console.print(t)
