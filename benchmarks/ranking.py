@@ -391,33 +391,30 @@ def collect(named: list[str], levers: Path, png: Path) -> None:
     print(f"wrote {levers} and {png}")
 
 
-def arm_taus(levers: dict) -> dict[str, list[float]]:
-    """Kendall tau per training seed of each arm that has several: rows named ARM/SEED (e.g.
+def arm_seeds(levers: dict) -> dict[str, list[dict]]:
+    """The lever rows of each arm that has several training seeds: rows named ARM/SEED (e.g.
     ``default-41/s0``) scored on as many truth subnets are one arm's seeds."""
-    arms: dict[tuple[str, int], list[float]] = {}
+    arms: dict[tuple[str, int], list[dict]] = {}
     for name, r in levers.items():
         if "/" in name:
-            arms.setdefault((name.rsplit("/", 1)[0], len(r["subnets"])), []).append(r["kendall_tau"])
-    return {arm: taus for (arm, _), taus in arms.items() if len(taus) > 1}
+            arms.setdefault((name.rsplit("/", 1)[0], len(r["subnets"])), []).append(r)
+    return {arm: rows for (arm, _), rows in arms.items() if len(rows) > 1}
+
+
+def arm_taus(levers: dict) -> dict[str, list[float]]:
+    """Kendall tau per training seed of each arm that has several (``arm_seeds``)."""
+    return {arm: [r["kendall_tau"] for r in rows] for arm, rows in arm_seeds(levers).items()}
 
 
 def seed_agreement(levers: dict) -> dict[str, dict[str, float]]:
-    """For each arm with two or more seeds (rows ``ARM/SEED`` on the same subnets): how its
-    training seeds agree with each other. ``inherited_tau``: Kendall tau between two seeds'
-    inherited scores (mean over pairs); ``residual_corr``: the correlation of their errors
-    (inherited minus truth). An error that two seeds share is the recipe's, not training noise:
-    more seeds, or averaging them, cannot remove it."""
-    arms: dict[tuple[str, int], list[list[dict]]] = {}
-    for name, r in levers.items():
-        if "/" in name:
-            arms.setdefault((name.rsplit("/", 1)[0], len(r["subnets"])), []).append(r["subnets"])
+    """For each arm with two or more seeds (``arm_seeds``): how its training seeds agree with each
+    other. ``inherited_tau``: Kendall tau between two seeds' inherited scores (mean over pairs);
+    ``residual_corr``: the correlation of their errors (inherited minus truth). An error that two
+    seeds share is the recipe's, not training noise: more seeds, or averaging them, cannot remove it."""
     out = {}
-    for (arm, _), seeds in arms.items():
-        pairs = list(itertools.combinations(seeds, 2))
-        if not pairs:
-            continue
+    for arm, rows in arm_seeds(levers).items():
         taus, corrs = [], []
-        for a, b in pairs:
+        for a, b in itertools.combinations([r["subnets"] for r in rows], 2):
             taus.append(kendall_tau([s["inherited"] for s in a], [s["inherited"] for s in b]))
             corrs.append(float(np.corrcoef([s["inherited"] - s["truth"] for s in a],
                                            [s["inherited"] - s["truth"] for s in b])[0, 1]))

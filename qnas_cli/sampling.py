@@ -48,10 +48,14 @@ def candidates(space: SearchSpace, rng: random.Random, sampling: str, k: int, si
         return [sample(space, "random", rng)]
     if sampling == "stratified":
         target = rng.uniform(size(sample(space, "smallest")), size(sample(space, "largest")))
-        return _draw_near(space, rng, 1, size, lambda m: max(abs(m - target) - SIZE_TOLERANCE * target, 0.0))
+        return _draw_near(space, rng, 1, size, _outside(target))
     anchor = sample(space, "random", rng)
-    target = size(anchor)
-    return [anchor] + _draw_near(space, rng, k - 1, size, lambda m: max(abs(m - target) - SIZE_TOLERANCE * target, 0.0))
+    return [anchor] + _draw_near(space, rng, k - 1, size, _outside(size(anchor)))
+
+
+def _outside(target: float) -> Callable[[float], float]:
+    """How far a size lies outside ``SIZE_TOLERANCE`` of ``target`` MFLOPs (0: inside)."""
+    return lambda m: max(abs(m - target) - SIZE_TOLERANCE * target, 0.0)
 
 
 def _draw_near(space: SearchSpace, rng: random.Random, n: int, size: Size, distance: Callable[[float], float]) -> list[Arch]:

@@ -26,6 +26,12 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+def ends_and_random(space, n: int = 4) -> list:
+    """The largest and the smallest subnet, then ``n`` seeded random ones."""
+    rng = random.Random(5)
+    return [sample(space, "largest"), sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(n)]
+
+
 def make_supernet(mode: str = "int8", in_channels: int = 1, seed: int = 0, kernel_transform: bool = False,
                   **quant) -> Supernet:
     """A tiny supernet with data-initialised scales and non-trivial BN statistics (and kernel

@@ -3,11 +3,10 @@ one's centre. At the identity they are the plain crop; trained, saved, loaded an
 the supernet; an --init from a supernet without them starts at the identity."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
+from conftest import ends_and_random
 from qnas_cli.cli import app
 from qnas_cli.quant import QuantConfig
 from qnas_cli.space import PRESETS, sample
@@ -16,11 +15,6 @@ from qnas_cli.train import TrainConfig, train
 
 FAST = dict(space="tiny", batch_size=32, eval_images=100, calib_images=64, warmup_steps=2, log_every=1, tensorboard=False)
 QUIET = dict(log=lambda *a, **k: None)
-
-
-def _archs(space, n=4):
-    rng = random.Random(5)
-    return [sample(space, "largest"), sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(n)]
 
 
 def test_kernel_transforms_start_as_the_plain_centre_crop_and_are_learned():
@@ -35,7 +29,7 @@ def test_kernel_transforms_start_as_the_plain_centre_crop_and_are_learned():
     assert names and all(n.endswith("5to3") for n in names)  # tiny's kernels: 3 or 5
     assert not set(plain.state_dict()) - set(net.state_dict())
     net.load_state_dict(plain.state_dict(), strict=False)
-    for arch in _archs(space):
+    for arch in ends_and_random(space):
         x = torch.randn(4, 1, arch.resolution, arch.resolution)
         with torch.no_grad():
             torch.testing.assert_close(net(x, arch), plain(x, arch), atol=0, rtol=0)

@@ -1,18 +1,11 @@
 """The elastic supernet: extraction equals the supernet bit for bit."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from conftest import make_supernet
+from conftest import ends_and_random, make_supernet
 from qnas_cli.space import sample
-
-
-def _archs(space, n=4):
-    rng = random.Random(5)
-    return [sample(space, "largest"), sample(space, "smallest")] + [sample(space, "random", rng) for _ in range(n)]
 
 
 @pytest.mark.parametrize("mode", ["none", "int8", "convs"])
@@ -21,7 +14,7 @@ def _archs(space, n=4):
 def test_extract_equals_supernet_in_eval_mode(mode, in_channels, kernel_transform):
     """With kernel transforms the extracted subnet holds the transformed kernels: still bit for bit."""
     net = make_supernet(mode, in_channels, kernel_transform=kernel_transform).eval()
-    for arch in _archs(net.space):
+    for arch in ends_and_random(net.space):
         sub = net.extract(arch).eval()
         x = torch.randn(6, in_channels, arch.resolution, arch.resolution)
         with torch.no_grad():
@@ -31,7 +24,7 @@ def test_extract_equals_supernet_in_eval_mode(mode, in_channels, kernel_transfor
 def test_extract_equals_supernet_in_train_mode_float():
     """Float mode also matches with batch statistics (same slices, same ops)."""
     net = make_supernet("none").train()
-    for arch in _archs(net.space):
+    for arch in ends_and_random(net.space):
         sub = net.extract(arch).train()
         x = torch.randn(6, 1, arch.resolution, arch.resolution)
         with torch.no_grad():
@@ -54,7 +47,7 @@ def test_extract_copies_and_leaves_supernet_untouched():
 @pytest.mark.parametrize("mode", ["none", "int8", "convs"])
 def test_every_subnet_trains_without_nans(mode):
     net = make_supernet(mode).train()
-    for arch in _archs(net.space):
+    for arch in ends_and_random(net.space):
         x = torch.randn(4, 1, arch.resolution, arch.resolution)
         out = net(x, arch)
         assert out.shape == (4, 10) and torch.isfinite(out).all()
