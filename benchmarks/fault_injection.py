@@ -40,11 +40,14 @@ from unittest import mock
 
 from typer.testing import CliRunner
 
-from qnas_cli.checkpoint import load_weights, sidecar, versions, write_json
+from qnas_cli.checkpoint import load_weights, save_weights, sidecar, versions, write_json
 from qnas_cli.cli import app
 from qnas_cli.errors import UserError
 from qnas_cli.demo import app as demo_app
+from qnas_cli.quant import QuantConfig
 from qnas_cli.space import PRESETS, sample
+from qnas_cli.supernet import Supernet
+from qnas_cli.train import supernet_payload
 from tests.helpers import assert_same_weights, space_doc, supernet_weights
 from tests.test_latency import _pack, synthetic_table
 
@@ -245,6 +248,9 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
     fm.mkdir()
     for f in Path("/usr/share/datasets/fashion-mnist").glob("*idx*"):
         (fm / f.name).write_bytes(f.read_bytes()[: 5000])
+    kt_float = d / "kernel_transform_float.pt"  # a float supernet that learned kernel transforms
+    save_weights(kt_float, supernet_payload(Supernet(PRESETS["tiny"], 1, 10, QuantConfig(mode="none"), kernel_transform=True)),
+                 {"kind": "qnas.supernet"})
     cases += [("train", what, [*train, *args]) for what, args in [
         ("unknown dataset", ["--data", "mnist"]), ("missing dataset folder", ["--data", f"fashion-mnist:{d}/nowhere"]),
         ("truncated dataset files", ["--data", f"fashion-mnist:{fm}"]),
@@ -266,6 +272,7 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         ("--init is a checkpoint", ["--init", "{w:a checkpoint, not a supernet}"]),
         ("--init int8 supernet", ["--init", str(run / "supernet.pt")]),
         ("--init with --quant none", ["--init", str(run / "supernet.pt"), "--quant", "none"]),
+        ("--init with kernel transforms, run without", ["--init", str(kt_float)]),
     ]]
     resume = ["train", *TINY, "--steps", str(steps), "--ckpt-every", "2", "--resume"]
     cases += [("train", what, [*resume, *args]) for what, args in [
@@ -274,6 +281,8 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         ("--resume with another --seed", ["--out", "{r}", "--seed", "5"]),
         ("--resume with another --quant", ["--out", "{r}", "--quant", "none"]),
         ("--resume with another --weight-granularity", ["--out", "{r}", "--weight-granularity", "per-channel"]),
+        ("--resume with another --kernel-transform", ["--out", "{r}", "--kernel-transform"]),
+        ("--resume with another --sampling", ["--out", "{r}", "--sampling", "stratified"]),
         ("--resume with every checkpoint corrupt", ["--out", "{corrupt_run}"]),
     ]]
     (d / "unfinished").mkdir()
