@@ -8,6 +8,13 @@
   between 8 and 11, where the larger latency budgets' competitors lie; stratified sampling puts
   34% and 41% there (measured over 3,000 draws), for about 5 ms of drawing per step: issue 31's
   size-mix lever.
+- ``kernels``: half the random subnets (a fair coin per slot) are OFA's elastic-kernel stage: the
+  largest subnet's resolution, widths, depths and expands with a uniformly random depthwise kernel
+  per block; the other half uniform. Issue 31's schedule lever: the sandwich's fixed ends train
+  the 3x3 kernels only in the narrow, expand-3 smallest subnet, and a 3x3 kernel in a wide,
+  expand-6 block only when a uniform draw happens to pick both (1 in 9 per block); the supernet
+  underrates exactly those subnets. Here a block is 3x3-expand-6 in 2 of 9 random slots. The
+  elastic-kernel subnets are the largest's size, so a step costs about a fifth more.
 - ``worst`` / ``best``: AttentiveNAS's WorstUp-k / BestUp-k. ``k`` candidates of one size (a
   uniformly random anchor, then draws within ``SIZE_TOLERANCE`` of its MFLOPs); the step trains the
   one whose loss on its own images is the highest / the lowest (``train.pick_by_loss`` scores them).
@@ -25,9 +32,9 @@ import random
 from collections.abc import Callable
 
 from .errors import UserError, choice_error
-from .space import Arch, SearchSpace, sample
+from .space import Arch, Block, SearchSpace, Stage, sample
 
-SAMPLINGS = ("uniform", "stratified", "worst", "best")
+SAMPLINGS = ("uniform", "stratified", "kernels", "worst", "best")
 SIZE_TOLERANCE = 0.1  # ``worst``/``best``: candidates lie within 10% of the anchor's MFLOPs
 MAX_DRAWS = 256  # per candidate set; then the nearest draws stand in (sizes near the ends are rare)
 
@@ -42,15 +49,25 @@ def check_sampling(sampling: str, k: int) -> None:
 
 
 def candidates(space: SearchSpace, rng: random.Random, sampling: str, k: int, size: Size) -> list[Arch]:
-    """One random slot's candidates: a single subnet (uniform, stratified), or ``k`` of one size
-    (worst, best) for the step to choose from."""
+    """One random slot's candidates: a single subnet (uniform, stratified, kernels), or ``k`` of one
+    size (worst, best) for the step to choose from."""
     if sampling == "uniform":
         return [sample(space, "random", rng)]
+    if sampling == "kernels":
+        return [elastic_kernel(space, rng) if rng.random() < 0.5 else sample(space, "random", rng)]
     if sampling == "stratified":
         target = rng.uniform(size(sample(space, "smallest")), size(sample(space, "largest")))
         return _draw_near(space, rng, 1, size, _outside(target))
     anchor = sample(space, "random", rng)
     return [anchor] + _draw_near(space, rng, k - 1, size, _outside(size(anchor)))
+
+
+def elastic_kernel(space: SearchSpace, rng: random.Random) -> Arch:
+    """The largest subnet with a uniformly random depthwise kernel in every block."""
+    largest = sample(space, "largest")
+    stages = tuple(Stage(stage.width, tuple(Block(rng.choice(spec.kernels), b.expand) for b in stage.blocks))
+                   for stage, spec in zip(largest.stages, space.stages))
+    return Arch(largest.resolution, stages)
 
 
 def _outside(target: float) -> Callable[[float], float]:

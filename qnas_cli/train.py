@@ -85,7 +85,7 @@ class TrainConfig:
     weight_decay: float = 1e-5  # not applied to BN parameters, biases or scales
     label_smoothing: float = 0.1
     num_random: int = 1  # random subnets per step besides the largest and the smallest
-    sampling: str = "uniform"  # how each random subnet is drawn: uniform | stratified | worst | best (see ``sampling``)
+    sampling: str = "uniform"  # how each random subnet is drawn: uniform | stratified | kernels | worst | best (see ``sampling``)
     sampling_k: int = 3  # worst / best: candidates scored per random subnet
     kernel_transform: bool = False  # smaller depthwise kernels through OFA's learned transforms (``layers.QConvBN``)
     kd_ratio: float = 0.5  # β (0.9 lost 1.5 pp on the smallest subnet: a short run's largest is a weak teacher)

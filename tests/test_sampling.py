@@ -1,6 +1,7 @@
-"""--sampling: which random subnets a sandwich step trains (uniform, stratified, WorstUp/BestUp)."""
+"""--sampling: which random subnets a sandwich step trains (uniform, stratified, kernels, WorstUp/BestUp)."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -60,6 +61,23 @@ def test_stratified_spreads_the_random_subnets_over_sizes(small):
     assert [c[0].key for c in again] == [c[0].key for c in draws["stratified"]]
 
 
+def test_kernels_sampling_trains_the_largest_with_random_kernels_half_the_time(small):
+    """--sampling kernels: about half the slots are the largest subnet but for its kernels, drawn
+    per block over every choice; the rest are uniform draws; seeded."""
+    space, _ = small
+    largest = sample(space, "largest")
+    shape = lambda a: (a.resolution, [(s.width, [b.expand for b in s.blocks]) for s in a.stages])  # noqa: E731
+    draws = [candidates(space, random.Random(s), "kernels", 3, None) for s in range(400)]
+    assert all(len(c) == 1 for c in draws)
+    elastic = [c[0] for c in draws if shape(c[0]) == shape(largest)]
+    assert 0.4 < len(elastic) / len(draws) < 0.6
+    kernels = [b.kernel for a in elastic for s in a.stages for b in s.blocks]
+    assert {k: round(kernels.count(k) / len(kernels), 1) for k in set(kernels)} == {3: 0.3, 5: 0.3, 7: 0.3}
+    assert sum(a.key == largest.key for a in elastic) < 3  # the kernels vary, not the largest again
+    again = [candidates(space, random.Random(s), "kernels", 3, None) for s in range(400)]
+    assert [c[0].key for c in again] == [c[0].key for c in draws]
+
+
 @pytest.mark.parametrize("sampling", ["worst", "best"])
 def test_pick_by_loss_takes_the_extreme_loss_and_leaves_bn_statistics_alone(sampling):
     space = PRESETS["tiny"]
@@ -106,6 +124,14 @@ def test_a_worst_up_run_resumes_bit_for_bit_and_differs_from_uniform(tmp_path):
     assert any(not torch.equal(a[k], u[k]) for k in a)
     with pytest.raises(Exception, match="option 'sampling' differs"):
         train(cfg(tmp_path / "b", "best"), resume=True, log=lambda *a, **k: None)
+
+
+def test_a_kernels_run_trains_and_records_its_sampling(runner, tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--space", "tiny", "--steps", "3", "--batch-size", "32", "--eval-images", "200",
+                            "--calib-images", "64", "--sampling", "kernels", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "supernet.json").read_text())["config"]["sampling"] == "kernels"
 
 
 @pytest.mark.parametrize("args, words", [
