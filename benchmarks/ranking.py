@@ -303,9 +303,11 @@ def main() -> None:
         "mean_gap_pp": 100 * statistics.mean(i - t for i, t in zip(inherited, truth)),
         "regret": {str(b): {"supernet": regret(truth, inherited, latency, b), "largest_mflops": regret(truth, mflops, latency, b)}
                    for b in budgets},
-        "subnets": [{"index": e["index"], "arch": a.key, "mflops": m, "latency_ms": ms, "truth": t, "inherited": i}
+        "subnets": [{"index": e["index"], "arch": a.key, "mean_kernel": mean_kernel(a), "mflops": m, "latency_ms": ms,
+                     "truth": t, "inherited": i}
                     for e, a, m, ms, t, i in zip(truth_doc["subnets"], archs, mflops, latency, truth, inherited)],
     }
+    result["kernel_bias"] = kernel_bias(result["subnets"])
     needed = sorted({i for b in budgets for i in top_candidates(inherited, latency, b, args.finetune_top)})
     finetuned, choose_by = finetuned_scores(args.finetuned, result["supernet"]["sha256"]) if args.finetuned else ({}, None)
     missing = [i for i in needed if i not in finetuned]
@@ -327,7 +329,8 @@ def main() -> None:
     mlo, mhi = result["mflops_tau_90"]
     print(f"Kendall tau {result['kendall_tau']:+.3f} (90% {lo:+.2f}..{hi:+.2f}), Spearman {result['spearman_rho']:+.3f}; "
           f"MFLOPs alone {result['mflops_tau']:+.3f} ({mlo:+.2f}..{mhi:+.2f}); truth seeds agree at "
-          f"{list(result['truth']['seed_tau'].values())[0]:+.3f}; mean gap {result['mean_gap_pp']:+.2f} pp")
+          f"{list(result['truth']['seed_tau'].values())[0]:+.3f}; mean gap {result['mean_gap_pp']:+.2f} pp; "
+          f"the error follows the mean kernel size at {result['kernel_bias']:+.2f}")
     if "spread" in result:
         sp = result["spread"]
         print(f"  on the {sp['subnets']} subnets of the MFLOPs spread alone: tau {sp['kendall_tau']:+.3f} "
@@ -373,22 +376,38 @@ def collect(named: list[str], levers: Path, png: Path) -> None:
             raise SystemExit(f"error: --collect {item!r}: expected NAME=PATH to a ranking.json")
         r = json.loads(Path(path).read_text())
         keep = ("command", "commit", "supernet", "truth", "calib_images", "act_ranges", "kendall_tau", "kendall_tau_90",
-                "spearman_rho", "mflops_tau", "mflops_tau_90", "mean_gap_pp", "regret", "spread", "finetuned")
+                "spearman_rho", "mflops_tau", "mflops_tau_90", "mean_gap_pp", "kernel_bias", "regret", "spread", "finetuned")
         doc["levers"][name] = {**{k: r.get(k) for k in keep},
-                               "subnets": [{"index": s["index"], "truth": s["truth"], "inherited": s["inherited"],
-                                            "mflops": s["mflops"]} for s in r["subnets"]]}
+                               "subnets": [{k: s[k] for k in ("index", "truth", "inherited", "mflops", "mean_kernel") if k in s}
+                                           for s in r["subnets"]]}
     write_json(levers, doc)
     _plot_levers(doc["levers"], png)
     for name, r in doc["levers"].items():
         lo, hi = r["kendall_tau_90"]
         print(f"{name:28s} tau {r['kendall_tau']:+.3f} ({lo:+.2f}..{hi:+.2f})  MFLOPs {r['mflops_tau']:+.3f}  "
-              f"gap {r['mean_gap_pp']:+.2f} pp  ({len(r['subnets'])} subnets)")
+              f"gap {r['mean_gap_pp']:+.2f} pp  ({len(r['subnets'])} subnets)"
+              + (f"  error~kernel {r['kernel_bias']:+.2f}" if r.get("kernel_bias") is not None else ""))
     for arm, taus in arm_taus(doc["levers"]).items():
         print(f"{arm + ' (mean of seeds)':28s} tau {statistics.mean(taus):+.3f} (seeds {' '.join(f'{t:+.3f}' for t in taus)})")
     for arm, a in seed_agreement(doc["levers"]).items():
         print(f"{arm + ' (seeds vs each other)':28s} inherited tau {a['inherited_tau']:+.3f}, "
               f"errors vs truth correlate {a['residual_corr']:+.2f}")
     print(f"wrote {levers} and {png}")
+
+
+def mean_kernel(arch) -> float:
+    """The mean depthwise kernel size over a subnet's blocks."""
+    return statistics.mean(b.kernel for stage in arch.stages for b in stage.blocks)
+
+
+def kernel_bias(subnets: list[dict]) -> float | None:
+    """How the supernet's error (inherited minus truth) follows the subnets' mean depthwise kernel
+    size: the correlation over the scored subnets (None for rows scored before it was recorded).
+    Issue 31 found the default supernet overrates large kernels (about +0.4): a lever that removes
+    the cause should bring it near 0."""
+    if any("mean_kernel" not in s for s in subnets):
+        return None
+    return float(np.corrcoef([s["inherited"] - s["truth"] for s in subnets], [s["mean_kernel"] for s in subnets])[0, 1])
 
 
 def arm_seeds(levers: dict) -> dict[str, list[dict]]:

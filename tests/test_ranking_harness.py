@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from benchmarks.ranking import (arm_taus, bootstrap_tau, finetuned_scores, regret, rescored_regret, seed_agreement, spearman,
-                                top_candidates)
+from benchmarks.ranking import (arm_taus, bootstrap_tau, finetuned_scores, kernel_bias, mean_kernel, regret, rescored_regret,
+                                seed_agreement, spearman, top_candidates)
 from benchmarks.truth import load_truth
 from qnas_cli.export.latency_build import save_table
 from qnas_cli.ranking import kendall_tau
-from qnas_cli.space import load_space
+from qnas_cli.space import load_space, sample
 from tests.test_latency import synthetic_table
 
 
@@ -125,6 +125,17 @@ def test_seed_agreement_tells_a_shared_error_from_training_noise():
               "alone": {"subnets": rows([0.0] * 4)}}
     a = seed_agreement(levers)
     assert set(a) == {"arm"} and a["arm"]["residual_corr"] > 0.9 and a["arm"]["inherited_tau"] == pytest.approx(1.0)
+
+
+def test_kernel_bias_is_how_the_error_follows_the_mean_kernel_size():
+    space = load_space("small")
+    smallest, largest = sample(space, "smallest"), sample(space, "largest")
+    assert (mean_kernel(smallest), mean_kernel(largest)) == (3, 7)
+    rows = [{"truth": 0.9, "inherited": 0.88 + 0.002 * k, "mean_kernel": k} for k in (3, 4, 5, 6, 7)]
+    assert kernel_bias(rows) == pytest.approx(1.0)
+    flipped = [{**r, "inherited": 0.9 - 0.002 * r["mean_kernel"]} for r in rows]
+    assert kernel_bias(flipped) == pytest.approx(-1.0)
+    assert kernel_bias([{"truth": 0.9, "inherited": 0.8}]) is None  # a row from before it was recorded
 
 
 def test_rescoring_by_finetune_picks_the_best_finetuned_of_the_shortlist(tmp_path):
