@@ -23,13 +23,18 @@ is scored afresh.
     python -m benchmarks.ranking [--supernet runs/bench/supernet_accuracy/default/supernet.pt]
         [--truth benchmarks/data/standalone_small_fashion-mnist.json] [--table T.json] [--out runs/bench/ranking]
         [--calib-images N] [--act-ranges learned|subnet] [--finetuned FINETUNE.json [--finetune-top K]]
-    python -m benchmarks.ranking --collect NAME=OUT/ranking.json ...   # lever rows into LEVERS, one PNG
+    python -m benchmarks.ranking --collect NAME=OUT/ranking.json ... [--control ARM]  # lever rows into LEVERS, one PNG
     python -m benchmarks.ranking --quick      # tiny: trains its own supernet and 6-subnet truth first (minutes)
 
 ``--collect`` keeps each lever's figures and per-subnet scores in a small committed file
 (benchmarks/data/ranking_levers_small_fashion-mnist.json: the command, commit and the supernet's
 training options with them), since runs/ does not outlive a session, and draws inherited vs
-truth per lever (docs/bench/ranking_levers.png).
+truth per lever (docs/bench/ranking_levers.png). Rows named ARM/SEED are one arm's training seeds:
+``--collect`` prints how they agree with each other and, with ``--control ARM``, each arm's τ minus
+the control's paired by seed. Any supernet file scores, the float one a run leaves beside its
+int8 one (``float_supernet.pt``) or a ``--quant none`` run included: issue 31 found the ranking
+error already there after the float phase, so a float-phase lever is screened on a float-only run
+(``qnas train --quant none --steps 1400``, a third of the default run's time).
 
 About 10-15 minutes on 2 cores for 20 `small` subnets (the calibration and 10,000 exact images
 each), so twice that for the grown truth's 41.
@@ -246,6 +251,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/ranking"))
     ap.add_argument("--collect", nargs="+", metavar="NAME=RANKING_JSON", default=None,
                     help="only add these runs' ranking.json as lever rows to --levers and redraw --png")
+    ap.add_argument("--control", default=None, metavar="ARM",
+                    help="--collect: print each arm's Kendall tau minus this arm's, paired by training seed (rows ARM/sK)")
     ap.add_argument("--levers", type=Path, default=DEFAULT_LEVERS)
     ap.add_argument("--png", type=Path, default=Path("docs/bench/ranking_levers.png"))
     ap.add_argument("--finetune-top", type=int, default=FINETUNE_TOP,
@@ -259,7 +266,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="--quick: training runs at a time")
     args = ap.parse_args()
     if args.collect:
-        collect(args.collect, args.levers, args.png)
+        collect(args.collect, args.levers, args.png, args.control)
         return
     if args.finetune_top < 1:
         ap.error(f"--finetune-top must be >= 1, got {args.finetune_top}")
@@ -364,9 +371,10 @@ def _plot(result: dict, path: Path) -> None:
     save_png(fig, path)
 
 
-def collect(named: list[str], levers: Path, png: Path) -> None:
+def collect(named: list[str], levers: Path, png: Path, control: str | None = None) -> None:
     """Add ``NAME=ranking.json`` results as lever rows to ``levers`` (a row of the same name is
-    replaced) and draw every row's inherited vs truth, one panel each, to ``png``."""
+    replaced) and draw every row's inherited vs truth, one panel each, to ``png``; with ``control``
+    (an arm with ARM/SEED rows), print every arm's paired Δτ against it."""
     doc = json.loads(levers.read_text()) if levers.is_file() else {"format": LEVERS_FORMAT, "levers": {}}
     if doc.get("format") != LEVERS_FORMAT:
         raise SystemExit(f"error: {levers}: not a {LEVERS_FORMAT} file")
@@ -392,6 +400,10 @@ def collect(named: list[str], levers: Path, png: Path) -> None:
     for arm, a in seed_agreement(doc["levers"]).items():
         print(f"{arm + ' (seeds vs each other)':28s} inherited tau {a['inherited_tau']:+.3f}, "
               f"errors vs truth correlate {a['residual_corr']:+.2f}")
+    for arm in arm_seeds(doc["levers"]) if control else ():
+        if arm != control and (p := paired_delta(doc["levers"], arm, control)):
+            lo, hi = p["interval"]
+            print(f"{arm + ' - ' + control:28s} paired delta tau {p['delta']:+.3f} (90% {lo:+.2f}..{hi:+.2f}, {p['seeds']} seeds)")
     print(f"wrote {levers} and {png}")
 
 
@@ -423,6 +435,31 @@ def arm_seeds(levers: dict) -> dict[str, list[dict]]:
 def arm_taus(levers: dict) -> dict[str, list[float]]:
     """Kendall tau per training seed of each arm that has several (``arm_seeds``)."""
     return {arm: [r["kendall_tau"] for r in rows] for arm, rows in arm_seeds(levers).items()}
+
+
+def paired_delta(levers: dict, arm: str, control: str, seed: int = 0, n: int = BOOTSTRAP) -> dict | None:
+    """An arm's Kendall tau minus the control's, paired by training seed (rows ``ARM/sK`` and
+    ``CONTROL/sK`` on the same truth subnets), averaged over the seeds both have, with a 90% interval
+    from resampling the subnets (one resample shared by every seed and both arms). The interval
+    holds the truth's sampling error, not training-seed variance. None where no seed pairs."""
+    rows = {name.rsplit("/", 1)[1]: r for name, r in levers.items() if name.rsplit("/", 1)[0] == arm and "/" in name}
+    ctrl = {name.rsplit("/", 1)[1]: r for name, r in levers.items() if name.rsplit("/", 1)[0] == control and "/" in name}
+    pairs = [(rows[k]["subnets"], ctrl[k]["subnets"]) for k in sorted(rows.keys() & ctrl.keys())
+             if [s["index"] for s in rows[k]["subnets"]] == [s["index"] for s in ctrl[k]["subnets"]]]
+    if not pairs:
+        return None
+
+    def delta(idx: list[int]) -> float:
+        d = []
+        for a, c in pairs:
+            truth = [a[i]["truth"] for i in idx]
+            d.append(kendall_tau([a[i]["inherited"] for i in idx], truth) - kendall_tau([c[i]["inherited"] for i in idx], truth))
+        return statistics.mean(d)
+
+    m = len(pairs[0][0])
+    rng = random.Random(seed)
+    draws = sorted(delta([rng.randrange(m) for _ in range(m)]) for _ in range(n))
+    return {"delta": delta(list(range(m))), "interval": (draws[int(0.05 * n)], draws[int(0.95 * n) - 1]), "seeds": len(pairs)}
 
 
 def seed_agreement(levers: dict) -> dict[str, dict[str, float]]:

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from benchmarks.ranking import (arm_taus, bootstrap_tau, finetuned_scores, kernel_bias, mean_kernel, regret, rescored_regret,
-                                seed_agreement, spearman, top_candidates)
+from benchmarks.ranking import (arm_taus, bootstrap_tau, finetuned_scores, kernel_bias, mean_kernel, paired_delta, regret,
+                                rescored_regret, seed_agreement, spearman, top_candidates)
 from benchmarks.truth import load_truth
 from qnas_cli.export.latency_build import save_table
 from qnas_cli.ranking import kendall_tau
@@ -136,6 +136,19 @@ def test_kernel_bias_is_how_the_error_follows_the_mean_kernel_size():
     flipped = [{**r, "inherited": 0.9 - 0.002 * r["mean_kernel"]} for r in rows]
     assert kernel_bias(flipped) == pytest.approx(-1.0)
     assert kernel_bias([{"truth": 0.9, "inherited": 0.8}]) is None  # a row from before it was recorded
+
+
+def test_paired_delta_is_the_arms_tau_minus_the_controls_seed_by_seed():
+    truth = [0.86, 0.87, 0.88, 0.89, 0.90, 0.91]
+    row = lambda scores: {"subnets": [{"index": i, "truth": t, "inherited": x}  # noqa: E731
+                                      for i, (t, x) in enumerate(zip(truth, scores))]}
+    perfect, swapped = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.2, 0.1, 0.3, 0.4, 0.6, 0.5]
+    levers = {"ctrl/s0": row(swapped), "ctrl/s1": row(swapped), "arm/s0": row(perfect), "arm/s1": row(swapped),
+              "lone/s2": row(perfect), "lone/s3": row(perfect)}
+    p = paired_delta(levers, "arm", "ctrl")
+    want = (kendall_tau(perfect, truth) - kendall_tau(swapped, truth)) / 2  # one seed gains, one ties
+    assert p["seeds"] == 2 and p["delta"] == pytest.approx(want) and p["interval"][0] <= p["interval"][1]
+    assert paired_delta(levers, "lone", "ctrl") is None  # no training seed in common
 
 
 def test_rescoring_by_finetune_picks_the_best_finetuned_of_the_shortlist(tmp_path):
