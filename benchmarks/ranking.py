@@ -400,7 +400,7 @@ def collect(named: list[str], levers: Path, png: Path, control: str | None = Non
     for arm, a in seed_agreement(doc["levers"]).items():
         print(f"{arm + ' (seeds vs each other)':28s} inherited tau {a['inherited_tau']:+.3f}, "
               f"errors vs truth correlate {a['residual_corr']:+.2f}")
-    for arm in arm_seeds(doc["levers"]) if control else ():
+    for arm in dict.fromkeys(name.rsplit("/", 1)[0] for name in doc["levers"] if "/" in name) if control else ():
         if arm != control and (p := paired_delta(doc["levers"], arm, control)):
             lo, hi = p["interval"]
             print(f"{arm + ' - ' + control:28s} paired delta tau {p['delta']:+.3f} (90% {lo:+.2f}..{hi:+.2f}, {p['seeds']} seeds)")
