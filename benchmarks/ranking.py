@@ -403,7 +403,7 @@ def collect(named: list[str], levers: Path, png: Path, control: str | None = Non
     for arm in dict.fromkeys(name.rsplit("/", 1)[0] for name in doc["levers"] if "/" in name) if control else ():
         if arm != control and (p := paired_delta(doc["levers"], arm, control)):
             lo, hi = p["interval"]
-            print(f"{arm + ' - ' + control:28s} paired delta tau {p['delta']:+.3f} (90% {lo:+.2f}..{hi:+.2f}, {p['seeds']} seeds)")
+            print(f"{arm + ' - ' + control:28s} paired delta tau {p['delta']:+.3f} (90% {lo:+.2f}..{hi:+.2f}, {p['seeds']} seed{'s' * (p['seeds'] > 1)})")
     print(f"wrote {levers} and {png}")
 
 
