@@ -17,9 +17,9 @@ from qnas_cli.space import PRESETS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def supernet_weights(run: Path) -> dict[str, torch.Tensor]:
-    """The trained tensors of ``RUN/supernet.pt``."""
-    return load_weights(Path(run) / "supernet.pt")[0]["model"]
+def supernet_weights(run: Path, name: str = "supernet.pt") -> dict[str, torch.Tensor]:
+    """The trained tensors of ``RUN/supernet.pt`` (or another weights file of the run)."""
+    return load_weights(Path(run) / name)[0]["model"]
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -73,6 +73,15 @@ def test_resume_across_the_float_to_int8_boundary(tmp_path, crash_at):
     assert json.loads((tmp_path / "b" / "float_supernet.json").read_text())["phase"] == "float"
 
 
+def test_a_float_only_run_is_the_float_phase_of_the_whole_recipe(tmp_path):
+    """`--quant none --steps N` trains bit for bit what a run's N-step float phase leaves in
+    float_supernet.pt: the same draws, batches and schedule. Issue 31 screens float-phase levers on
+    such runs, so a float-only arm is paired with the whole recipe's own float supernet."""
+    train(TrainConfig(out=str(tmp_path / "whole"), steps=5, float_steps=3, **FAST), log=lambda *a, **k: None)
+    train(TrainConfig(out=str(tmp_path / "float"), steps=3, quant=QuantConfig(mode="none"), **FAST), log=lambda *a, **k: None)
+    assert_same_weights(supernet_weights(tmp_path / "whole", "float_supernet.pt"), supernet_weights(tmp_path / "float"))
+
+
 def test_resume_keeps_the_plan_the_run_started_with(tmp_path, monkeypatch):
     """A run started under one default float share and resumed under another (an upgrade) is
     refused, naming both plans; given the lengths explicitly it continues, bit for bit."""
