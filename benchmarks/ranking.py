@@ -403,7 +403,8 @@ def collect(named: list[str], levers: Path, png: Path, control: str | None = Non
     for arm in dict.fromkeys(name.rsplit("/", 1)[0] for name in doc["levers"] if "/" in name) if control else ():
         if arm != control and (p := paired_delta(doc["levers"], arm, control)):
             lo, hi = p["interval"]
-            print(f"{arm + ' - ' + control:28s} paired delta tau {p['delta']:+.3f} (90% {lo:+.2f}..{hi:+.2f}, {p['seeds']} seed{'s' * (p['seeds'] > 1)})")
+            seeds = f"{p['seeds']} seed{'s' * (p['seeds'] > 1)}"
+            print(f"{arm + ' - ' + control:28s} paired delta tau {p['delta']:+.3f} (90% {lo:+.2f}..{hi:+.2f}, {seeds})")
     print(f"wrote {levers} and {png}")
 
 
@@ -437,13 +438,17 @@ def arm_taus(levers: dict) -> dict[str, list[float]]:
     return {arm: [r["kendall_tau"] for r in rows] for arm, rows in arm_seeds(levers).items()}
 
 
+def _by_seed(levers: dict, arm: str) -> dict[str, dict]:
+    """An arm's rows ``ARM/SEED``, by SEED."""
+    return {name.rsplit("/", 1)[1]: r for name, r in levers.items() if "/" in name and name.rsplit("/", 1)[0] == arm}
+
+
 def paired_delta(levers: dict, arm: str, control: str, seed: int = 0, n: int = BOOTSTRAP) -> dict | None:
     """An arm's Kendall tau minus the control's, paired by training seed (rows ``ARM/sK`` and
     ``CONTROL/sK`` on the same truth subnets), averaged over the seeds both have, with a 90% interval
     from resampling the subnets (one resample shared by every seed and both arms). The interval
     holds the truth's sampling error, not training-seed variance. None where no seed pairs."""
-    rows = {name.rsplit("/", 1)[1]: r for name, r in levers.items() if name.rsplit("/", 1)[0] == arm and "/" in name}
-    ctrl = {name.rsplit("/", 1)[1]: r for name, r in levers.items() if name.rsplit("/", 1)[0] == control and "/" in name}
+    rows, ctrl = _by_seed(levers, arm), _by_seed(levers, control)
     pairs = [(rows[k]["subnets"], ctrl[k]["subnets"]) for k in sorted(rows.keys() & ctrl.keys())
              if [s["index"] for s in rows[k]["subnets"]] == [s["index"] for s in ctrl[k]["subnets"]]]
     if not pairs:

@@ -14,7 +14,9 @@
   the 3x3 kernels only in the narrow, expand-3 smallest subnet, and a 3x3 kernel in a wide,
   expand-6 block only when a uniform draw happens to pick both (1 in 9 per block); the supernet
   underrates exactly those subnets. Here a block is 3x3-expand-6 in 2 of 9 random slots. The
-  elastic-kernel subnets are the largest's size, so a step costs about a fifth more.
+  elastic-kernel subnets are the largest's size, so a run takes 10-20% longer. Measured on the
+  float phase (two seeds, BENCHMARKS.md §1): the kernel bias shrinks a little, the ranking does
+  not improve.
 - ``worst`` / ``best``: AttentiveNAS's WorstUp-k / BestUp-k. ``k`` candidates of one size (a
   uniformly random anchor, then draws within ``SIZE_TOLERANCE`` of its MFLOPs); the step trains the
   one whose loss on its own images is the highest / the lowest (``train.pick_by_loss`` scores them).

@@ -42,7 +42,7 @@ def train(
     num_random: Annotated[int, typer.Option(help="Random subnets per step besides the largest and smallest (sandwich rule).")] = D.num_random,
     sampling: Annotated[str, typer.Option(help="How each random subnet is drawn: uniform (each choice at random) | stratified (uniform over MFLOPs "
                                                "between the smallest and the largest: more of the larger subnets) | kernels (half of them the largest with a random "
-                                               "kernel per block, OFA's elastic-kernel stage; steps cost about a fifth more) | worst / best (AttentiveNAS's WorstUp / BestUp: of "
+                                               "kernel per block, OFA's elastic-kernel stage; runs take 10-20% longer) | worst / best (AttentiveNAS's WorstUp / BestUp: of "
                                                "--sampling-k candidates of one size, the one with the highest / lowest loss on the step's "
                                                "images; k extra forward passes per random subnet).")] = D.sampling,
     sampling_k: Annotated[int, typer.Option(help="worst / best: candidates scored per random subnet.")] = D.sampling_k,
