@@ -46,7 +46,7 @@ from qnas_cli.ranking import kendall_tau
 from qnas_cli.space import Arch, load_space
 
 from benchmarks.plots import pyplot, save_png
-from benchmarks.ranking import BOOTSTRAP, bootstrap_tau, regret
+from benchmarks.ranking import BOOTSTRAP, bootstrap_tau, paired_tau_diff_90, regret
 from benchmarks.truth import DEFAULT_TRUTH, load_truth
 
 DEFAULT_RANKING = Path("runs/bench/ranking/ranking.json")
@@ -206,21 +206,6 @@ def cv_taus(ranker: Ranker, x: np.ndarray, y: np.ndarray, folds: int = CV_FOLDS,
             for k, v in (("within_fold", within), ("pooled", pooled))}
 
 
-def paired_bootstrap_diff(a: list[float], b: list[float], truth: list[float], seed: int = 0,
-                          n: int = BOOTSTRAP) -> tuple[float, float]:
-    """90% interval of tau(a, truth) - tau(b, truth), the same subnets resampled for both: the
-    question 'does a beat b', which two separate intervals answer only loosely."""
-    rng = random.Random(seed)
-    diffs = []
-    for _ in range(n):
-        idx = [rng.randrange(len(truth)) for _ in truth]
-        t = [truth[i] for i in idx]
-        if len(set(t)) > 1:
-            diffs.append(kendall_tau([a[i] for i in idx], t) - kendall_tau([b[i] for i in idx], t))
-    diffs.sort()
-    return diffs[int(0.05 * len(diffs))], diffs[int(0.95 * len(diffs)) - 1]
-
-
 # ---- the comparison -------------------------------------------------------------------------------
 
 def compare(cols: dict[str, list[float]], budgets: list[float], rankers=RANKERS, boot: int = BOOTSTRAP,
@@ -250,7 +235,7 @@ def compare(cols: dict[str, list[float]], budgets: list[float], rankers=RANKERS,
     for base in ("inherited", "mflops"):
         for r in rankers:
             if base in loo and r.name != base:
-                out[r.name][f"loo_tau_minus_{base}_90"] = list(paired_bootstrap_diff(loo[r.name], loo[base], truth, n=boot))
+                out[r.name][f"loo_tau_minus_{base}_90"] = list(paired_tau_diff_90([(loo[r.name], loo[base], truth)], n=boot))
     return out
 
 

@@ -400,7 +400,7 @@ def collect(named: list[str], levers: Path, png: Path, control: str | None = Non
     for arm, a in seed_agreement(doc["levers"]).items():
         print(f"{arm + ' (seeds vs each other)':28s} inherited tau {a['inherited_tau']:+.3f}, "
               f"errors vs truth correlate {a['residual_corr']:+.2f}")
-    for arm in dict.fromkeys(name.rsplit("/", 1)[0] for name in doc["levers"] if "/" in name) if control else ():
+    for arm in dict.fromkeys(split[0] for name in doc["levers"] if (split := arm_and_seed(name))) if control else ():
         if arm != control and (p := paired_delta(doc["levers"], arm, control)):
             lo, hi = p["interval"]
             seeds = f"{p['seeds']} seed{'s' * (p['seeds'] > 1)}"
@@ -423,13 +423,20 @@ def kernel_bias(subnets: list[dict]) -> float | None:
     return float(np.corrcoef([s["inherited"] - s["truth"] for s in subnets], [s["mean_kernel"] for s in subnets])[0, 1])
 
 
+def arm_and_seed(name: str) -> tuple[str, str] | None:
+    """A lever row's name ``ARM/SEED`` (e.g. ``default-41/s0``) as (ARM, SEED); None for a row of
+    one run."""
+    arm, sep, seed = name.rpartition("/")
+    return (arm, seed) if sep else None
+
+
 def arm_seeds(levers: dict) -> dict[str, list[dict]]:
-    """The lever rows of each arm that has several training seeds: rows named ARM/SEED (e.g.
-    ``default-41/s0``) scored on as many truth subnets are one arm's seeds."""
+    """The lever rows of each arm that has several training seeds: rows named ARM/SEED scored on
+    as many truth subnets are one arm's seeds."""
     arms: dict[tuple[str, int], list[dict]] = {}
     for name, r in levers.items():
-        if "/" in name:
-            arms.setdefault((name.rsplit("/", 1)[0], len(r["subnets"])), []).append(r)
+        if split := arm_and_seed(name):
+            arms.setdefault((split[0], len(r["subnets"])), []).append(r)
     return {arm: rows for (arm, _), rows in arms.items() if len(rows) > 1}
 
 
@@ -440,7 +447,7 @@ def arm_taus(levers: dict) -> dict[str, list[float]]:
 
 def _by_seed(levers: dict, arm: str) -> dict[str, dict]:
     """An arm's rows ``ARM/SEED``, by SEED."""
-    return {name.rsplit("/", 1)[1]: r for name, r in levers.items() if "/" in name and name.rsplit("/", 1)[0] == arm}
+    return {split[1]: r for name, r in levers.items() if (split := arm_and_seed(name)) and split[0] == arm}
 
 
 def paired_delta(levers: dict, arm: str, control: str, seed: int = 0, n: int = BOOTSTRAP) -> dict | None:
@@ -454,17 +461,26 @@ def paired_delta(levers: dict, arm: str, control: str, seed: int = 0, n: int = B
     if not pairs:
         return None
 
-    def delta(idx: list[int]) -> float:
-        d = []
-        for a, c in pairs:
-            truth = [a[i]["truth"] for i in idx]
-            d.append(kendall_tau([a[i]["inherited"] for i in idx], truth) - kendall_tau([c[i]["inherited"] for i in idx], truth))
-        return statistics.mean(d)
+    scores = [([s["inherited"] for s in a], [s["inherited"] for s in c], [s["truth"] for s in a]) for a, c in pairs]
+    delta = statistics.mean(kendall_tau(a, t) - kendall_tau(c, t) for a, c, t in scores)
+    return {"delta": delta, "interval": paired_tau_diff_90(scores, seed, n), "seeds": len(pairs)}
 
-    m = len(pairs[0][0])
+
+def paired_tau_diff_90(pairs: list[tuple[list[float], list[float], list[float]]], seed: int = 0,
+                       n: int = BOOTSTRAP) -> tuple[float, float]:
+    """90% interval of the mean over ``pairs`` (a, b, truth) of tau(a, truth) - tau(b, truth), the
+    same subnets resampled for every pair (seeded; resamples with a constant truth skipped): the
+    question 'does a beat b', which two separate intervals answer only loosely."""
+    m = len(pairs[0][2])
     rng = random.Random(seed)
-    draws = sorted(delta([rng.randrange(m) for _ in range(m)]) for _ in range(n))
-    return {"delta": delta(list(range(m))), "interval": (draws[int(0.05 * n)], draws[int(0.95 * n) - 1]), "seeds": len(pairs)}
+    diffs = []
+    for _ in range(n):
+        idx = [rng.randrange(m) for _ in range(m)]
+        resampled = [([a[i] for i in idx], [b[i] for i in idx], [t[i] for i in idx]) for a, b, t in pairs]
+        if all(len(set(t)) > 1 for _, _, t in resampled):
+            diffs.append(statistics.mean(kendall_tau(a, t) - kendall_tau(b, t) for a, b, t in resampled))
+    diffs.sort()
+    return diffs[int(0.05 * len(diffs))], diffs[int(0.95 * len(diffs)) - 1]
 
 
 def seed_agreement(levers: dict) -> dict[str, dict[str, float]]:
