@@ -315,6 +315,7 @@ def main() -> None:
                     for e, a, m, ms, t, i in zip(truth_doc["subnets"], archs, mflops, latency, truth, inherited)],
     }
     result["kernel_bias"] = kernel_bias(result["subnets"])
+    result["choice_worth"] = {"alone": choice_worth(archs, truth), "inherited": choice_worth(archs, inherited)}
     needed = sorted({i for b in budgets for i in top_candidates(inherited, latency, b, args.finetune_top)})
     finetuned, choose_by = finetuned_scores(args.finetuned, result["supernet"]["sha256"]) if args.finetuned else ({}, None)
     missing = [i for i in needed if i not in finetuned]
@@ -338,6 +339,8 @@ def main() -> None:
           f"MFLOPs alone {result['mflops_tau']:+.3f} ({mlo:+.2f}..{mhi:+.2f}); truth seeds agree at "
           f"{list(result['truth']['seed_tau'].values())[0]:+.3f}; mean gap {result['mean_gap_pp']:+.2f} pp; "
           f"the error follows the mean kernel size at {result['kernel_bias']:+.2f}")
+    if all(result["choice_worth"].values()):
+        print("  what a choice is worth, pp per standard deviation, alone / inherited: " + worth_line(result["choice_worth"]))
     if "spread" in result:
         sp = result["spread"]
         print(f"  on the {sp['subnets']} subnets of the MFLOPs spread alone: tau {sp['kendall_tau']:+.3f} "
@@ -388,13 +391,20 @@ def collect(named: list[str], levers: Path, png: Path, control: str | None = Non
         doc["levers"][name] = {**{k: r.get(k) for k in keep},
                                "subnets": [{k: s[k] for k in ("index", "truth", "inherited", "mflops", "mean_kernel") if k in s}
                                            for s in r["subnets"]]}
+    archs = dict(enumerate(truth_archs(load_truth(DEFAULT_TRUTH))))  # every row's subnets are the truth's, by index
+    for r in doc["levers"].values():
+        by = {k: [s[k] for s in r["subnets"]] for k in ("truth", "inherited")}
+        pick = [archs[s["index"]] for s in r["subnets"]]
+        worth = {"alone": choice_worth(pick, by["truth"]), "inherited": choice_worth(pick, by["inherited"])}
+        r["choice_worth"] = worth if all(worth.values()) else None
     write_json(levers, doc)
     _plot_levers(doc["levers"], png)
     for name, r in doc["levers"].items():
         lo, hi = r["kendall_tau_90"]
         print(f"{name:28s} tau {r['kendall_tau']:+.3f} ({lo:+.2f}..{hi:+.2f})  MFLOPs {r['mflops_tau']:+.3f}  "
               f"gap {r['mean_gap_pp']:+.2f} pp  ({len(r['subnets'])} subnets)"
-              + (f"  error~kernel {r['kernel_bias']:+.2f}" if r.get("kernel_bias") is not None else ""))
+              + (f"  error~kernel {r['kernel_bias']:+.2f}" if r.get("kernel_bias") is not None else "")
+              + (f"\n{'':28s} worth alone / inherited: {worth_line(r['choice_worth'])}" if r.get("choice_worth") else ""))
     for arm, taus in arm_taus(doc["levers"]).items():
         print(f"{arm + ' (mean of seeds)':28s} tau {statistics.mean(taus):+.3f} (seeds {' '.join(f'{t:+.3f}' for t in taus)})")
     for arm, a in seed_agreement(doc["levers"]).items():
@@ -411,6 +421,34 @@ def collect(named: list[str], levers: Path, png: Path, control: str | None = Non
 def mean_kernel(arch) -> float:
     """The mean depthwise kernel size over a subnet's blocks."""
     return statistics.mean(b.kernel for stage in arch.stages for b in stage.blocks)
+
+
+CHOICES = {  # a subnet's mean choice per dimension of the space
+    "resolution": lambda a: a.resolution,
+    "depth": lambda a: sum(len(stage.blocks) for stage in a.stages),
+    "expand": lambda a: statistics.mean(b.expand for stage in a.stages for b in stage.blocks),
+    "kernel": mean_kernel,
+    "width": lambda a: statistics.mean(stage.width for stage in a.stages),
+}
+
+
+def choice_worth(archs, accuracy: list[float]) -> dict[str, float] | None:
+    """What each dimension of the space is worth to ``accuracy``: the least-squares slopes, in pp
+    per standard deviation of the subnets' mean choice, of all dimensions fitted together (so a
+    choice's worth is measured at equal others). Fitted to the truth it says what a choice buys a
+    subnet trained alone; to the inherited scores, what the supernet pays for it: issue 31 found
+    the two differ per dimension (kernels and widths overpaid, expands underpaid), not by size
+    alone. None with fewer than three subnets per fitted value, or a dimension that never varies."""
+    x = np.array([[f(a) for f in CHOICES.values()] for a in archs], dtype=float)
+    if len(archs) < 3 * (len(CHOICES) + 1) or (x.std(0) == 0).any():
+        return None
+    z = np.column_stack([(x - x.mean(0)) / x.std(0), np.ones(len(archs))])
+    slopes = np.linalg.lstsq(z, 100 * np.asarray(accuracy, dtype=float), rcond=None)[0][:-1]
+    return {name: float(v) for name, v in zip(CHOICES, slopes)}
+
+
+def worth_line(worth: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{name} {worth['alone'][name]:+.2f} / {worth['inherited'][name]:+.2f}" for name in CHOICES)
 
 
 def kernel_bias(subnets: list[dict]) -> float | None:

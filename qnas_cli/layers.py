@@ -257,7 +257,8 @@ class QConvBN(nn.Module, QuantInit, Exact):
     calibrating: bool = False  # set only inside ``exact_statistics``
 
     def __init__(self, in_max: int, out_max: int, kernel_max: int, stride: int, cfg: QuantConfig,
-                 depthwise: bool = False, relu: bool = True, kernel_transforms: tuple[int, ...] = ()) -> None:
+                 depthwise: bool = False, relu: bool = True, kernel_transforms: tuple[int, ...] = (),
+                 separate_kernels: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.cfg, self.stride, self.depthwise, self.relu = cfg, stride, depthwise, relu
         self.weight = nn.Parameter(torch.empty(out_max, 1 if depthwise else in_max, kernel_max, kernel_max))
@@ -271,6 +272,13 @@ class QConvBN(nn.Module, QuantInit, Exact):
         self.kernel_transforms = nn.ParameterDict({
             f"{big}to{small}": nn.Parameter(torch.eye(small * small))
             for big, small in zip(self.kernel_sizes, self.kernel_sizes[1:])})
+        # Or each smaller kernel choice its own weights, shared across widths but not with the larger
+        # kernels (issue 31's test of the kernel bias: is it the shared taps?). Initialised as a layer
+        # of that kernel size would be. ``separate_kernels``: the kernel choices (else none).
+        self.own_kernels = nn.ParameterDict({
+            str(k): nn.Parameter(nn.init.kaiming_normal_(torch.empty(out_max, self.weight.shape[1], k, k), mode="fan_out",
+                                                          nonlinearity="relu"))
+            for k in sorted(separate_kernels) if k < kernel_max})
         self.bn_weight = nn.Parameter(torch.ones(out_max))
         self.bn_bias = nn.Parameter(torch.zeros(out_max))
         self.register_buffer("running_mean", torch.zeros(out_max))
@@ -302,9 +310,11 @@ class QConvBN(nn.Module, QuantInit, Exact):
         return self.weight.shape[-1]
 
     def sliced_weight(self, in_channels: int, out_channels: int, kernel: int) -> Tensor:
-        w = self.weight[:out_channels, : 1 if self.depthwise else in_channels]
-        # one centre crop; with transforms, one crop and transform per kernel choice on the way down
-        sizes = [k for k in self.kernel_sizes if k >= kernel] if self.kernel_sizes else [self.kernel_max, kernel]
+        source = self.own_kernels[str(kernel)] if str(kernel) in self.own_kernels else self.weight
+        w = source[:out_channels, : 1 if self.depthwise else in_channels]
+        # one centre crop (none for a kernel of its own); with transforms, one crop and transform per
+        # kernel choice on the way down
+        sizes = [k for k in self.kernel_sizes if k >= kernel] if self.kernel_sizes else [source.shape[-1], kernel]
         for big, small in zip(sizes, sizes[1:]):
             crop = (big - small) // 2
             w = w[:, :, crop : crop + small, crop : crop + small]

@@ -31,11 +31,13 @@ class MBBlock(nn.Module, Exact):
     """
 
     def __init__(self, in_max: int, out_max: int, kernel_max: int, expand_max: int, stride: int,
-                 residual: bool, cfg: QuantConfig, kernel_transforms: tuple[int, ...] = ()) -> None:
+                 residual: bool, cfg: QuantConfig, kernel_transforms: tuple[int, ...] = (),
+                 separate_kernels: tuple[int, ...] = ()) -> None:
         super().__init__()
         mid_max = mid_channels(in_max, expand_max)
         self.expand = QConvBN(in_max, mid_max, 1, 1, cfg) if expand_max > 1 else None
-        self.depthwise = QConvBN(mid_max, mid_max, kernel_max, stride, cfg, depthwise=True, kernel_transforms=kernel_transforms)
+        self.depthwise = QConvBN(mid_max, mid_max, kernel_max, stride, cfg, depthwise=True, kernel_transforms=kernel_transforms,
+                                 separate_kernels=separate_kernels)
         self.project = QConvBN(mid_max, out_max, 1, 1, cfg, relu=False)
         self.add_q = ActQuant(cfg, relu=False) if residual else None
 
@@ -99,13 +101,16 @@ class _Net(nn.Module, Exact):
 
 class Supernet(_Net):
     """``kernel_transform``: smaller depthwise kernels through OFA's learned transforms (``QConvBN``)
-    instead of the plain centre crop; the extracted subnets hold the transformed kernels."""
+    instead of the plain centre crop; the extracted subnets hold the transformed kernels.
+    ``separate_kernels``: each smaller depthwise kernel choice has weights of its own instead."""
 
     def __init__(self, space: SearchSpace, in_channels: int, num_classes: int, cfg: QuantConfig,
-                 kernel_transform: bool = False) -> None:
+                 kernel_transform: bool = False, separate_kernels: bool = False) -> None:
         super().__init__()
+        if kernel_transform and separate_kernels:
+            raise ValueError("kernel transforms and separate kernels are two ways to make a smaller kernel: choose one")
         self.space, self.in_channels, self.num_classes, self.cfg = space, in_channels, num_classes, cfg
-        self.kernel_transform = kernel_transform
+        self.kernel_transform, self.separate_kernels = kernel_transform, separate_kernels
         self.input_q = ActQuant(cfg, relu=False)
         self.stem = QConvBN(in_channels, space.stem_channels, 3, space.stem_stride, cfg)
         stages, c_in = [], space.stem_channels
@@ -114,7 +119,8 @@ class Supernet(_Net):
             blocks = [
                 MBBlock(c_in if j == 0 else c_out, c_out, max(spec.kernels), max(spec.expands),
                         spec.stride if j == 0 else 1, residual=j > 0, cfg=cfg,
-                        kernel_transforms=tuple(spec.kernels) if kernel_transform else ())
+                        kernel_transforms=tuple(spec.kernels) if kernel_transform else (),
+                        separate_kernels=tuple(spec.kernels) if separate_kernels else ())
                 for j in range(max(spec.depths))
             ]
             stages.append(nn.ModuleList(blocks))
@@ -190,7 +196,8 @@ def load_supernet(path, expected_sha256: str | None = None) -> tuple[Supernet, d
     try:
         space = SearchSpace.from_dict(payload["space"])
         net = Supernet(space, int(payload["in_channels"]), int(payload["num_classes"]), QuantConfig(**payload["quant"]),
-                       kernel_transform=bool(payload.get("kernel_transform", False)))  # absent: from before the option
+                       kernel_transform=bool(payload.get("kernel_transform", False)),  # absent: from before the option
+                       separate_kernels=bool(payload.get("separate_kernels", False)))
         net.load_state_dict(payload["model"])
     except KeyError as e:
         raise UserError(f"{path} is not a qnas supernet: missing field {e.args[0]!r}") from None

@@ -88,6 +88,7 @@ class TrainConfig:
     sampling: str = "uniform"  # how each random subnet is drawn: uniform | stratified | kernels | worst | best (see ``sampling``)
     sampling_k: int = 3  # worst / best: candidates scored per random subnet
     kernel_transform: bool = False  # smaller depthwise kernels through OFA's learned transforms (``layers.QConvBN``)
+    separate_kernels: bool = False  # or each smaller depthwise kernel with weights of its own (``layers.QConvBN``)
     kd_ratio: float = 0.5  # β (0.9 lost 1.5 pp on the smallest subnet: a short run's largest is a weak teacher)
     kd_temperature: float = 1.0  # T
     warmup_steps: int = 20  # per phase
@@ -123,6 +124,8 @@ class TrainConfig:
         if self.num_random < 0 or self.warmup_steps < 0:
             raise UserError("--num-random and --warmup-steps must be >= 0")
         check_sampling(self.sampling, self.sampling_k)
+        if self.kernel_transform and self.separate_kernels:
+            raise UserError("--kernel-transform and --separate-kernels are two ways to make a smaller kernel: choose one")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         check_count("--eval-images", self.eval_images, EVAL_IMAGES_HINT)
@@ -138,7 +141,7 @@ class TrainConfig:
 
     # Fields that must match for --resume to continue the same run.
     RESUME_KEYS = ("space", "data", "quant", "epochs", "steps", "float_steps", "batch_size", "lr", "momentum", "weight_decay",
-                   "label_smoothing", "num_random", "sampling", "sampling_k", "kernel_transform", "kd_ratio", "kd_temperature",
+                   "label_smoothing", "num_random", "sampling", "sampling_k", "kernel_transform", "separate_kernels", "kd_ratio", "kd_temperature",
                    "warmup_steps", "clip_grad", "seed", "init", "subnet")
     # The options the resolved phase plan stands for, where a checkpoint records one.
     LENGTH_KEYS = ("steps", "float_steps", "epochs")
@@ -282,7 +285,7 @@ def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on conv/FC weights only: not on BN, biases, LSQ scales or the scale predictor."""
-    decay = [m.weight for m in model.modules() if isinstance(m, QConvBN)]
+    decay = [w for m in model.modules() if isinstance(m, QConvBN) for w in (m.weight, *m.own_kernels.values())]
     decay += [m.fc.weight for m in model.modules() if isinstance(m, QLinear)]
     ids = {id(p) for p in decay}
     rest = [p for p in model.parameters() if id(p) not in ids]
@@ -422,7 +425,7 @@ def _train(cfg: TrainConfig, space: SearchSpace, alone: Arch | None, out: Path, 
             raise UserError(f"--resume: {meta['weights']['file']} is not a checkpoint of this run: "
                             f"{str(e).splitlines()[0][:200]}") from None
     else:
-        init = float_init(Path(cfg.init), space, data, cfg.kernel_transform) if cfg.init else None
+        init = float_init(Path(cfg.init), space, data, cfg.kernel_transform, cfg.separate_kernels) if cfg.init else None
         check_fresh(out, overwrite)  # every rank, reading only: all refuse together
     if d.main:
         remove_temp_files(out)
@@ -524,7 +527,7 @@ def train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model
 
 
 # Options added after runs could be checkpointed, with the value a run made before them ran under.
-ADDED_OPTIONS = {"sampling": "uniform", "sampling_k": 3, "kernel_transform": False}
+ADDED_OPTIONS = {"sampling": "uniform", "sampling_k": 3, "kernel_transform": False, "separate_kernels": False}
 
 
 def with_added_defaults(meta: dict[str, Any]) -> dict[str, Any]:
@@ -545,7 +548,7 @@ def with_added_defaults(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _new_model(space: SearchSpace, data: Dataset, phase: Phase, cfg: TrainConfig, device: str) -> Supernet:
     torch.manual_seed(cfg.seed)
-    return Supernet(space, data.in_channels, data.num_classes, phase.quant, cfg.kernel_transform).to(device)
+    return Supernet(space, data.in_channels, data.num_classes, phase.quant, cfg.kernel_transform, cfg.separate_kernels).to(device)
 
 
 def int8_from_float(float_net: Supernet, quant: QuantConfig, data: Dataset, space: SearchSpace, device: str,
@@ -554,7 +557,8 @@ def int8_from_float(float_net: Supernet, quant: QuantConfig, data: Dataset, spac
     and scales from data: activation steps, and theta_i = s_init * sigma_i with s_init the
     MSE-optimal step of the weights folded with the float gamma and this batch's sigma (of ``arch``,
     default the largest subnet)."""
-    net = Supernet(space, float_net.in_channels, float_net.num_classes, quant, float_net.kernel_transform).to(device)
+    net = Supernet(space, float_net.in_channels, float_net.num_classes, quant, float_net.kernel_transform,
+                   float_net.separate_kernels).to(device)
     _, unexpected = net.load_state_dict(float_net.state_dict(), strict=False)
     assert not unexpected, unexpected  # a float supernet holds a subset of the int8 one's tensors
     init_quant_scales(net, data, space, device, arch=arch)
@@ -637,17 +641,23 @@ def _broadcast(model: nn.Module, d: Dist) -> None:
             dist.broadcast(t.data, 0)
 
 
-def float_init(path: Path, space: SearchSpace, data: Dataset, kernel_transform: bool = False) -> Supernet:
+def float_init(path: Path, space: SearchSpace, data: Dataset, kernel_transform: bool = False,
+               separate_kernels: bool = False) -> Supernet:
     """The float supernet of ``--init``, once it fits this run: a float supernet (--quant none, or
     a run's float_supernet.pt) of the same space, for the same input channels and classes. A run
     with ``kernel_transform`` may start from one without (its transforms start at the identity,
-    the plain crop that supernet was trained with); the reverse would drop what it learned."""
+    the plain crop that supernet was trained with); the reverse would drop what it learned.
+    ``separate_kernels`` must match: the smaller kernels' own weights exist in both or in neither."""
     float_net, _ = load_supernet(path)
     if float_net.cfg.quantized:
         raise UserError(f"--init {path}: expected a float supernet (trained with --quant none, or a run's "
                         f"float_supernet.pt), got a {float_net.cfg.label} one")
     if float_net.kernel_transform and not kernel_transform:
         raise UserError(f"--init {path}: that supernet learned kernel transforms; this run needs --kernel-transform too")
+    if float_net.separate_kernels != separate_kernels:
+        how = {True: "with", False: "without"}
+        raise UserError(f"--init {path}: that supernet was trained {how[float_net.separate_kernels]} --separate-kernels "
+                        f"and this run is {how[separate_kernels]}: the two must match")
     if float_net.space.fingerprint != space.fingerprint:
         other = (f"{float_net.space.name!r}" if float_net.space.name != space.name
                  else f"another {space.name!r} (the two differ in their fields)")
@@ -707,4 +717,5 @@ def _finish(model: Supernet, opt, data: Dataset, space: SearchSpace, cfg: TrainC
 
 def supernet_payload(model: Supernet) -> dict[str, Any]:
     return {"model": model.state_dict(), "space": model.space.to_dict(), "in_channels": model.in_channels,
-            "num_classes": model.num_classes, "quant": asdict(model.cfg), "kernel_transform": model.kernel_transform}
+            "num_classes": model.num_classes, "quant": asdict(model.cfg), "kernel_transform": model.kernel_transform,
+            "separate_kernels": model.separate_kernels}

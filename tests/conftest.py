@@ -33,14 +33,15 @@ def ends_and_random(space, n: int = 4) -> list:
 
 
 def make_supernet(mode: str = "int8", in_channels: int = 1, seed: int = 0, kernel_transform: bool = False,
-                  **quant) -> Supernet:
+                  separate_kernels: bool = False, **quant) -> Supernet:
     """A tiny supernet with data-initialised scales and non-trivial BN statistics (and kernel
     transforms away from the identity, with ``kernel_transform``)."""
     torch.manual_seed(seed)
     space = PRESETS["tiny"]
     if mode == "convs":  # convs-only quantization has no scale predictor
         quant = {"weight_scale": "shared", **quant}
-    net = Supernet(space, in_channels, 10, QuantConfig(mode=mode, **quant), kernel_transform=kernel_transform)
+    net = Supernet(space, in_channels, 10, QuantConfig(mode=mode, **quant), kernel_transform=kernel_transform,
+                   separate_kernels=separate_kernels)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if ".kernel_transforms." in name:

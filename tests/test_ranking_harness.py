@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from benchmarks.ranking import (arm_taus, bootstrap_tau, finetuned_scores, kernel_bias, mean_kernel, paired_delta, regret,
-                                rescored_regret, seed_agreement, spearman, top_candidates)
+from benchmarks.ranking import (CHOICES, arm_taus, bootstrap_tau, choice_worth, finetuned_scores, kernel_bias, mean_kernel,
+                                paired_delta, regret, rescored_regret, seed_agreement, spearman, top_candidates)
 from benchmarks.truth import load_truth
 from qnas_cli.export.latency_build import save_table
 from qnas_cli.ranking import kendall_tau
@@ -136,6 +136,25 @@ def test_kernel_bias_is_how_the_error_follows_the_mean_kernel_size():
     flipped = [{**r, "inherited": 0.9 - 0.002 * r["mean_kernel"]} for r in rows]
     assert kernel_bias(flipped) == pytest.approx(-1.0)
     assert kernel_bias([{"truth": 0.9, "inherited": 0.8}]) is None  # a row from before it was recorded
+
+
+def test_choice_worth_is_each_dimensions_slope_at_equal_others():
+    """Accuracy made of 1 pp per sd of the mean kernel and -0.5 pp per sd of depth: the fit gives
+    those back and 0 to the rest; too few subnets (or a constant dimension) give None."""
+    import random
+
+    import numpy as np
+
+    space = load_space("small")
+    rng = random.Random(0)
+    archs = [sample(space, "random", rng) for _ in range(40)]
+    x = {name: np.array([f(a) for a in archs], dtype=float) for name, f in CHOICES.items()}
+    z = {name: (v - v.mean()) / v.std() for name, v in x.items()}
+    accuracy = 0.88 + 0.01 * z["kernel"] - 0.005 * z["depth"]
+    worth = choice_worth(archs, list(accuracy))
+    assert worth == pytest.approx({"resolution": 0, "depth": -0.5, "expand": 0, "kernel": 1.0, "width": 0}, abs=1e-9)
+    assert choice_worth(archs[:10], list(accuracy[:10])) is None
+    assert choice_worth([archs[0]] * 40, [0.9] * 40) is None
 
 
 def test_paired_delta_is_the_arms_tau_minus_the_controls_seed_by_seed():

@@ -10,10 +10,12 @@ from qnas_cli.space import sample
 
 @pytest.mark.parametrize("mode", ["none", "int8", "convs"])
 @pytest.mark.parametrize("in_channels", [1, 3])
-@pytest.mark.parametrize("kernel_transform", [False, True])
-def test_extract_equals_supernet_in_eval_mode(mode, in_channels, kernel_transform):
-    """With kernel transforms the extracted subnet holds the transformed kernels: still bit for bit."""
-    net = make_supernet(mode, in_channels, kernel_transform=kernel_transform).eval()
+@pytest.mark.parametrize("kernels", ["crop", "transform", "separate"])
+def test_extract_equals_supernet_in_eval_mode(mode, in_channels, kernels):
+    """With kernel transforms (or separate kernels) the extracted subnet holds the transformed
+    (or its own) kernels: still bit for bit."""
+    net = make_supernet(mode, in_channels, kernel_transform=kernels == "transform",
+                        separate_kernels=kernels == "separate").eval()
     for arch in ends_and_random(net.space):
         sub = net.extract(arch).eval()
         x = torch.randn(6, in_channels, arch.resolution, arch.resolution)

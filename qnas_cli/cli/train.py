@@ -49,6 +49,9 @@ def train(
     kernel_transform: Annotated[bool, typer.Option(help="Smaller depthwise kernels through learned transforms of the larger one's "
                                                         "centre (OFA's elastic kernel) instead of the plain centre crop. Exported "
                                                         "subnets hold the transformed kernels: nothing changes downstream.")] = D.kernel_transform,
+    separate_kernels: Annotated[bool, typer.Option(help="Each smaller depthwise kernel choice gets weights of its own (shared across widths), "
+                                                        "instead of the centre of the larger kernel. Exported subnets hold their own "
+                                                        "kernels: nothing changes downstream.")] = D.separate_kernels,
     kd_ratio: Annotated[float, typer.Option(help="In-place distillation weight beta in (1-beta)*CE + beta*KL(largest || subnet), for all but the largest. "
                                                  "Lower it for short runs, where the largest is still a weak teacher.")] = D.kd_ratio,
     seed: Annotated[int, typer.Option(help="Seed: model init, data order, augmentation, sampled subnets.")] = D.seed,
@@ -79,7 +82,8 @@ def train(
                       quant=QuantConfig(mode=quant, act_scheme=act_scheme, bn_fold=bn_fold, weight_scale=weight_scale,
                                        weight_granularity=weight_granularity),
                       epochs=epochs, steps=steps, float_steps=float_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random,
-                      sampling=sampling, sampling_k=sampling_k, kernel_transform=kernel_transform, kd_ratio=kd_ratio, seed=seed,
+                      sampling=sampling, sampling_k=sampling_k, kernel_transform=kernel_transform,
+                      separate_kernels=separate_kernels, kd_ratio=kd_ratio, seed=seed,
                       device=device, init=str(init) if init else None, subnet=str(subnet) if subnet else None, ckpt_every=ckpt_every, eval_images=eval_images,
                       calib_images=calib_images, tensorboard=tensorboard)
     summary = run_loop("train", lambda on_step, log: run_train(cfg, resume, on_step=on_step, log=log, overwrite=overwrite),
