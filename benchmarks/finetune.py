@@ -1,6 +1,7 @@
 """Issue 29: does a short `qnas finetune` make an inherited subnet as accurate as the same network trained alone?
 
-On the default `small` supernet (plain `qnas train`, 2,800 steps), for ``--subnets`` of the 20
+On the default `small` supernet (plain `qnas train`; measured when its default was 2,800 steps, half
+float), for ``--subnets`` of the 20
 stand-alone truth subnets (benchmarks/data/standalone_small_fashion-mnist.json, spread over
 MFLOPs) and the winners of a 3-budget search on that supernet:
 

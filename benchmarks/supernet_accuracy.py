@@ -7,9 +7,11 @@
   an int8 one on this CPU, and the int8 phase adapts a trained float supernet.
 
 Measured on this 2-core host, alone (2026-12-02): strong 92.28% / 90.36% in 46.2 min (met); the
-default of that day (400 float + 1,200 int8 steps) 89.05% / 87.01% in 16.3 min. The default is now
+default of that day (400 float + 1,200 int8 steps) 89.05% / 87.01% in 16.3 min. The next default,
 2,800 steps, half float: 90.25% / 88.63% in 13.4 min (seed 0, alone, 2026-12-05, measured by
-``train_stability --recipes default --seeds 0``, the same ``train`` call; 3 seeds in the README).
+``train_stability --recipes default --seeds 0``, the same ``train`` call). The default is now
+3,500 steps, 2,800 of them float (issue 31, 2026-12-07): 90.52-90.74% / 88.23-88.75% over three
+seeds in 14-15 min, more accurate and better at ranking at about the same time (BENCHMARKS.md §1).
 Longer schedules tried before this one: ``--steps 5200 --float-steps 2600`` 91.43% / 89.62% in
 44.6 min; ``--steps 6800 --float-steps 3400`` 91.83% / 90.40% in 58.9 min (largest 0.17 pp short).
 

@@ -7,7 +7,7 @@ chance for 3 logged steps, or a non-finite loss or scale; a run the guard stoppe
 stopped), final int8 test top-1 of the largest and smallest subnets, wall time. Prints a table
 (mean and spread over seeds), writes JSON and a PNG of the largest subnet's loss curves.
 
-    python -m benchmarks.train_stability            # 3 seeds x 2 recipes x the default 2800 steps: about 2 h on 2 CPU cores
+    python -m benchmarks.train_stability            # 3 seeds x 2 recipes x the default 3500 steps: about 2.5 h on 2 CPU cores
     python -m benchmarks.train_stability --quick    # 3 seeds x 2 recipes x 200 steps, 1000 test images: about 15 min
     python -m benchmarks.train_stability --jobs 2   # two runs at a time, one thread each (more throughput on 2 cores;
                                                     # the per-run wall times are then those of a shared core)

@@ -17,6 +17,13 @@
   elastic-kernel subnets are the largest's size, so a run takes 10-20% longer. Measured on the
   float phase (two seeds, BENCHMARKS.md §1): the kernel bias shrinks a little, the ranking does
   not improve.
+- ``small-kernels``: half the random subnets (a fair coin per slot) are the largest's widths,
+  depths and expands with the smallest kernel in every block, at a uniformly random resolution;
+  the other half uniform. Issue 31's expand lever: inherited scores pay nothing for expand, which
+  training alone pays for (BENCHMARKS.md §1, "What each choice is worth"), and the hypothesis is
+  that a mid channel beyond the smallest expand is trained mostly by the largest subnet, with its
+  largest kernel. This slot trains those channels with the small kernel every other step, at any
+  resolution (``kernels`` paid for expand but, all at the largest resolution, overpaid resolution).
 - ``worst`` / ``best``: AttentiveNAS's WorstUp-k / BestUp-k. ``k`` candidates of one size (a
   uniformly random anchor, then draws within ``SIZE_TOLERANCE`` of its MFLOPs); the step trains the
   one whose loss on its own images is the highest / the lowest (``train.pick_by_loss`` scores them).
@@ -36,7 +43,7 @@ from collections.abc import Callable
 from .errors import UserError, choice_error
 from .space import Arch, Block, SearchSpace, Stage, sample
 
-SAMPLINGS = ("uniform", "stratified", "kernels", "worst", "best")
+SAMPLINGS = ("uniform", "stratified", "kernels", "small-kernels", "worst", "best")
 SIZE_TOLERANCE = 0.1  # ``worst``/``best``: candidates lie within 10% of the anchor's MFLOPs
 MAX_DRAWS = 256  # per candidate set; then the nearest draws stand in (sizes near the ends are rare)
 
@@ -51,12 +58,14 @@ def check_sampling(sampling: str, k: int) -> None:
 
 
 def candidates(space: SearchSpace, rng: random.Random, sampling: str, k: int, size: Size) -> list[Arch]:
-    """One random slot's candidates: a single subnet (uniform, stratified, kernels), or ``k`` of one
+    """One random slot's candidates: a single subnet (uniform, stratified, kernels, small-kernels), or ``k`` of one
     size (worst, best) for the step to choose from."""
     if sampling == "uniform":
         return [sample(space, "random", rng)]
     if sampling == "kernels":
         return [elastic_kernel(space, rng) if rng.random() < 0.5 else sample(space, "random", rng)]
+    if sampling == "small-kernels":
+        return [wide_small_kernels(space, rng) if rng.random() < 0.5 else sample(space, "random", rng)]
     if sampling == "stratified":
         target = rng.uniform(size(sample(space, "smallest")), size(sample(space, "largest")))
         return _draw_near(space, rng, 1, size, _outside(target))
@@ -70,6 +79,15 @@ def elastic_kernel(space: SearchSpace, rng: random.Random) -> Arch:
     stages = tuple(Stage(stage.width, tuple(Block(rng.choice(spec.kernels), b.expand) for b in stage.blocks))
                    for stage, spec in zip(largest.stages, space.stages))
     return Arch(largest.resolution, stages)
+
+
+def wide_small_kernels(space: SearchSpace, rng: random.Random) -> Arch:
+    """The largest subnet's widths, depths and expands with the smallest kernel in every block, at a
+    uniformly random resolution."""
+    largest = sample(space, "largest")
+    stages = tuple(Stage(stage.width, tuple(Block(min(spec.kernels), b.expand) for b in stage.blocks))
+                   for stage, spec in zip(largest.stages, space.stages))
+    return Arch(rng.choice(space.resolutions), stages)
 
 
 def _outside(target: float) -> Callable[[float], float]:

@@ -1,4 +1,4 @@
-"""--sampling: which random subnets a sandwich step trains (uniform, stratified, kernels, WorstUp/BestUp)."""
+"""--sampling: which random subnets a sandwich step trains (uniform, stratified, kernels, small-kernels, WorstUp/BestUp)."""
 from __future__ import annotations
 
 import json
@@ -124,6 +124,22 @@ def test_a_worst_up_run_resumes_bit_for_bit_and_differs_from_uniform(tmp_path):
     assert any(not torch.equal(a[k], u[k]) for k in a)
     with pytest.raises(Exception, match="option 'sampling' differs"):
         train(cfg(tmp_path / "b", "best"), resume=True, log=lambda *a, **k: None)
+
+
+def test_small_kernels_sampling_trains_the_largests_channels_with_the_smallest_kernel(small):
+    """--sampling small-kernels: about half the slots are the largest's widths, depths and expands
+    with every kernel the smallest choice, at resolutions spread over the choices; the rest uniform."""
+    space, _ = small
+    largest = sample(space, "largest")
+    channels = lambda a: [(s.width, [b.expand for b in s.blocks]) for s in a.stages]  # noqa: E731
+    draws = [candidates(space, random.Random(s), "small-kernels", 3, None)[0] for s in range(400)]
+    wide = [a for a in draws if channels(a) == channels(largest) and {b.kernel for s in a.stages for b in s.blocks} == {3}]
+    assert 0.4 < len(wide) / len(draws) < 0.6
+    resolutions = [a.resolution for a in wide]
+    assert set(resolutions) == set(space.resolutions)
+    assert all(abs(resolutions.count(r) / len(wide) - 1 / len(space.resolutions)) < 0.1 for r in space.resolutions)
+    again = [candidates(space, random.Random(s), "small-kernels", 3, None)[0] for s in range(400)]
+    assert [a.key for a in again] == [a.key for a in draws]
 
 
 def test_a_kernels_run_trains_and_records_its_sampling(runner, tmp_path):

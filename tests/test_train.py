@@ -82,6 +82,20 @@ def test_a_float_only_run_is_the_float_phase_of_the_whole_recipe(tmp_path):
     assert_same_weights(supernet_weights(tmp_path / "whole", "float_supernet.pt"), supernet_weights(tmp_path / "float"))
 
 
+def test_the_default_plans_float_heavy_supernet_and_the_subnet_recipe_of_the_truth():
+    """A supernet run defaults to 2800 float + 700 int8 steps (issue 31: more accurate at the same
+    time); a subnet alone keeps 1400 + 1400, the recipe the committed stand-alone truth records."""
+    from pathlib import Path
+
+    from qnas_cli.train import phase_plan, plan_record
+
+    assert plan_record(phase_plan(TrainConfig(), 0)) == [{"name": "float", "steps": 2800}, {"name": "int8", "steps": 700}]
+    alone = TrainConfig(subnet="subnet.json")
+    assert plan_record(phase_plan(alone, 0)) == [{"name": "float", "steps": 1400}, {"name": "int8", "steps": 1400}]
+    truth = json.loads((Path(__file__).parents[1] / "benchmarks/data/standalone_small_fashion-mnist.json").read_text())
+    assert truth["recipe"]["phases"] == plan_record(phase_plan(alone, 0))
+
+
 def test_resume_keeps_the_plan_the_run_started_with(tmp_path, monkeypatch):
     """A run started under one default float share and resumed under another (an upgrade) is
     refused, naming both plans; given the lengths explicitly it continues, bit for bit."""
