@@ -34,7 +34,9 @@ truth per lever (docs/bench/ranking_levers.png). Rows named ARM/SEED are one arm
 the control's paired by seed. Any supernet file scores, the float one a run leaves beside its
 int8 one (``float_supernet.pt``) or a ``--quant none`` run included: issue 31 found the ranking
 error already there after the float phase, so a float-phase lever is screened on a float-only run
-(``qnas train --quant none --steps 1400``, a third of the default run's time).
+paired with the default run's own float phase: ``qnas train --quant none --steps 2800`` is the
+default's float phase bit for bit (the 2026-12-07 screens used ``--steps 1400``, the earlier
+default's, paired with its ``float_supernet.pt``).
 
 About 10-15 minutes on 2 cores for 20 `small` subnets (the calibration and 10,000 exact images
 each), so twice that for the grown truth's 41.
@@ -539,9 +541,9 @@ def seed_agreement(levers: dict) -> dict[str, dict[str, float]]:
 
 def _plot_levers(levers: dict, path: Path) -> None:
     plt = pyplot()
-    cols = min(3, len(levers))
+    cols = min(4, len(levers))  # 4 across: the file stays under a megabyte at 30 rows
     rows_n = -(-len(levers) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.8 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.3 * rows_n), squeeze=False)
     for ax, (name, r) in zip(axes.flat, levers.items()):
         rows = r["subnets"]
         ax.scatter([100 * s["truth"] for s in rows], [100 * s["inherited"] for s in rows], c=[s["mflops"] for s in rows],

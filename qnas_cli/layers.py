@@ -273,8 +273,9 @@ class QConvBN(nn.Module, QuantInit, Exact):
             f"{big}to{small}": nn.Parameter(torch.eye(small * small))
             for big, small in zip(self.kernel_sizes, self.kernel_sizes[1:])})
         # Or each smaller kernel choice its own weights, shared across widths but not with the larger
-        # kernels (issue 31's test of the kernel bias: is it the shared taps?). Initialised as a layer
-        # of that kernel size would be. ``separate_kernels``: the kernel choices (else none).
+        # kernels (issue 31's test of the kernel bias: is it the shared taps? Measured: no; a kernel of
+        # its own is trained only by the subnets that choose it, and the supernet ranks worse).
+        # Initialised as a layer of that kernel size would be. ``separate_kernels``: the kernel choices.
         self.own_kernels = nn.ParameterDict({
             str(k): nn.Parameter(nn.init.kaiming_normal_(torch.empty(out_max, self.weight.shape[1], k, k), mode="fan_out",
                                                           nonlinearity="relu"))

@@ -24,6 +24,8 @@
   that a mid channel beyond the smallest expand is trained mostly by the largest subnet, with its
   largest kernel. This slot trains those channels with the small kernel every other step, at any
   resolution (``kernels`` paid for expand but, all at the largest resolution, overpaid resolution).
+  Measured on the float phase (two seeds): expand paid on one seed of two, kernels overpaid less,
+  resolution, depth and width overpaid more; the ranking does not improve.
 - ``worst`` / ``best``: AttentiveNAS's WorstUp-k / BestUp-k. ``k`` candidates of one size (a
   uniformly random anchor, then draws within ``SIZE_TOLERANCE`` of its MFLOPs); the step trains the
   one whose loss on its own images is the highest / the lowest (``train.pick_by_loss`` scores them).

@@ -38,9 +38,11 @@ quiet = lambda *a, **k: None  # noqa: E731
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:
-    """The TrainConfig that `qnas train TINY --steps S --ckpt-every C --out OUT` builds."""
+    """The TrainConfig that `qnas train TINY --steps S --float-steps S/2 --ckpt-every C --out OUT`
+    builds: half float, so the phase boundary falls on a checkpoint the damage tests name."""
+    steps = kw.get("steps", 4)
     return TrainConfig(**{"space": "tiny", "batch_size": 16, "eval_images": 100, "calib_images": 64,
-                          "out": str(out), "steps": 4, "ckpt_every": 2, **kw})
+                          "out": str(out), "steps": steps, "float_steps": steps // 2, "ckpt_every": 2, **kw})
 
 
 def _audit(out: Path) -> tuple[list[str], list[Path]]:
@@ -158,7 +160,8 @@ def test_internal_errors_exit_1_with_the_tools_message(runner, monkeypatch):
     (["--seed", "1"], "'seed' differs"),
 ])
 def test_resume_with_other_options_is_refused(runner, run_copy, change, words):
-    r = runner.invoke(app, ["train", *TINY, "--steps", "4", "--ckpt-every", "2", "--out", str(run_copy), "--resume", *change])
+    r = runner.invoke(app, ["train", *TINY, "--steps", "4", "--float-steps", "2", "--ckpt-every", "2", "--out", str(run_copy),
+                            "--resume", *change])
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
 
 
@@ -167,7 +170,7 @@ def test_resume_with_an_edited_space_file_is_refused(runner, tmp_path):
     space = _space_file(tmp_path, "space.json")
     train(_cfg(tmp_path / "run", space=space, steps=2, ckpt_every=1), log=quiet)
     _space_file(tmp_path, "space.json", resolutions=[16, 24])
-    r = runner.invoke(app, ["train", *TINY, "--space", space, "--steps", "2", "--ckpt-every", "1",
+    r = runner.invoke(app, ["train", *TINY, "--space", space, "--steps", "2", "--float-steps", "1", "--ckpt-every", "1",
                             "--out", str(tmp_path / "run"), "--resume"])
     assert r.exit_code == 2 and "changed since the interrupted run" in r.output, r.output
 

@@ -53,7 +53,8 @@ def train(
                                                         "subnets hold the transformed kernels: nothing changes downstream.")] = D.kernel_transform,
     separate_kernels: Annotated[bool, typer.Option(help="Each smaller depthwise kernel choice gets weights of its own (shared across widths), "
                                                         "instead of the centre of the larger kernel. Exported subnets hold their own "
-                                                        "kernels: nothing changes downstream.")] = D.separate_kernels,
+                                                        "kernels: nothing changes downstream. Measured: subnets inherit less and rank "
+                                                        "worse (BENCHMARKS.md §1).")] = D.separate_kernels,
     kd_ratio: Annotated[float, typer.Option(help="In-place distillation weight beta in (1-beta)*CE + beta*KL(largest || subnet), for all but the largest. "
                                                  "Lower it for short runs, where the largest is still a weak teacher.")] = D.kd_ratio,
     seed: Annotated[int, typer.Option(help="Seed: model init, data order, augmentation, sampled subnets.")] = D.seed,
