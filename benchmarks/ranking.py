@@ -393,11 +393,11 @@ def collect(named: list[str], levers: Path, png: Path, control: str | None = Non
         doc["levers"][name] = {**{k: r.get(k) for k in keep},
                                "subnets": [{k: s[k] for k in ("index", "truth", "inherited", "mflops", "mean_kernel") if k in s}
                                            for s in r["subnets"]]}
-    archs = dict(enumerate(truth_archs(load_truth(DEFAULT_TRUTH))))  # every row's subnets are the truth's, by index
+    archs = dict(enumerate(truth_archs(load_truth(DEFAULT_TRUTH))))  # the rows' subnets are the truth's, by index
     for r in doc["levers"].values():
-        by = {k: [s[k] for s in r["subnets"]] for k in ("truth", "inherited")}
-        pick = [archs[s["index"]] for s in r["subnets"]]
-        worth = {"alone": choice_worth(pick, by["truth"]), "inherited": choice_worth(pick, by["inherited"])}
+        pick = [archs.get(s["index"]) for s in r["subnets"]]
+        worth = {k: choice_worth(pick, [s[key] for s in r["subnets"]]) if None not in pick else None
+                 for k, key in (("alone", "truth"), ("inherited", "inherited"))}
         r["choice_worth"] = worth if all(worth.values()) else None
     write_json(levers, doc)
     _plot_levers(doc["levers"], png)

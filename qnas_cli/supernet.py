@@ -201,6 +201,6 @@ def load_supernet(path, expected_sha256: str | None = None) -> tuple[Supernet, d
         net.load_state_dict(payload["model"])
     except KeyError as e:
         raise UserError(f"{path} is not a qnas supernet: missing field {e.args[0]!r}") from None
-    except (TypeError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"{path} is not a qnas supernet: {str(e).splitlines()[0][:200]}") from None
     return net, meta

@@ -30,7 +30,7 @@ def train(
                                                          "(TFLite's per-axis convention; with the predictor, s_i = theta_i/sigma_i, so BN "
                                                          "calibration changes no integer weight).")] = "per-tensor",
     init: Annotated[Path, typer.Option(help="Start the int8 phase from this float supernet.pt (--quant none, or a run's float_supernet.pt) and skip the float phase.")] = None,
-    subnet: Annotated[Path, typer.Option(help="Train this one subnet (a subnet.json of --space) alone, with the same recipe: the stand-alone baseline that supernet rankings are measured against.")] = None,
+    subnet: Annotated[Path, typer.Option(help="Train this one subnet (a subnet.json of --space) alone, with the same options (default length: see --steps): the stand-alone baseline that supernet rankings are measured against.")] = None,
     steps: Annotated[int, typer.Option(help=f"Optimizer steps of the whole run, float and int8 phases together (default {DEFAULT_STEPS}: "
                                             "about 14 min on 2 CPU cores for 90.6% / 88.5% int8 test top-1 on Fashion-MNIST, small; "
                                             f"{SUBNET_STEPS} with --subnet).")] = None,
