@@ -35,8 +35,8 @@ the control's paired by seed. Any supernet file scores, the float one a run leav
 int8 one (``float_supernet.pt``) or a ``--quant none`` run included: issue 31 found the ranking
 error already there after the float phase, so a float-phase lever is screened on a float-only run
 paired with the default run's own float phase: ``qnas train --quant none --steps 2800`` is the
-default's float phase bit for bit (the 2026-12-07 screens used ``--steps 1400``, the earlier
-default's, paired with its ``float_supernet.pt``).
+default's float phase bit for bit (checked on `small`, seed 0: all 256 tensors equal; the
+2026-12-07 screens used ``--steps 1400``, the earlier default's, paired with its ``float_supernet.pt``).
 
 About 10-15 minutes on 2 cores for 20 `small` subnets (the calibration and 10,000 exact images
 each), so twice that for the grown truth's 41.
