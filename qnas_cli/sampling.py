@@ -43,7 +43,7 @@ import random
 from collections.abc import Callable
 
 from .errors import UserError, choice_error
-from .space import Arch, Block, SearchSpace, Stage, sample
+from .space import Arch, Block, SearchSpace, Stage, StageSpec, sample
 
 SAMPLINGS = ("uniform", "stratified", "kernels", "small-kernels", "worst", "best")
 SIZE_TOLERANCE = 0.1  # ``worst``/``best``: candidates lie within 10% of the anchor's MFLOPs
@@ -64,10 +64,8 @@ def candidates(space: SearchSpace, rng: random.Random, sampling: str, k: int, si
     size (worst, best) for the step to choose from."""
     if sampling == "uniform":
         return [sample(space, "random", rng)]
-    if sampling == "kernels":
-        return [elastic_kernel(space, rng) if rng.random() < 0.5 else sample(space, "random", rng)]
-    if sampling == "small-kernels":
-        return [wide_small_kernels(space, rng) if rng.random() < 0.5 else sample(space, "random", rng)]
+    if sampling in HALF_AND_HALF:  # a fair coin between the sampling's own subnet and a uniform draw
+        return [HALF_AND_HALF[sampling](space, rng) if rng.random() < 0.5 else sample(space, "random", rng)]
     if sampling == "stratified":
         target = rng.uniform(size(sample(space, "smallest")), size(sample(space, "largest")))
         return _draw_near(space, rng, 1, size, _outside(target))
@@ -77,19 +75,24 @@ def candidates(space: SearchSpace, rng: random.Random, sampling: str, k: int, si
 
 def elastic_kernel(space: SearchSpace, rng: random.Random) -> Arch:
     """The largest subnet with a uniformly random depthwise kernel in every block."""
-    largest = sample(space, "largest")
-    stages = tuple(Stage(stage.width, tuple(Block(rng.choice(spec.kernels), b.expand) for b in stage.blocks))
-                   for stage, spec in zip(largest.stages, space.stages))
-    return Arch(largest.resolution, stages)
+    return _largest_with_kernels(space, lambda spec: rng.choice(spec.kernels), sample(space, "largest").resolution)
 
 
 def wide_small_kernels(space: SearchSpace, rng: random.Random) -> Arch:
     """The largest subnet's widths, depths and expands with the smallest kernel in every block, at a
     uniformly random resolution."""
-    largest = sample(space, "largest")
-    stages = tuple(Stage(stage.width, tuple(Block(min(spec.kernels), b.expand) for b in stage.blocks))
-                   for stage, spec in zip(largest.stages, space.stages))
-    return Arch(rng.choice(space.resolutions), stages)
+    return _largest_with_kernels(space, lambda spec: min(spec.kernels), rng.choice(space.resolutions))
+
+
+def _largest_with_kernels(space: SearchSpace, kernel: Callable[[StageSpec], int], resolution: int) -> Arch:
+    """The largest subnet's widths, depths and expands, each block's kernel ``kernel(its stage's spec)``."""
+    stages = tuple(Stage(stage.width, tuple(Block(kernel(spec), b.expand) for b in stage.blocks))
+                   for stage, spec in zip(sample(space, "largest").stages, space.stages))
+    return Arch(resolution, stages)
+
+
+# The samplings whose random slot is, by a fair coin, their own kind of subnet or a uniform draw.
+HALF_AND_HALF = {"kernels": elastic_kernel, "small-kernels": wide_small_kernels}
 
 
 def _outside(target: float) -> Callable[[float], float]:
