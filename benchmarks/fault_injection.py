@@ -251,6 +251,11 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
     kt_float = d / "kernel_transform_float.pt"  # a float supernet that learned kernel transforms
     save_weights(kt_float, supernet_payload(Supernet(PRESETS["tiny"], 1, 10, QuantConfig(mode="none"), kernel_transform=True)),
                  {"kind": "qnas.supernet"})
+    floats = {}  # float supernets with and without separate kernels
+    for name, separate in (("separate_kernels_float.pt", True), ("plain_float.pt", False)):
+        floats[separate] = d / name
+        save_weights(floats[separate], supernet_payload(Supernet(PRESETS["tiny"], 1, 10, QuantConfig(mode="none"),
+                                                                 separate_kernels=separate)), {"kind": "qnas.supernet"})
     cases += [("train", what, [*train, *args]) for what, args in [
         ("unknown dataset", ["--data", "mnist"]), ("missing dataset folder", ["--data", f"fashion-mnist:{d}/nowhere"]),
         ("truncated dataset files", ["--data", f"fashion-mnist:{fm}"]),
@@ -273,6 +278,10 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         ("--init int8 supernet", ["--init", str(run / "supernet.pt")]),
         ("--init with --quant none", ["--init", str(run / "supernet.pt"), "--quant", "none"]),
         ("--init with kernel transforms, run without", ["--init", str(kt_float)]),
+        ("--kernel-transform with --separate-kernels", ["--kernel-transform", "--separate-kernels"]),
+        ("--init with separate kernels, run without", ["--init", str(floats[True])]),
+        ("--init without separate kernels, run with", ["--init", str(floats[False]), "--separate-kernels"]),
+        ("--sampling small kernels", ["--sampling", "small_kernels"]),
     ]]
     resume = ["train", *TINY, "--steps", str(steps), "--ckpt-every", "2", "--resume"]
     cases += [("train", what, [*resume, *args]) for what, args in [
@@ -282,6 +291,7 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         ("--resume with another --quant", ["--out", "{r}", "--quant", "none"]),
         ("--resume with another --weight-granularity", ["--out", "{r}", "--weight-granularity", "per-channel"]),
         ("--resume with another --kernel-transform", ["--out", "{r}", "--kernel-transform"]),
+        ("--resume with another --separate-kernels", ["--out", "{r}", "--separate-kernels"]),
         ("--resume with another --sampling", ["--out", "{r}", "--sampling", "stratified"]),
         ("--resume with every checkpoint corrupt", ["--out", "{corrupt_run}"]),
     ]]
