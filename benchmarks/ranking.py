@@ -15,7 +15,9 @@ with the exact int8 forward on the whole test split (its *inherited* accuracy). 
   supernet's top ``--finetune-top`` candidates after `qnas finetune` (scores from a
   ``benchmarks.finetune`` run on the same supernet, checked by sha256): its regret, and what it
   ships against the best subnet under the budget trained alone. Without it, the shortlists and
-  the command that fine-tunes them are printed.
+  the command that fine-tunes them are printed. A file that fine-tuned every truth subnet is also
+  scored as a ranker of its own (tau, paired with the inherited scores'): is a fine-tune of that
+  length worth ranking by? (150 steps: no, issue 31's fourth session.)
 Inherited scores are cached in OUT keyed by what made them (supernet sha256, calibration images,
 integer contract, data), so rerunning on the same supernet costs nothing and another supernet
 is scored afresh.
@@ -159,6 +161,22 @@ def finetuned_scores(path: Path, supernet_sha256: str) -> tuple[dict[int, float]
 
 
 ACT_RANGE_IMAGES = 500  # --act-ranges subnet: calibration images the activation steps are fitted on, one batch
+
+
+def finetuned_ranking(truth: list[float], inherited: list[float], finetuned: dict[int, float],
+                      choose_by: dict[int, float] | None) -> dict[str, dict]:
+    """How the fine-tuned scores of every truth subnet rank the truth, on the test split and (where
+    the file has it) the held-out search split a user would rank by: Kendall tau with its interval,
+    and its difference from the inherited scores' tau, paired on the same resampled subnets."""
+    out = {}
+    for name, scores in (("test", finetuned), ("search", choose_by)):
+        if scores is None:
+            continue
+        tuned = [scores[i] for i in range(len(truth))]
+        out[name] = {"kendall_tau": kendall_tau(tuned, truth), "kendall_tau_90": bootstrap_tau(tuned, truth),
+                     "delta_vs_inherited": kendall_tau(tuned, truth) - kendall_tau(inherited, truth),
+                     "delta_90": paired_tau_diff_90([(tuned, inherited, truth)])}
+    return out
 
 
 @torch.no_grad()
@@ -328,6 +346,8 @@ def main() -> None:
             result["regret"][str(b)][f"finetuned_top{args.finetune_top}"] = rescored_regret(
                 truth, inherited, finetuned, latency, b, args.finetune_top, choose_by)
         result["finetuned"] = {"path": str(args.finetuned), "top": args.finetune_top, "subnets": len(finetuned)}
+        if len(finetuned) == len(archs):  # every truth subnet fine-tuned: the fine-tune as a ranker of its own
+            result["finetuned"]["ranking"] = finetuned_ranking(truth, inherited, finetuned, choose_by)
     spread = [i for i, e in enumerate(truth_doc["subnets"]) if "addition" not in e]
     if len(spread) < len(archs):  # the earlier rows were scored on the MFLOPs spread alone: comparable figures
         pick = lambda v: [v[i] for i in spread]  # noqa: E731
@@ -356,6 +376,11 @@ def main() -> None:
             print(f"  budget {b} ms, winner by fine-tune of the top {args.finetune_top} (chosen on the {f['chosen_by']} split): "
                   f"regret {f['regret_pp']:.2f} pp; "
                   f"ships {f['shipped_vs_best_standalone_pp']:+.2f} pp vs the best subnet under it trained alone")
+    if (fr := result.get("finetuned", {}).get("ranking")):
+        for name, r in fr.items():
+            print(f"  ranked by fine-tuned top-1 on the {name} split: tau {r['kendall_tau']:+.3f} "
+                  f"({r['kendall_tau_90'][0]:+.2f}..{r['kendall_tau_90'][1]:+.2f}), paired vs inherited "
+                  f"{r['delta_vs_inherited']:+.3f} ({r['delta_90'][0]:+.2f}..{r['delta_90'][1]:+.2f})")
     if not args.finetuned:
         print(f"  re-scoring by fine-tune needs subnets {','.join(map(str, needed))}: python -m benchmarks.finetune "
               f"--supernet {args.supernet} --indices {','.join(map(str, needed))} --no-search --no-curves, then --finetuned")

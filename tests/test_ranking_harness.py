@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from benchmarks.ranking import (CHOICES, arm_taus, bootstrap_tau, choice_worth, finetuned_scores, kernel_bias, mean_kernel,
-                                paired_delta, regret, rescored_regret, seed_agreement, spearman, top_candidates)
+from benchmarks.ranking import (CHOICES, arm_taus, bootstrap_tau, choice_worth, finetuned_ranking, finetuned_scores,
+                                kernel_bias, mean_kernel, paired_delta, regret, rescored_regret, seed_agreement, spearman,
+                                top_candidates)
 from benchmarks.truth import load_truth
 from qnas_cli.export.latency_build import save_table
 from qnas_cli.ranking import kendall_tau
@@ -194,3 +195,18 @@ def test_rescoring_by_finetune_picks_the_best_finetuned_of_the_shortlist(tmp_pat
     assert finetuned_scores(path, "ab" * 32) == ({4: 0.895}, {4: 0.9})
     with pytest.raises(SystemExit, match="fine-tuned from another supernet"):
         finetuned_scores(path, "cd" * 32)
+
+
+def test_finetuned_ranking_scores_the_finetune_as_a_ranker_paired_with_the_inherited_scores():
+    truth = [0.86, 0.87, 0.88, 0.89, 0.90, 0.91]
+    inherited = [0.2, 0.1, 0.3, 0.4, 0.6, 0.5]  # two pairs swapped
+    test = dict(enumerate([0.80, 0.81, 0.82, 0.83, 0.84, 0.85]))  # the truth's order
+    search = dict(enumerate([0.81, 0.80, 0.82, 0.83, 0.84, 0.85]))  # one pair swapped
+    r = finetuned_ranking(truth, inherited, test, search)
+    assert r["test"]["kendall_tau"] == pytest.approx(1.0) and r["search"]["kendall_tau"] < 1.0
+    for name, scores in (("test", test), ("search", search)):
+        want = kendall_tau(list(scores.values()), truth) - kendall_tau(inherited, truth)
+        assert r[name]["delta_vs_inherited"] == pytest.approx(want) and want > 0
+        lo, hi = r[name]["delta_90"]
+        assert lo <= hi and r[name]["kendall_tau_90"][0] <= r[name]["kendall_tau_90"][1]
+    assert set(finetuned_ranking(truth, inherited, test, None)) == {"test"}  # a file without search scores
