@@ -168,13 +168,13 @@ def finetuned_ranking(truth: list[float], inherited: list[float], finetuned: dic
     """How the fine-tuned scores of every truth subnet rank the truth, on the test split and (where
     the file has it) the held-out search split a user would rank by: Kendall tau with its interval,
     and its difference from the inherited scores' tau, paired on the same resampled subnets."""
-    out = {}
+    out, inherited_tau = {}, kendall_tau(inherited, truth)
     for name, scores in (("test", finetuned), ("search", choose_by)):
         if scores is None:
             continue
         tuned = [scores[i] for i in range(len(truth))]
-        out[name] = {"kendall_tau": kendall_tau(tuned, truth), "kendall_tau_90": bootstrap_tau(tuned, truth),
-                     "delta_vs_inherited": kendall_tau(tuned, truth) - kendall_tau(inherited, truth),
+        tau = kendall_tau(tuned, truth)
+        out[name] = {"kendall_tau": tau, "kendall_tau_90": bootstrap_tau(tuned, truth), "delta_vs_inherited": tau - inherited_tau,
                      "delta_90": paired_tau_diff_90([(tuned, inherited, truth)])}
     return out
 
