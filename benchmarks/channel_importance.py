@@ -55,7 +55,7 @@ def block_report(name: str, block: MBBlock, mids: list[int]) -> dict:
     segments = [imp[a:b].mean().item() for a, b in zip(bounds, bounds[1:]) if b > a]
     smallest = mids[0]
     top = torch.argsort(imp, descending=True)[:smallest]
-    return {"block": name, "mid": mids[-1], "segments": mids, "importance_by_segment": segments,
+    return {"block": name, "mid": mids[-1], "segment_ends": mids, "importance_by_segment": segments,
             "top_in_prefix": (top < smallest).float().mean().item(), "prefix_share": smallest / mids[-1]}
 
 
