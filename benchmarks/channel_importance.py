@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qnas_cli.checkpoint import save_weights, sha256_file, write_json
+from qnas_cli.checkpoint import save_weights, write_json
 from qnas_cli.supernet import MBBlock, Supernet, load_supernet, mid_channels
 from qnas_cli.train import supernet_payload
 
@@ -87,8 +87,8 @@ def largest_output(net: Supernet) -> torch.Tensor:
     return net.eval()(x, arch)
 
 
-def write_sorted(source: Path, out: Path) -> dict:
-    net, meta = load_supernet(source)
+def write_sorted(net: Supernet, meta: dict, source: Path, out: Path) -> dict:
+    """Sort ``net`` (loaded from ``source``, with its verified sidecar ``meta``) and save it to ``out``."""
     before = largest_output(net)
     sort_mid_channels(net)
     after = largest_output(net)
@@ -97,7 +97,7 @@ def write_sorted(source: Path, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     keep = {k: meta[k] for k in ("kind", "space", "config", "data", "steps", "world_size", "quant", "phases") if k in meta}
     return save_weights(out, supernet_payload(net), {
-        **keep, "channels_sorted": {"from": str(source), "sha256": sha256_file(source),
+        **keep, "channels_sorted": {"from": str(source), "sha256": meta["weights"]["sha256"],
                                     "by": "L1 norm of the projection weights per mid channel (OFA)"}})
 
 
@@ -112,7 +112,7 @@ def main() -> None:
         ap.error("--sort takes one supernet")
     docs = {}
     for path in args.supernets:
-        net, _ = load_supernet(path)
+        net, meta = load_supernet(path)
         rows = report(net)
         docs[str(path)] = rows
         print(f"{path}: importance of the mid channels, by segment (the smallest expand's prefix first)")
@@ -127,8 +127,8 @@ def main() -> None:
     if args.json:
         write_json(args.json, docs)
     if args.sort:
-        meta = write_sorted(args.supernets[0], args.sort)
-        print(f"wrote {args.sort} (sha256 {meta['weights']['sha256'][:12]}…), mid channels sorted by importance")
+        written = write_sorted(net, meta, args.supernets[0], args.sort)  # the one supernet, loaded and verified above
+        print(f"wrote {args.sort} (sha256 {written['weights']['sha256'][:12]}…), mid channels sorted by importance")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def test_sorting_puts_the_most_important_mid_channels_first_and_keeps_the_larges
     changed = [importance(b).clone() for _, b, _ in expanding_blocks(net)]
     sort_mid_channels(net)
     assert torch.allclose(largest_output(net), before, rtol=1e-4, atol=1e-5)
-    for old, (_, block, mids) in zip(changed, expanding_blocks(net)):
+    for old, (_, block, _) in zip(changed, expanding_blocks(net)):
         new = importance(block)
         assert torch.allclose(new, old.sort(descending=True).values)  # the same channels, most important first
     assert all(r["top_in_prefix"] == 1.0 for r in report(net))
