@@ -13,9 +13,13 @@ has its own warm-up and cosine schedule and its own optimizer; the step count, t
 the checkpoints run through both. ``init`` (a float supernet from elsewhere) skips the float phase.
 
 Determinism is by construction: the data order, the augmentation and the sampled subnets of a
-step are pure functions of (seed, step, rank) and the learning rate is a function of the step,
+step are pure functions of (seed, draw, rank), and the learning rate of the step within its phase,
 so a resumed run replays exactly what an uninterrupted one would have done, across the phase
-boundary too (the int8 phase's initialisation is a pure function of the float weights).
+boundary too (the int8 phase's initialisation is a pure function of the float weights). The draw
+is the step within its phase for a supernet (``draws="phase"``): the int8 phase retraces the float
+phase's first batches and subnets, so a whole run is bit for bit its float phase then an ``init``
+run of the int8 steps, and ranks subnets better than one that draws on (issue 31). A subnet alone
+draws by the run's step (``draws="run"``), the recipe its committed stand-alone truth was trained with.
 
 Step sizes take bounded steps (``optimizer_step``): a step size that SGD with momentum drives
 through zero leaves its layer's weights all clipped to +-127 * 1e-8, i.e. a layer that outputs
@@ -66,12 +70,15 @@ from .supernet import Supernet, load_supernet
 # A float step costs half an int8 one here and the ranking error is made in the float phase, so at
 # the same time as the earlier 1400 + 1400 it is more accurate (+0.28 / +0.22 pp, the same three
 # seeds) and ranks subnets better (Kendall tau +0.10, paired 90% interval +0.01..+0.19; issue 31).
+# Its int8 phase replays the float phase's first draws (draws="phase"): 90.5-90.7% / 88.5-88.9%, and
+# tau +0.408 against +0.337 for the same phases drawing on (paired +0.070, +0.02..+0.12, three seeds).
 DEFAULT_STEPS = 3500
 FLOAT_SHARE = 0.8  # of --steps, the float phase's default length
 # A subnet trained alone (--subnet) keeps the recipe the committed stand-alone truth was trained
 # with (benchmarks/data/standalone_*.json records it, and reuse checks it): 1400 + 1400 steps.
 SUBNET_STEPS = 2800
 SUBNET_FLOAT_SHARE = 0.5
+DRAWS = ("phase", "run")  # see TrainConfig.draws
 SCALE_STEP_LIMIT = 2.0  # an optimizer step changes a step size by at most this factor (see optimizer_step)
 
 
@@ -100,6 +107,9 @@ class TrainConfig:
     warmup_steps: int = 20  # per phase
     clip_grad: float = 5.0
     seed: int = 0
+    draws: str | None = None  # what indexes a step's batch, augmentation and subnets: its step within its phase
+    # ("phase": the int8 phase replays the float phase's first draws) or in the run ("run"); None: phase
+    # for a supernet, run for a subnet alone (the stand-alone truth's recipe)
     device: str = "auto"
     init: str | None = None  # float supernet to start an int8 run from
     subnet: str | None = None  # a subnet.json of the space: train that network alone (the stand-alone baseline)
@@ -141,6 +151,10 @@ class TrainConfig:
             raise UserError(f"--kd-ratio must lie in [0, 1], got {self.kd_ratio}")
         if self.init and not self.quant.quantized:
             raise UserError("--init loads a float supernet into an int8 run; it needs --quant int8 (or convs)")
+        if self.draws is None:
+            self.draws = "run" if self.subnet else "phase"
+        if self.draws not in DRAWS:
+            raise UserError(f"--draws must be one of {', '.join(DRAWS)}, got {self.draws!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,7 +162,7 @@ class TrainConfig:
     # Fields that must match for --resume to continue the same run.
     RESUME_KEYS = ("space", "data", "quant", "epochs", "steps", "float_steps", "batch_size", "lr", "momentum", "weight_decay",
                    "label_smoothing", "num_random", "sampling", "sampling_k", "kernel_transform", "separate_kernels", "kd_ratio", "kd_temperature",
-                   "warmup_steps", "clip_grad", "seed", "init", "subnet")
+                   "warmup_steps", "clip_grad", "seed", "draws", "init", "subnet")
     # The options the resolved phase plan stands for, where a checkpoint records one.
     LENGTH_KEYS = ("steps", "float_steps", "epochs")
 
@@ -474,7 +488,7 @@ def train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model
     from (see ``train_step``), and what rank 0 does at the end instead of ``_finish`` (given the
     model, its optimizer and the last step; returns the summary, with ``metrics`` as ``_finish``'s)."""
     total = plan[-1].end
-    cached_epoch, batches = -1, []
+    batches: list = []
     t_last, seen = time.perf_counter(), 0
     with StopFlag() as stop:
         for i in range(first, len(plan)):
@@ -484,12 +498,14 @@ def train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model
                 _broadcast(model, d)
                 opt = make_optimizer(model, cfg)
             model.train()
+            cached_epoch = -1  # each phase draws its own epochs under draws="phase"
             for step in range(max(start, ph.start), ph.end):
-                epoch, k = divmod(step, steps_per_epoch)
+                draw = step - ph.start if cfg.draws == "phase" else step
+                epoch, k = divmod(draw, steps_per_epoch)
                 if epoch != cached_epoch:
                     batches, cached_epoch = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch, d.rank, d.world), epoch
                 lr = lr_at(step - ph.start, ph.steps, cfg)
-                metrics = train_step(model, opt, data, space, batches[k], step, total, cfg, d, device, lr=lr, alone=alone,
+                metrics = train_step(model, opt, data, space, batches[k], draw, total, cfg, d, device, lr=lr, alone=alone,
                                      teacher=teacher)
                 metrics["phase"] = ph.name
                 seen += cfg.batch_size * d.world
@@ -535,7 +551,7 @@ def train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model
 
 
 # Options added after runs could be checkpointed, with the value a run made before them ran under.
-ADDED_OPTIONS = {"sampling": "uniform", "sampling_k": 3, "kernel_transform": False, "separate_kernels": False}
+ADDED_OPTIONS = {"sampling": "uniform", "sampling_k": 3, "kernel_transform": False, "separate_kernels": False, "draws": "run"}
 
 
 def with_added_defaults(meta: dict[str, Any]) -> dict[str, Any]:
@@ -607,6 +623,8 @@ def train_step(model: Supernet, opt: torch.optim.Optimizer, data: Dataset, space
                step: int, total: int, cfg: TrainConfig, d: Dist, device: str, lr: float | None = None,
                alone: Arch | None = None, teacher: Teacher | None = None) -> dict[str, float]:
     """One sandwich step on the training images ``idx``: the loop's unit of work (and of the throughput benchmark).
+
+    ``step``: the draw that seeds the step's augmentation and subnets (``TrainConfig.draws``).
 
     ``lr``: this step's learning rate (default: the schedule of a one-phase run of ``total`` steps).
     ``teacher``: with ``alone``, the logits it is distilled from (``distill_loss``) on this step's

@@ -82,6 +82,35 @@ def test_a_float_only_run_is_the_float_phase_of_the_whole_recipe(tmp_path):
     assert_same_weights(supernet_weights(tmp_path / "whole", "float_supernet.pt"), supernet_weights(tmp_path / "float"))
 
 
+@pytest.mark.parametrize("draws, replays", [("phase", True), ("run", False)])
+def test_the_int8_phase_replays_the_float_phases_first_draws(tmp_path, draws, replays):
+    """--draws phase (a supernet's default): each phase draws its batches, augmentations and
+    subnets from its own first step, so a whole run is bit for bit its float phase followed by an
+    --init run of its int8 steps (issue 31: the int8 phase that retraces the float phase's first
+    draws ranks subnets better, +0.070 Kendall tau over three seeds). --draws run (the stand-alone
+    truth's recipe) draws by the run's step: the int8 phase sees other batches and subnets."""
+    log = lambda *a, **k: None  # noqa: E731
+    train(TrainConfig(out=str(tmp_path / "whole"), steps=6, float_steps=3, draws=draws, **FAST), log=log)
+    train(TrainConfig(out=str(tmp_path / "rerun"), steps=3, init=str(tmp_path / "whole" / "float_supernet.pt"), draws=draws,
+                      **FAST), log=log)
+    whole, rerun = supernet_weights(tmp_path / "whole"), supernet_weights(tmp_path / "rerun")
+    if replays:
+        assert_same_weights(whole, rerun)
+    else:
+        assert any(not torch.equal(whole[k], rerun[k]) for k in whole)
+
+
+def test_draws_default_to_the_phase_for_a_supernet_and_the_run_for_a_subnet_alone():
+    """The replay is a supernet's default; a subnet alone keeps the draws its committed truth was
+    trained with (a truth recorded before --draws existed reads as "run")."""
+    from qnas_cli.train import with_added_defaults
+
+    assert TrainConfig().draws == "phase" and TrainConfig(subnet="subnet.json").draws == "run"
+    assert with_added_defaults({"config": {}})["config"]["draws"] == "run"
+    with pytest.raises(train_module.UserError, match="--draws"):
+        TrainConfig(draws="epoch")
+
+
 def test_the_default_plans_float_heavy_supernet_and_the_subnet_recipe_of_the_truth():
     """A supernet run defaults to 2800 float + 700 int8 steps (issue 31: more accurate at the same
     time); a subnet alone keeps 1400 + 1400, the recipe the committed stand-alone truth records."""

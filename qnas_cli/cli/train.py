@@ -58,6 +58,10 @@ def train(
     kd_ratio: Annotated[float, typer.Option(help="In-place distillation weight beta in (1-beta)*CE + beta*KL(largest || subnet), for all but the largest. "
                                                  "Lower it for short runs, where the largest is still a weak teacher.")] = D.kd_ratio,
     seed: Annotated[int, typer.Option(help="Seed: model init, data order, augmentation, sampled subnets.")] = D.seed,
+    draws: Annotated[str, typer.Option(help="What seeds each step's batch, augmentation and subnets: phase (the step within its phase: the "
+                                            "int8 phase replays the float phase's first draws, so a run equals its float phase then an --init "
+                                            "run; ranks subnets better, BENCHMARKS.md §1) | run (the step in the run). Default: phase for a "
+                                            "supernet, run with --subnet (the recipe of the committed stand-alone truth).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = D.device,
     ckpt_every: Annotated[int, typer.Option(help="Checkpoint every N steps (atomic; the last 2 are kept).")] = D.ckpt_every,
     eval_images: Annotated[int, typer.Option(help="Test images for the final evaluation: a seeded, class-stratified subset (default: all).")] = None,
@@ -86,7 +90,7 @@ def train(
                                        weight_granularity=weight_granularity),
                       epochs=epochs, steps=steps, float_steps=float_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, num_random=num_random,
                       sampling=sampling, sampling_k=sampling_k, kernel_transform=kernel_transform,
-                      separate_kernels=separate_kernels, kd_ratio=kd_ratio, seed=seed,
+                      separate_kernels=separate_kernels, kd_ratio=kd_ratio, seed=seed, draws=draws,
                       device=device, init=str(init) if init else None, subnet=str(subnet) if subnet else None, ckpt_every=ckpt_every, eval_images=eval_images,
                       calib_images=calib_images, tensorboard=tensorboard)
     summary = run_loop("train", lambda on_step, log: run_train(cfg, resume, on_step=on_step, log=log, overwrite=overwrite),
