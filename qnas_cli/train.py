@@ -488,7 +488,6 @@ def train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model
     from (see ``train_step``), and what rank 0 does at the end instead of ``_finish`` (given the
     model, its optimizer and the last step; returns the summary, with ``metrics`` as ``_finish``'s)."""
     total = plan[-1].end
-    batches: list = []
     t_last, seen = time.perf_counter(), 0
     with StopFlag() as stop:
         for i in range(first, len(plan)):
@@ -498,7 +497,7 @@ def train_loop(cfg, space, alone, out, d, on_step, log, data, plan, guard, model
                 _broadcast(model, d)
                 opt = make_optimizer(model, cfg)
             model.train()
-            cached_epoch = -1  # each phase draws its own epochs under draws="phase"
+            cached_epoch, batches = -1, []  # each phase draws its own epochs under draws="phase"
             for step in range(max(start, ph.start), ph.end):
                 draw = step - ph.start if cfg.draws == "phase" else step
                 epoch, k = divmod(draw, steps_per_epoch)
