@@ -282,6 +282,7 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         ("--init with separate kernels, run without", ["--init", str(floats[True])]),
         ("--init without separate kernels, run with", ["--init", str(floats[False]), "--separate-kernels"]),
         ("--sampling small kernels", ["--sampling", "small_kernels"]),
+        ("--draws epoch", ["--draws", "epoch"]),
     ]]
     resume = ["train", *TINY, "--steps", str(steps), "--ckpt-every", "2", "--resume"]
     cases += [("train", what, [*resume, *args]) for what, args in [
@@ -293,6 +294,7 @@ def input_cases(run: Path, steps: int, d: Path) -> list[tuple[str, str, list[str
         ("--resume with another --kernel-transform", ["--out", "{r}", "--kernel-transform"]),
         ("--resume with another --separate-kernels", ["--out", "{r}", "--separate-kernels"]),
         ("--resume with another --sampling", ["--out", "{r}", "--sampling", "stratified"]),
+        ("--resume with another --draws", ["--out", "{r}", "--draws", "run"]),
         ("--resume with every checkpoint corrupt", ["--out", "{corrupt_run}"]),
     ]]
     (d / "unfinished").mkdir()

@@ -472,6 +472,7 @@ def test_init_from_a_float_supernet_that_does_not_fit_exits_2_before_any_write(r
     (["train", "--quant", "convs"], "--quant convs keeps BN unfolded: it takes --weight-scale shared"),
     (["train", "--steps", "0", "--space", "tiny"], "--steps must be a positive integer"),
     (["train", "--bn-fold", "sideways"], "--bn-fold"),
+    (["train", "--draws", "epoch"], "--draws must be one of phase, run, got 'epoch'"),
     (["train", "--subnet", "no-such-subnet.json"], "no-such-subnet.json"),
     (["space", "show", "--space", "nope.toml"], "does not exist"),
     (["space", "sample", "--largest", "--smallest"], "choose one"),
