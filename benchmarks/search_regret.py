@@ -8,27 +8,35 @@ Every subnet of the `tiny` space (3,200) that meets a budget is scored, each exa
   exact int8 top-1 on the whole test split (10,000); nearest first to the best fitness under its
   tightest budget, and with ``--margin-pp M`` only within M pp of it (the report gives each
   budget's test-best's distance, to show whether the margin bound).
-Then, per budget (three, as the demo picks them from the host table), ``qnas search`` runs at the
-demo's size (population 32 x 5 generations, 1,000 images) for ``--seeds`` seeds and each
-``--rescore-top`` K in ``TOPS``, on caches filled from the table (the searches are the real code;
-only the stage's re-scores are computed, once, and shared between the runs); regret = truth of
-the best subnet under the budget minus truth of the winner. Also reported: the floor (the best on
-test of what each search evaluated: a perfect last stage's pick) and the fitness's exhaustive
-optimum. Two searches (K=0 and the default K) run from empty caches: the stage's cost as a share
-of the search's time, and a check that their scores equal the table's.
+- the re-score: what the search's last stage computes (export's calibration, the whole search split),
+  for the same subnets as the truth;
+- the fitness with more calibration images (``CALIB_VARIANTS``: 1,000), for the same subnets: is
+  the proxy's error its 250-image calibration or its 1,000-2,000 images?
+Then, per budget (three, as the demo picks them from the host table), ``qnas search`` runs at each
+search size of ``SIZES`` (the demo's first: population 64 x 5 generations, 2,000 images) for
+``--seeds`` seeds and each ``--rescore-top`` K in ``TOPS``, on caches filled from the table (the
+searches are the real code, and evaluate nothing the table holds); regret = truth of the best
+subnet under the budget minus truth of the winner. Also reported: the floor (the best on test of
+what each search evaluated: a perfect last stage's pick), the fitness's exhaustive optimum and the
+re-score's (the best any search on the search split could pick). Per size, two searches (K=0 and
+the default K) run from empty caches: the stage's cost as a share of the search's time, and a
+check that their scores equal the table's.
 
-    python -m benchmarks.search_regret [--margin-pp 2.5] [--seeds 12] [--out runs/bench/search_regret] [--quick]
+    python -m benchmarks.search_regret [--margin-pp 2.5] [--seeds 12] [--sizes 64x5-2000,...] [--out runs/bench/search_regret] [--quick]
 
 The supernet is `qnas train --space tiny` (the default recipe), reused when OUT/supernet holds
 that finished run. The table (OUT/subnets.jsonl) is reused row by row when its header (the
-supernet's hash, data, calibration record, arithmetic) matches, so a killed run resumes. On this
-loaded 2-core host: training 5 min, the fitness of every subnet 13 min, the truth ~1.2 s per
-subnet (1,732 subnets within 2.5 pp: 39 min), the searches 3 min.
+supernet's hash, data, calibration record, arithmetic) matches, so a killed run resumes; a new
+one starts from ``COMMITTED_TABLE`` when that header matches. On this 2-core host (2026-12-08,
+alone): training 5 min, the fitness of every subnet 10 min, the truth 0.86 s per subnet (2,318
+within 2.5 pp: 33 min), the re-scores 22 min, the 1,000-image calibration 9 min, the searches 4-6
+min per size.
 Writes OUT/search_regret.json, OUT/search_regret.png and prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import math
@@ -44,7 +52,7 @@ import torch
 from qnas_cli.calibrate import CALIB_IMAGES, calibrated_subnet, correct
 from qnas_cli.checkpoint import versions, write_json
 from qnas_cli.data import load_dataset, ordered_batches, stratified_indices, to_input
-from qnas_cli.demo import budgets_for
+from qnas_cli.demo import DEMO_SEARCH, budgets_for
 from qnas_cli.export.latency_build import resolve_table
 from qnas_cli.fitness import CACHE_FORMAT, SearchInputs, cache_identity, fitness_arithmetic
 from qnas_cli.latency import Predictor
@@ -60,9 +68,22 @@ from benchmarks.plots import pyplot, save_png
 DATA = "fashion-mnist"
 ARITHMETIC = "xnnpack"  # the search's default --runtime
 PROXY = {"calib_images": 250, "eval_images": (1000, 2000)}  # qnas search's calibration; the demo's and the default's images
+# The search's fitness with more calibration images (``--calib-images``), scored for the truth's
+# subnets only (as ``proxy_c<N>_<images>``): is the proxy's noise its calibration or its images?
+CALIB_VARIANTS = (1000,)
 TABLE_FORMAT = "qnas.bench.search_regret/1"
+# The table as committed (2026-12-08, `qnas train --space tiny` at its defaults, every part scored
+# within 2.5 pp): a run whose supernet hashes the same starts from it instead of 80 minutes of scoring.
+COMMITTED_TABLE = Path(__file__).parent / "data" / "search_regret_tiny_fashion-mnist.jsonl.gz"
 CHUNK = 20  # subnets per job: the table grows (and a killed run resumes) a chunk at a time
-DEMO = {"population": 32, "generations": 5, "eval_images": 1000}  # qnas_cli/demo.py's search (its other settings: the defaults)
+DEMO = DEMO_SEARCH  # qnas_cli/demo.py's search (its other settings: the defaults)
+# Search sizes compared, named population x generations - images per candidate [- calibration
+# images], the demo's first (the top-level report describes it): the demo's size before
+# 2026-12-08 (32x5-1000), and what lowers its floor (more subnets evaluated) or its noise (the
+# default search's 2,000 images, more calibration).
+SIZES = {"64x5-2000": DEMO, "32x5-1000": {"population": 32, "generations": 5, "eval_images": 1000},
+         "32x5-2000": {"population": 32, "generations": 5, "eval_images": 2000},
+         "32x5-1000-c1000": {"population": 32, "generations": 5, "eval_images": 1000, "calib_images": 1000}}
 QUICK = {"population": 4, "generations": 1, "eval_images": 1000}
 TOPS = (0, 1, 2, 3, 5, 8)  # --rescore-top values compared
 
@@ -93,6 +114,17 @@ def trained_supernet(out: Path, quick: bool) -> Path:
     return out / "supernet" / "supernet.pt"
 
 
+def proxy_field(calib_images: int, eval_images: int) -> str:
+    """The table's field of the fitness with ``calib_images`` calibration and ``eval_images`` search images."""
+    return f"proxy_{eval_images}" if calib_images == PROXY["calib_images"] else f"proxy_c{calib_images}_{eval_images}"
+
+
+def _size_name(name: str) -> bool:
+    if name not in SIZES:
+        raise argparse.ArgumentTypeError(f"unknown search size {name!r}: choose from {', '.join(SIZES)}")
+    return True
+
+
 def table_header(sha256: str) -> dict[str, Any]:
     """What every row of the table depends on besides its architecture (a row is reused only under it)."""
     # "rescore": the calibration of the test rows (export's), as the stage's cache records it
@@ -110,15 +142,17 @@ def _worker_state(supernet: str) -> dict[str, Any]:
         big = max(PROXY["eval_images"])
         in_big = stratified_indices(data.search, big).sort().values  # the order ordered_batches scores them in
         nested = {n: torch.isin(in_big, stratified_indices(data.search, n)) for n in PROXY["eval_images"]}
-        _WORKER.update(path=supernet, net=net, data=data, proxy=SearchInputs(data, PROXY["calib_images"], big),
-                       export=SearchInputs(data, CALIB_IMAGES, 1), in_big=in_big, nested=nested, test={})
+        _WORKER.update(path=supernet, net=net, data=data, calib={PROXY["calib_images"]: SearchInputs(data, PROXY["calib_images"], big)},
+                       export=SearchInputs(data, CALIB_IMAGES, None), in_big=in_big, nested=nested, test={})
     return _WORKER
 
 
 def score_subnets(supernet: str, keys: list[str], part: str) -> list[dict[str, Any]]:
     """Table rows (correct-image counts) of the subnets ``keys``; runs in a worker process.
-    ``part``: "proxy" (the search's fitness at each of ``PROXY``'s sizes) or "test" (the truth:
-    calibrated as `qnas export` calibrates, top-1 on the whole test split)."""
+    ``part``: "proxy" (the search's fitness at each of ``PROXY``'s sizes), "proxy-c<N>" (the same
+    with N calibration images, one of ``CALIB_VARIANTS``), "test" (the truth:
+    calibrated as `qnas export` calibrates, top-1 on the whole test split) or "rescore" (the
+    search's last stage: calibrated the same, top-1 on the whole search split)."""
     w = _worker_state(supernet)
     net, data = w["net"], w["data"]
     rows = []
@@ -126,10 +160,19 @@ def score_subnets(supernet: str, keys: list[str], part: str) -> list[dict[str, A
         arch = _arch_of(key, net.space)
         r = arch.resolution
         t0 = time.perf_counter()
-        if part == "proxy":
-            hits = correct(calibrated_subnet(net, arch, data, batches=w["proxy"].calibration(r)), w["proxy"].search(r))
-            rows.append({"arch": key, **{f"proxy_{n}": int(hits[m].sum()) for n, m in w["nested"].items()},
-                         "proxy_seconds": round(time.perf_counter() - t0, 3)})
+        if part.startswith("proxy"):
+            calib = int(part.removeprefix("proxy-c")) if part != "proxy" else PROXY["calib_images"]
+            if calib not in w["calib"]:
+                w["calib"][calib] = SearchInputs(data, calib, max(PROXY["eval_images"]))
+            inputs = w["calib"][calib]
+            hits = correct(calibrated_subnet(net, arch, data, batches=inputs.calibration(r)), inputs.search(r))
+            rows.append({"arch": key, **{proxy_field(calib, n): int(hits[m].sum()) for n, m in w["nested"].items()},
+                         f"{part}_seconds": round(time.perf_counter() - t0, 3)})
+            continue
+        if part == "rescore":
+            hits = correct(calibrated_subnet(net, arch, data, batches=w["export"].calibration(r)), w["export"].search(r))
+            rows.append({"arch": key, "rescore": int(hits.sum()), "rescore_images": len(hits),
+                         "rescore_seconds": round(time.perf_counter() - t0, 3)})
             continue
         if r not in w["test"]:
             w["test"][r] = [(to_input(x, data, r), y) for x, y in ordered_batches(data.test, 100)]
@@ -154,6 +197,14 @@ def open_table(supernet: Path, path: Path) -> dict[str, dict[str, Any]]:
     _, meta = load_supernet(supernet)
     header = table_header(meta["weights"]["sha256"])
     rows: dict[str, dict[str, Any]] = {}
+    if not path.is_file() and COMMITTED_TABLE.is_file():
+        lines = gzip.decompress(COMMITTED_TABLE.read_bytes()).decode().splitlines()
+        if lines and json.loads(lines[0]) == header:
+            print(f"starting from {COMMITTED_TABLE} (made for this supernet)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
+        else:
+            print(f"{COMMITTED_TABLE}: made for another supernet; scoring from the start")
     if path.is_file():
         lines = path.read_text().splitlines()
         if lines and json.loads(lines[0]) == header:
@@ -175,7 +226,7 @@ def open_table(supernet: Path, path: Path) -> dict[str, dict[str, Any]]:
 def fill_table(rows: dict[str, dict[str, Any]], supernet: Path, keys: list[str], part: str, path: Path, jobs: int) -> None:
     """Score ``part`` of every subnet of ``keys`` that lacks it, ``jobs`` processes at a time,
     appended to ``path`` a chunk at a time (a killed run resumes from there)."""
-    field = "proxy_1000" if part == "proxy" else "test"
+    field = proxy_field(int(part.removeprefix("proxy-c")), 1000) if part.startswith("proxy-c") else {"proxy": "proxy_1000"}.get(part, part)
     todo = [k for k in dict.fromkeys(keys) if field not in rows.get(k, {})]
     if not todo:
         return
@@ -235,6 +286,7 @@ def fed_search(cfg: SearchConfig, setup, table, proxy: dict[str, float], rescore
         write_cache(out / RESCORE_FILE, rescore_identity(sha, setup.data_spec, arithmetic), rescores)
     result = run_search(replace(cfg, resume=True), log=lambda m: None, table=table, setup=setup)
     rescores.update(read_cache(out / RESCORE_FILE))
+    proxy.update(read_cache(out / "evaluations.jsonl"))  # what the table lacked (a calibration variant's subnets outside the truth)
     return result
 
 
@@ -254,6 +306,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="processes scoring the table (one thread each)")
     ap.add_argument("--margin-pp", type=float, help="score the truth only of the subnets whose proxy score lies within this "
                                                     "many pp of the best under their tightest budget (default: every subnet)")
+    ap.add_argument("--sizes", type=lambda t: [n for n in t.split(",") if _size_name(n)], default=list(SIZES),
+                    help=f"search sizes to compare, comma-separated (default: all of {', '.join(SIZES)})")
     ap.add_argument("--quick", action="store_true", help="a smoke test: a few training steps, 24 subnets, tiny searches")
     args = ap.parse_args()
     torch.set_num_threads(1)  # on a loaded 2-core host one thread per process is several times faster than two
@@ -275,20 +329,43 @@ def main() -> None:
     margin = math.inf if args.margin_pp is None else args.margin_pp / 100
     fill_table(rows, supernet, [a for a, g in gaps.items() if g <= margin], "test", path, args.jobs)
 
-    size = QUICK if args.quick else DEMO
+    truth = [a for a, g in gaps.items() if g <= margin]
+    fill_table(rows, supernet, truth, "rescore", path, args.jobs)
+    for calib in CALIB_VARIANTS:
+        fill_table(rows, supernet, truth, f"proxy-c{calib}", path, args.jobs)
+
+    sizes = {"quick": QUICK} if args.quick else {n: SIZES[n] for n in args.sizes}
     tops, seeds = ((0, 2), 1) if args.quick else (TOPS, args.seeds)
-    base = SearchConfig(supernet=str(supernet), budgets_ms=budgets, table=str(table_path), tensorboard=False,
-                        calib_images=PROXY["calib_images"], **size)
+    docs = {}
+    for name, size in sizes.items():
+        docs[name] = searched_size(name, size, supernet, rows, latency, budgets, (table, table_path), tops, seeds, args, pred, net, gaps)
+        print_report(docs[name])
+    first = next(iter(docs.values()))
+    doc = {**first, "sizes": docs}  # the top level: the first size's (the demo's) report
+    doc["truth"] = {"margin_pp": args.margin_pp, "scored": sum("test" in rows.get(a, {}) for a in gaps), "meet_a_budget": len(gaps)}
+    doc.update(supernet={"path": str(supernet), "sha256": first["sha256"]}, table=str(table_path),
+               command="python -m benchmarks.search_regret" + (" --quick" if args.quick else f" --sizes {','.join(sizes)}"),
+               minutes=round((time.perf_counter() - t_start) / 60, 1), versions=versions())
+    write_json(args.out / "search_regret.json", doc)
+    plot(doc, args.out / "search_regret.png")
+    print(f"wrote {args.out / 'search_regret.json'} and search_regret.png ({doc['minutes']} min)")
+
+
+def searched_size(name, size, supernet, rows, latency, budgets, table, tops, seeds, args, pred, net, gaps) -> dict[str, Any]:
+    """``--seeds`` searches per K at one search ``size``, fed from the table, and two timed from
+    empty caches; their report."""
+    base = SearchConfig(supernet=str(supernet), budgets_ms=budgets, table=str(table[1]), tensorboard=False,
+                        **{"calib_images": PROXY["calib_images"], **size})
     setup = prepare_search(base)
-    n = base.eval_images
-    proxy = {k: r[f"proxy_{n}"] / n for k, r in rows.items() if f"proxy_{n}" in r}
-    rescores: dict[str, float] = {}
+    n, field = base.eval_images, proxy_field(base.calib_images, base.eval_images)
+    proxy = {k: r[field] / n for k, r in rows.items() if field in r}
+    rescores = {k: r["rescore"] / r["rescore_images"] for k, r in rows.items() if "rescore" in r}
     runs = []
-    print(f"searches at the demo's size ({size}), K in {tops}, seeds 0..{seeds - 1}, fed from the table", flush=True)
+    print(f"searches of size {name} ({size}), K in {tops}, seeds 0..{seeds - 1}, fed from the table", flush=True)
     for k in tops:
         for seed in range(seeds):
-            res = fed_search(replace(base, rescore_top=k, seed=seed, out=str(args.out / "searches" / f"k{k}_s{seed}")),
-                             setup, (table, table_path), proxy, rescores)
+            res = fed_search(replace(base, rescore_top=k, seed=seed, out=str(args.out / "searches" / name / f"k{k}_s{seed}")),
+                             setup, table, proxy, rescores)
             runs.append({"top": k, "seed": seed, "winners": {f"{c['budget_ms']:g}": c["arch"] for c in res["chosen"]},
                          # the best on test of every subnet this search evaluated under each budget: what a perfect
                          # last stage could pick, so the regret its coverage alone leaves
@@ -298,27 +375,22 @@ def main() -> None:
     # One search per arm for real, from empty caches: the stage's cost, and the table's scores checked
     timed = {}
     for k in (0, DEFAULT_TOP if not args.quick else 2):
-        res = timed_search(replace(base, rescore_top=k, seed=0, out=str(args.out / "timed" / f"k{k}")), setup, (table, table_path))
-        made = read_cache(args.out / "timed" / f"k{k}" / "evaluations.jsonl")
+        res = timed_search(replace(base, rescore_top=k, seed=0, out=str(args.out / "timed" / name / f"k{k}")), setup, table)
+        made = read_cache(args.out / "timed" / name / f"k{k}" / "evaluations.jsonl")
         timed[k] = {"wall_s": round(res["measured_wall"], 1), "rescore_s": res["seconds"]["rescore"],
                     "rescored": res["rescore"].get("rescored", 0), "evaluations": res["evaluations"]["new"],
                     "equal_to_table": sum(proxy.get(a) == v for a, v in made.items()), "in_table": sum(a in proxy for a in made)}
         print(f"timed search, K={k}: {timed[k]}", flush=True)
     missing = {a for r in runs for a in r["winners"].values() if "test" not in rows.get(a, {})}
-    missing |= {a for b in budgets for n in PROXY["eval_images"] if (a := fitness_optimum(rows, latency, b, n)) and "test" not in rows[a]}
+    missing |= {a for b in budgets for m in PROXY["eval_images"] if (a := fitness_optimum(rows, latency, b, f"proxy_{m}")) and "test" not in rows[a]}
     if missing:  # quick mode: winners outside its sample
+        path = args.out / "subnets.jsonl"
         fill_table(rows, supernet, sorted(missing), "test", path, 1)
+        fill_table(rows, supernet, sorted(missing), "rescore", path, 1)
         for a in missing:
             latency[a] = pred.predict(_arch_of(a, net.space))
-    doc = report(rows, latency, budgets, runs, timed, tops, size, len(archs), gaps)
-    doc["truth"] = {"margin_pp": args.margin_pp, "scored": sum("test" in rows.get(a, {}) for a in gaps), "meet_a_budget": len(gaps)}
-    doc.update(supernet={"path": str(supernet), "sha256": setup.meta["weights"]["sha256"]}, table=str(table_path),
-               command="python -m benchmarks.search_regret" + (" --quick" if args.quick else ""),
-               minutes=round((time.perf_counter() - t_start) / 60, 1), versions=versions())
-    write_json(args.out / "search_regret.json", doc)
-    plot(doc, args.out / "search_regret.png")
-    print_report(doc)
-    print(f"wrote {args.out / 'search_regret.json'} and search_regret.png ({doc['minutes']} min)")
+    doc = report(rows, latency, budgets, runs, timed, tops, size, len(latency), gaps)
+    return {**doc, "name": name, "sha256": setup.meta["weights"]["sha256"]}
 
 
 def report(rows, latency, budgets, runs, timed, tops, size, universe, gaps) -> dict[str, Any]:
@@ -331,7 +403,13 @@ def report(rows, latency, budgets, runs, timed, tops, size, universe, gaps) -> d
         under = [a for a in test if latency.get(a, math.inf) <= b]
         best = max(under, key=lambda a: test[a])
         oracle = [100 * (test[best] - test[r["oracle"][f"{b:g}"]]) for r in runs if r["top"] == tops[0] and r["oracle"][f"{b:g}"]]
-        optimum = {n: round(100 * (test[best] - test[fitness_optimum(rows, latency, b, n)]), 2) for n in PROXY["eval_images"]}
+        # keyed "<calibration images>/<search images>"; a calibration variant's over the truth's subnets only
+        optimum = {f"{c}/{n}": round(100 * (test[best] - test[fitness_optimum(rows, latency, b, proxy_field(c, n))]), 2)
+                   for c in (PROXY["calib_images"], *CALIB_VARIANTS) for n in PROXY["eval_images"]
+                   if any(proxy_field(c, n) in rows[a] for a in under)}
+        # the best re-score under the budget (the truth's subnets): what a search that re-scored everything would pick
+        by_rescore = max((a for a in test if latency.get(a, math.inf) <= b and "rescore" in rows[a]),
+                         key=lambda a: (rows[a]["rescore"], -latency[a]))
         for k in tops:
             picks = [r["winners"][f"{b:g}"] for r in runs if r["top"] == k]
             regret = [100 * (test[best] - test[a]) for a in picks]
@@ -339,6 +417,7 @@ def report(rows, latency, budgets, runs, timed, tops, size, universe, gaps) -> d
                              "best_proxy_gap_pp": round(100 * gaps.get(best, math.nan), 2),
                              # None: no subnet a search evaluated has a truth (--quick's sample)
                              "oracle_mean_regret_pp": sum(oracle) / len(oracle) if oracle else None, "fitness_optimum_regret_pp": optimum,
+                             "rescore_optimum_regret_pp": round(100 * (test[best] - test[by_rescore]), 2),
                              "winners_test_top1": [test[a] for a in picks], "regret_pp": regret,
                              "mean_regret_pp": sum(regret) / len(regret), "max_regret_pp": max(regret)})
     cost = {}
@@ -351,15 +430,15 @@ def report(rows, latency, budgets, runs, timed, tops, size, universe, gaps) -> d
             "measured_cost_pct": round(100 * timed[max(timed)]["rescore_s"] / search_s, 1), "runs": runs}
 
 
-def fitness_optimum(rows, latency, budget: float, n: int) -> str:
-    """The subnet under ``budget`` with the best fitness at ``n`` images, over the whole table (ties: faster)."""
-    return max((a for a in rows if latency.get(a, math.inf) <= budget and f"proxy_{n}" in rows[a]),
-               key=lambda a: (rows[a][f"proxy_{n}"], -latency[a]))
+def fitness_optimum(rows, latency, budget: float, field: str) -> str:
+    """The subnet under ``budget`` with the best fitness ``field`` (``proxy_field``) over the table (ties: faster)."""
+    return max((a for a in rows if latency.get(a, math.inf) <= budget and field in rows[a]),
+               key=lambda a: (rows[a][field], -latency[a]))
 
 
 def print_report(doc: dict[str, Any]) -> None:
-    print(f"\nregret = test top-1 of the best subnet under the budget - the winner's (pp), {len(doc['runs']) // len(doc['tops'])} "
-          f"seed(s); {doc['subnets']} subnets, search {doc['search']}")
+    print(f"\nsearch size {doc['name']} ({doc['search']}): regret = test top-1 of the best subnet under the budget - the "
+          f"winner's (pp), {len(doc['runs']) // len(doc['tops'])} seed(s); {doc['subnets']} subnets")
     print(f"{'budget':>9} {'best test':>9} {'its gap':>7} | " + " | ".join(f"K={k}: mean / max" for k in doc["tops"]))
     for b in doc["budgets"]:
         rows = [r for r in doc["rows"] if r["budget_ms"] == b]
@@ -371,22 +450,32 @@ def print_report(doc: dict[str, Any]) -> None:
     print("floor, the best on test of what each search evaluated: "
           + ", ".join(f"{r['budget_ms']:g} ms {r['oracle_mean_regret_pp'] or math.nan:.2f} pp" for r in first))
     print("the fitness's exhaustive optimum (every subnet): " + ", ".join(f"{r['budget_ms']:g} ms {r['fitness_optimum_regret_pp']}" for r in first))
+    print("the re-score's exhaustive optimum (every subnet with a truth): "
+          + ", ".join(f"{r['budget_ms']:g} ms {r['rescore_optimum_regret_pp']}" for r in first))
     print("stage cost, % of the search's time: " + ", ".join(f"K={k}: {c['estimated_pct']:.1f}%" for k, c in doc["cost"].items())
           + f" (estimated from {doc['seconds_per_rescore']} s per re-score; measured at K={max(doc['timed'])}: {doc['measured_cost_pct']}%)")
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
+    """Left: the first size's regret per budget against K. Right: every size's mean over the budgets."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     for b in doc["budgets"]:
         rows = [r for r in doc["rows"] if r["budget_ms"] == b]
         ax.errorbar([r["top"] for r in rows], [r["mean_regret_pp"] for r in rows],
                     yerr=[[0] * len(rows), [r["max_regret_pp"] - r["mean_regret_pp"] for r in rows]], marker="o", capsize=3,
                     label=f"{b:g} ms ({rows[0]['subnets_under']} subnets)")
-    ax.axhline(0.3, color="0.5", ls=":", label="target 0.3 pp")
     ax.set(xlabel="--rescore-top K (0: the fitness's winner)", ylabel="test regret (pp): mean, bar to max",
-           title=f"qnas search on tiny, every subnet scored; search {doc['search']['population']} x {doc['search']['generations']}")
-    ax.legend(fontsize=8)
+           title=f"size {doc['name']}: {doc['search']['population']} x {doc['search']['generations']}, "
+                 f"{doc['search']['eval_images']} images")
+    for d in doc["sizes"].values():
+        means = [sum(r["mean_regret_pp"] for r in d["rows"] if r["top"] == k) / len(d["budgets"]) for k in d["tops"]]
+        ax2.plot(d["tops"], means, marker="o",
+                 label=f"{d['name']}: K={DEFAULT_TOP} costs {d['cost'][DEFAULT_TOP]['estimated_pct']:.0f}%" if DEFAULT_TOP in d["cost"] else d["name"])
+    ax2.set(xlabel="--rescore-top K", ylabel="test regret, mean over the budgets (pp)", title=f"every search size (tiny, {len(doc['runs']) // len(doc['tops'])} seed(s) per K)")
+    for a in (ax, ax2):
+        a.axhline(0.3, color="0.5", ls=":", label="target 0.3 pp")
+        a.legend(fontsize=8)
     save_png(fig, path)
 
 
