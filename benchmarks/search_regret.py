@@ -327,12 +327,9 @@ def main() -> None:
     fill_table(rows, supernet, list(latency), "proxy", path, args.jobs)
     gaps = proxy_gaps(rows, latency, budgets)
     margin = math.inf if args.margin_pp is None else args.margin_pp / 100
-    fill_table(rows, supernet, [a for a, g in gaps.items() if g <= margin], "test", path, args.jobs)
-
-    truth = [a for a, g in gaps.items() if g <= margin]
-    fill_table(rows, supernet, truth, "rescore", path, args.jobs)
-    for calib in CALIB_VARIANTS:
-        fill_table(rows, supernet, truth, f"proxy-c{calib}", path, args.jobs)
+    truth = [a for a, g in gaps.items() if g <= margin]  # nearest the budget's best first
+    for part in ("test", "rescore", *(f"proxy-c{c}" for c in CALIB_VARIANTS)):
+        fill_table(rows, supernet, truth, part, path, args.jobs)
 
     sizes = {"quick": QUICK} if args.quick else {n: SIZES[n] for n in args.sizes}
     tops, seeds = ((0, 2), 1) if args.quick else (TOPS, args.seeds)
