@@ -76,12 +76,12 @@ TABLE_FORMAT = "qnas.bench.search_regret/1"
 # within 2.5 pp): a run whose supernet hashes the same starts from it instead of 80 minutes of scoring.
 COMMITTED_TABLE = Path(__file__).parent / "data" / "search_regret_tiny_fashion-mnist.jsonl.gz"
 CHUNK = 20  # subnets per job: the table grows (and a killed run resumes) a chunk at a time
-DEMO = DEMO_SEARCH  # qnas_cli/demo.py's search (its other settings: the defaults)
 # Search sizes compared, named population x generations - images per candidate [- calibration
-# images], the demo's first (the top-level report describes it): the demo's size before
+# images], the demo's first (qnas_cli/demo.py's search, its other settings the defaults; the
+# top-level report describes it): the demo's size before
 # 2026-12-08 (32x5-1000), and what lowers its floor (more subnets evaluated) or its noise (the
 # default search's 2,000 images, more calibration).
-SIZES = {"64x5-2000": DEMO, "32x5-1000": {"population": 32, "generations": 5, "eval_images": 1000},
+SIZES = {"64x5-2000": DEMO_SEARCH, "32x5-1000": {"population": 32, "generations": 5, "eval_images": 1000},
          "32x5-2000": {"population": 32, "generations": 5, "eval_images": 2000},
          "32x5-1000-c1000": {"population": 32, "generations": 5, "eval_images": 1000, "calib_images": 1000}}
 QUICK = {"population": 4, "generations": 1, "eval_images": 1000}
@@ -112,6 +112,13 @@ def trained_supernet(out: Path, quick: bool) -> Path:
         train(cfg, log=lambda *a, **k: None, overwrite=True)
         print(f"  trained in {time.perf_counter() - t:.0f} s")
     return out / "supernet" / "supernet.pt"
+
+
+def proxy_calib(part: str) -> int | None:
+    """The calibration images of a fitness ``part`` of the table ("proxy", "proxy-c<N>"); None for the others."""
+    if part == "proxy":
+        return PROXY["calib_images"]
+    return int(part.removeprefix("proxy-c")) if part.startswith("proxy-c") else None
 
 
 def proxy_field(calib_images: int, eval_images: int) -> str:
@@ -160,8 +167,7 @@ def score_subnets(supernet: str, keys: list[str], part: str) -> list[dict[str, A
         arch = _arch_of(key, net.space)
         r = arch.resolution
         t0 = time.perf_counter()
-        if part.startswith("proxy"):
-            calib = int(part.removeprefix("proxy-c")) if part != "proxy" else PROXY["calib_images"]
+        if (calib := proxy_calib(part)) is not None:
             if calib not in w["calib"]:
                 w["calib"][calib] = SearchInputs(data, calib, max(PROXY["eval_images"]))
             inputs = w["calib"][calib]
@@ -226,7 +232,7 @@ def open_table(supernet: Path, path: Path) -> dict[str, dict[str, Any]]:
 def fill_table(rows: dict[str, dict[str, Any]], supernet: Path, keys: list[str], part: str, path: Path, jobs: int) -> None:
     """Score ``part`` of every subnet of ``keys`` that lacks it, ``jobs`` processes at a time,
     appended to ``path`` a chunk at a time (a killed run resumes from there)."""
-    field = proxy_field(int(part.removeprefix("proxy-c")), 1000) if part.startswith("proxy-c") else {"proxy": "proxy_1000"}.get(part, part)
+    field = part if (calib := proxy_calib(part)) is None else proxy_field(calib, min(PROXY["eval_images"]))
     todo = [k for k in dict.fromkeys(keys) if field not in rows.get(k, {})]
     if not todo:
         return
@@ -379,7 +385,7 @@ def searched_size(name, size, supernet, rows, latency, budgets, table, tops, see
                     "equal_to_table": sum(proxy.get(a) == v for a, v in made.items()), "in_table": sum(a in proxy for a in made)}
         print(f"timed search, K={k}: {timed[k]}", flush=True)
     missing = {a for r in runs for a in r["winners"].values() if "test" not in rows.get(a, {})}
-    missing |= {a for b in budgets for m in PROXY["eval_images"] if (a := fitness_optimum(rows, latency, b, f"proxy_{m}")) and "test" not in rows[a]}
+    missing |= {a for b in budgets for m in PROXY["eval_images"] if (a := fitness_optimum(rows, latency, b, proxy_field(PROXY["calib_images"], m))) and "test" not in rows[a]}
     if missing:  # quick mode: winners outside its sample
         path = args.out / "subnets.jsonl"
         fill_table(rows, supernet, sorted(missing), "test", path, 1)
